@@ -1,0 +1,36 @@
+"""dstab: stabilize recommender embeddings across retrains, out of core with Dask and Zarr.
+
+Scores ``<user, item>`` are kept exactly; today's vectors are rotated as close as
+possible to yesterday's stabilized ones. See README.md and DESIGN notes.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    DstabError,
+    IncompleteVersionError,
+    InputError,
+    OutputExistsError,
+    UsageError,
+    VersionNotFoundError,
+)
+from .stabilize import Stabilization, stabilize
+from .version import Table, Version, from_arrays, open_version
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DstabError",
+    "IncompleteVersionError",
+    "InputError",
+    "OutputExistsError",
+    "Stabilization",
+    "Table",
+    "UsageError",
+    "Version",
+    "VersionNotFoundError",
+    "__version__",
+    "from_arrays",
+    "open_version",
+    "stabilize",
+]

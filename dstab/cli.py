@@ -1,0 +1,233 @@
+"""The ``dstab`` command: stabilize, report, synth.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the
+array, the row or id, and the fix), 1 unexpected failure (with a traceback).
+Inputs and the output location are checked before any cluster starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+
+from . import __version__
+from .errors import DstabError, UsageError
+from .linalg import ANCHORS
+from .report import describe, format_report
+from .stabilize import stabilize
+from .synth import synth, synth_like
+from .version import check_output, open_version
+
+LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+
+def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs")
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="attach to a running dask.distributed scheduler: tcp://host:port, or a scheduler file "
+        "(JSON) written by `dask scheduler --scheduler-file`; also 'threads' or 'synchronous' to run "
+        "in this process. Default: $DASK_SCHEDULER_ADDRESS if set, else a local cluster of worker processes",
+    )
+    g.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: one per core)")
+    g.add_argument(
+        "--memory-limit",
+        default="auto",
+        metavar="SIZE",
+        help="local cluster: memory limit per worker, e.g. 2GiB (default: auto, the machine's memory split evenly)",
+    )
+    g.add_argument("--dashboard-address", default=":8787", metavar="ADDR", help="local cluster: dashboard (default :8787)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def scheduler_from_args(args: argparse.Namespace) -> Iterator[None]:
+    """Make the scheduler the command asked for active; close what this created."""
+    from distributed import Client, LocalCluster
+
+    address = args.scheduler or dask.config.get("scheduler-address", None)
+    if address in LOCAL_SCHEDULERS:
+        with dask.config.set(scheduler=address):
+            yield
+        return
+    if address:
+        kwargs: dict[str, Any]
+        if address.endswith(".json") or os.path.isfile(address):
+            if not os.path.isfile(address):
+                raise UsageError(f"scheduler file {address} does not exist; start `dask scheduler --scheduler-file {address}`")
+            kwargs = {"scheduler_file": address}
+        else:
+            kwargs = {"address": address}
+        try:
+            client = Client(timeout="10s", **kwargs)
+        except (OSError, TimeoutError) as exc:
+            raise UsageError(
+                f"cannot reach the Dask scheduler at {address} ({exc}); check the address, or start one with "
+                "`dask scheduler` and `dask worker ADDRESS`"
+            ) from None
+        with client:
+            print(f"dstab: attached to {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)", file=sys.stderr)
+            yield
+        return
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    n_workers = args.workers or os.cpu_count() or 1
+    # One thread per worker process: the kernels are BLAS and (de)compression,
+    # which release the GIL but must not oversubscribe the cores.
+    with LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=args.memory_limit,
+        dashboard_address=args.dashboard_address,
+    ) as cluster, Client(cluster) as client:
+        print(f"dstab: local cluster of {n_workers} workers; dashboard at {client.dashboard_link}", file=sys.stderr)
+        yield
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _parse_rank(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        rank = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}") from None
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
+    return rank
+
+
+def cmd_stabilize(args: argparse.Namespace) -> int:
+    new = open_version(args.new)
+    reference = open_version(args.reference) if args.reference else None
+    inputs = [v.url for v in (new, reference) if v is not None and v.url]
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite)
+    started = time.perf_counter()
+    with scheduler_from_args(args):
+        result = stabilize(new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, progress=not args.no_progress)
+        result.to_zarr(args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    r = result.report
+    print(f"wrote {args.out}: items {r['n_items']:,} x {r['dim_out']}, users {r['n_users']:,} x {r['dim_out']}, "
+          f"rank {r['rank']} of {r['dim_in']}, {time.perf_counter() - started:.1f} s")  # fmt: skip
+    print(f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}")
+    if r["drift_before"] is not None:
+        print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    version = open_version(args.version)
+    reference = open_version(args.reference) if args.reference else None
+    needs_pass = reference is not None or version.attrs.get("kind") != "stabilized"
+    with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
+        report = describe(version, reference, progress=needs_pass and not args.no_progress and not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.like:
+        given = [name for name in ("items", "users", "dim", "rank") if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--like copies the shape of a version; drop --{', --'.join(given)}")
+        like = open_version(args.like)
+        check_output(args.out, inputs=[args.like], overwrite=args.overwrite)
+        with scheduler_from_args(args):
+            out = synth_like(args.out, like, noise=args.noise, seed=args.seed, overwrite=args.overwrite, progress=progress)
+    else:
+        missing = [name for name in ("items", "users", "dim") if getattr(args, name) is None]
+        if missing:
+            raise UsageError(f"synth needs --items, --users and --dim (or --like VERSION); missing --{', --'.join(missing)}")
+        if args.noise:
+            raise UsageError("--noise applies to --like retrains only")
+        check_output(args.out, inputs=[], overwrite=args.overwrite)
+        with scheduler_from_args(args):
+            out = synth(
+                args.out, items=args.items, users=args.users, dim=args.dim, rank=args.rank, seed=args.seed,
+                dtype=args.dtype, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+    print(f"wrote {args.out}: {out!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dstab",
+        description="Stabilize recommender embeddings across retrains: every user-item score kept, "
+        "coordinates aligned to yesterday's.",
+    )
+    parser.add_argument("--version", action="version", version=f"dstab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("stabilize", help="stabilize a version (optionally onto a reference) and write it")
+    p.add_argument("new", metavar="NEW", help="the new version (Zarr group: local path or fsspec URL)")
+    p.add_argument("--out", required=True, metavar="OUT", help="where to write the stabilized version")
+    p.add_argument("--reference", metavar="REF", help="yesterday's stabilized version to align to")
+    p.add_argument("--rank", type=_parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
+    p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
+    p.add_argument("--anchor", choices=ANCHORS, default="both", help="rows that fix the rotation (default both)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_stabilize)
+
+    p = sub.add_parser("report", help="what is known of a version: sizes, spectrum, rank, drift, score error")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--reference", metavar="REF", help="also measure drift against this version")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("synth", help="write a synthetic version, or a synthetic retrain of one (--like)")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--items", type=int, metavar="N")
+    p.add_argument("--users", type=int, metavar="M")
+    p.add_argument("--dim", type=int, metavar="D")
+    p.add_argument("--rank", type=int, metavar="K", help="rank of the scores (default D)")
+    p.add_argument("--like", metavar="VERSION", help="retrain of VERSION: same scores, a random invertible basis change")
+    p.add_argument("--noise", type=float, default=0.0, metavar="X", help="--like: relative noise added before the basis change")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_scheduler_options(p)
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help / --version exit 0
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except DstabError as exc:
+        print(f"dstab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dstab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Running graphs on whatever scheduler the caller made active.
+
+The library never creates a Client. It computes on the scheduler Dask would
+pick (a ``distributed.Client`` made default by the caller, ``dask.config``'s
+``scheduler``, or the threaded default), pins BLAS to one thread for local
+schedulers (with Dask's threads, multi-threaded BLAS inside tasks was measured
+100x slower; distributed's nanny already sets ``OMP_NUM_THREADS=1`` and friends
+in its workers), and can show progress on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import dask
+from threadpoolctl import threadpool_limits
+
+
+def active_client() -> Any | None:
+    """The ``distributed.Client`` that ``dask.compute`` would use now, or None."""
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    return owner if isinstance(owner, Client) else None
+
+
+def compute(*graphs: Any, progress: bool = False) -> tuple[Any, ...]:
+    """``dask.compute(*graphs)`` on the active scheduler, optionally with a progress bar."""
+    client = active_client()
+    if client is not None:
+        futures = client.compute(list(graphs))
+        if progress:
+            from distributed import progress as show_progress
+
+            with contextlib.redirect_stdout(sys.stderr):
+                show_progress(futures)
+        return tuple(client.gather(futures))
+    bar: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        bar = ProgressBar(out=sys.stderr)
+    with threadpool_limits(limits=1, user_api="blas"), bar:
+        return dask.compute(*graphs)

@@ -1,0 +1,238 @@
+"""The small maths of stabilization: numpy in, numpy out, no Dask, no I/O.
+
+Everything here works on e x e matrices (Gram and cross-Gram matrices of the
+tables, accumulated in float64 by :mod:`dstab.stats`). Notation follows
+DESIGN.md: items ``T`` (n x e), users ``W`` (m x e), scores ``S = W T^T``.
+
+1. ``R`` is any square root of the Gram matrix (``R^T R = T^T T``); we take it
+   from the symmetric eigendecomposition, which is rank revealing and never
+   fails on a singular Gram (Cholesky would).
+2. Core SVD ``R_T R_W^T = U Σ V^T``, truncated to rank ``k``.
+3. ``M_T = R_W^T V Σ^-1/2`` and ``M_W = R_T^T U Σ^-1/2``: ``T M_T`` and
+   ``W M_W`` have the same scores and both have Gram ``Σ`` (balanced).
+4. Orthogonal Procrustes onto the reference, or a deterministic sign rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .errors import InputError, UsageError
+
+Anchor = Literal["items", "users", "both"]
+ANCHORS: tuple[Anchor, ...] = ("items", "users", "both")
+
+# The Gram path squares the condition number: in float64 it resolves singular
+# values of a table down to about sqrt(eps64) ~ 1.5e-8 of the largest, so no
+# default threshold may go below that.
+_GRAM_FLOOR = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+def default_rtol(dtype: np.dtype | type, dim: int) -> float:
+    """Relative singular-value threshold below which a core dimension is noise.
+
+    A table stored in ``dtype`` carries rounding noise of about ``eps * sqrt(dim)``
+    of its largest singular value, and the scores inherit it; ``dim * eps`` keeps
+    a safety factor of ``sqrt(dim)`` above that (7.6e-6 for float32 at dim 64).
+    """
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    return max(dim * eps, _GRAM_FLOOR)
+
+
+def gram_factor(gram: np.ndarray) -> np.ndarray:
+    """Return ``R`` (e x e) with ``R^T R = gram``, for a symmetric PSD ``gram``.
+
+    ``R = diag(sqrt(λ)) V^T`` from ``gram = V diag(λ) V^T``; eigenvalues that
+    rounding pushed below zero are clamped, so a rank-deficient Gram gives a
+    rank-deficient ``R`` rather than an error.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    sym = 0.5 * (gram + gram.T)
+    lam, vec = np.linalg.eigh(sym)
+    return np.sqrt(np.clip(lam, 0.0, None))[:, None] * vec.T
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """Canonical transforms of one version: ``T @ m_items`` and ``W @ m_users``.
+
+    ``singular_values`` holds the whole core spectrum (length e, descending);
+    only the first ``rank`` were kept.
+    """
+
+    m_items: np.ndarray  # e x k
+    m_users: np.ndarray  # e x k
+    singular_values: np.ndarray  # e
+    rank: int
+
+
+def choose_rank(singular_values: np.ndarray, rank: int | Literal["auto"], rtol: float) -> int:
+    """Number of core dimensions to keep: a fixed ``rank`` or those above ``rtol * σ_max``."""
+    sv = np.asarray(singular_values, dtype=np.float64)
+    if sv.size == 0 or not sv[0] > 0.0:
+        return 0
+    if rank == "auto":
+        return int(np.count_nonzero(sv > rtol * sv[0]))
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise UsageError(f"rank must be 'auto' or a positive integer, got {rank!r}")
+    if rank > sv.size:
+        raise UsageError(
+            f"rank={rank} is larger than the embedding width {sv.size}; pass --rank {sv.size} or less, or --rank auto"
+        )
+    if not sv[rank - 1] > 0.0:
+        kept = int(np.count_nonzero(sv > 0.0))
+        raise InputError(
+            f"rank={rank} asked for, but the interaction of items and users has only {kept} non-zero "
+            f"singular values; pass --rank {kept} or --rank auto"
+        )
+    return int(rank)
+
+
+def core_svd(gram_items: np.ndarray, gram_users: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``R_T``, ``R_W`` and the SVD ``U, σ, V^T`` of the core ``R_T R_W^T`` (σ = singular values of the scores)."""
+    r_items = gram_factor(gram_items)
+    r_users = gram_factor(gram_users)
+    u, sv, vt = np.linalg.svd(r_items @ r_users.T)
+    return r_items, r_users, u, sv, vt
+
+
+def canonical_transforms(
+    gram_items: np.ndarray,
+    gram_users: np.ndarray,
+    *,
+    rank: int | Literal["auto"] = "auto",
+    rtol: float,
+) -> Canonical:
+    """Steps 1-3 of DESIGN.md from the two Gram matrices."""
+    r_items, r_users, u, sv, vt = core_svd(gram_items, gram_users)
+    k = choose_rank(sv, rank, rtol)
+    if k == 0:
+        raise InputError(
+            "the interaction of items and users is zero (every score is 0): items/vectors or users/vectors "
+            "is all zeros, or their rows span orthogonal subspaces; check the tables were exported correctly"
+        )
+    inv_sqrt = 1.0 / np.sqrt(sv[:k])
+    m_items = (r_users.T @ vt[:k].T) * inv_sqrt
+    m_users = (r_items.T @ u[:, :k]) * inv_sqrt
+    return Canonical(m_items=m_items, m_users=m_users, singular_values=sv, rank=k)
+
+
+def procrustes(cross: np.ndarray) -> np.ndarray:
+    """Orthogonal ``Ω`` maximising ``tr(Ω^T cross)``: ``argmin ||X Ω - Y||_F`` for ``cross = X^T Y``.
+
+    ``cross`` must be square (pad it first).
+    """
+    p, _, qt = np.linalg.svd(cross)
+    return p @ qt
+
+
+def pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` with zero columns appended up to ``width``."""
+    out = np.zeros((a.shape[0], width), dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+Probe = tuple[np.ndarray, np.ndarray, int]  # (column sums, sample rows, row count) of one side, raw coordinates
+
+
+def alignment(
+    canonical: Canonical,
+    cross_items: np.ndarray | None,
+    cross_users: np.ndarray | None,
+    ref_width: int,
+    probes: list[Probe],
+) -> np.ndarray:
+    """Rotation ``Ω`` (k x w, orthonormal rows, ``w = max(k, ref_width)``) onto the reference.
+
+    ``cross_*`` is the raw cross-Gram ``X^T X_ref`` (e x ref_width) of each anchor
+    side, or ``None`` for a side that is not an anchor. The canonical cross
+    matrix is ``M^T (X^T X_ref)``; both sides are zero-padded to width ``w`` and
+    the same ``Ω`` is applied to both, so ``Ω Ω^T = I_k`` keeps every score.
+
+    When the new version is wider than the reference (k > ref_width), the
+    reference fixes only the first ref_width columns; the others are free, and
+    are made deterministic: principal axes of what is left, in decreasing
+    order, with signs from :func:`column_signs`.
+    """
+    k = canonical.rank
+    width = max(k, ref_width)
+    total = np.zeros((width, width))
+    for m, cross in ((canonical.m_items, cross_items), (canonical.m_users, cross_users)):
+        if cross is not None:
+            total[:k, :ref_width] += m.T @ cross
+    omega = procrustes(total)[:k, :]
+    if k > ref_width:
+        free = omega[:, ref_width:]
+        variances, axes = np.linalg.eigh(free.T @ (canonical.singular_values[:k, None] * free))
+        free = free @ axes[:, ::-1]
+        variances = variances[::-1]
+        signs = column_signs(canonical.m_items @ free, canonical.m_users @ free, variances, probes)
+        omega[:, ref_width:] = free * signs
+    return omega
+
+
+def column_signs(m_items: np.ndarray, m_users: np.ndarray, variances: np.ndarray, probes: list[Probe]) -> np.ndarray:
+    """±1 per output column, decided by the data alone.
+
+    ``m_*`` map raw rows to the columns in question; ``variances`` are the
+    columns' squared norms (the same on both sides when balanced). For every
+    column the sign is taken from the first decisive of: the items' column sum,
+    the users' column sum, then the largest-magnitude sampled value of items,
+    then of users. The columns are the same for every reparametrisation up to
+    sign, so this rule gives the same output whatever basis the model used.
+    """
+    k = m_items.shape[1]
+    signs = np.ones(k)
+    transforms = (m_items, m_users)
+    for j in range(k):
+        decided = False
+        # A column sum is at most sqrt(n * variance) in size (Cauchy-Schwarz);
+        # below 1e-3 of that it is too close to zero to survive input rounding.
+        for (row_sums, _, n_rows), m in zip(probes, transforms):
+            value = float(row_sums @ m[:, j])
+            if abs(value) > 1e-3 * np.sqrt(max(n_rows, 1) * max(variances[j], 0.0)):
+                signs[j] = np.sign(value)
+                decided = True
+                break
+        if decided:
+            continue
+        for (_, sample, _), m in zip(probes, transforms):
+            if sample.shape[0] == 0:
+                continue
+            column = sample @ m[:, j]
+            value = float(column[np.argmax(np.abs(column))])
+            if value != 0.0:
+                signs[j] = np.sign(value)
+                break
+    return signs
+
+
+def sign_alignment(canonical: Canonical, probes: list[Probe]) -> np.ndarray:
+    """Diagonal ±1 (k x k) that fixes the canonical columns' signs when there is no reference."""
+    k = canonical.rank
+    return np.diag(column_signs(canonical.m_items, canonical.m_users, canonical.singular_values[:k], probes))
+
+
+def squared_drift(
+    transform: np.ndarray,
+    gram: np.ndarray,
+    cross: np.ndarray,
+    ref_sumsq: float,
+) -> float:
+    """``||X A - pad(X_ref)||_F^2`` from statistics alone, for ``A`` = ``transform`` (e x w).
+
+    ``cross = X^T X_ref`` (e x w_ref), ``ref_sumsq = ||X_ref||_F^2``; the narrower
+    side is zero-padded. Exact up to float64 rounding, no pass over the rows.
+    """
+    w = min(transform.shape[1], cross.shape[1])
+    value = np.trace(transform.T @ gram @ transform) - 2.0 * np.trace(transform[:, :w].T @ cross[:, :w]) + ref_sumsq
+    return max(float(value), 0.0)
+
+
+def identity_drift(gram: np.ndarray, cross: np.ndarray, ref_sumsq: float) -> float:
+    """``||pad(X) - pad(X_ref)||_F^2``: how far the raw table is from the reference."""
+    return squared_drift(np.eye(gram.shape[0]), gram, cross, ref_sumsq)

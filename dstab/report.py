@@ -1,0 +1,114 @@
+"""What is known of a version: sizes, spectrum, rank, drift, score error, lineage.
+
+For a version dstab wrote, the report stored at stabilization time is used as
+is; for a raw version the spectrum is computed with one statistics pass. With a
+reference, drift against it is measured with one pass over both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import linalg
+from .executor import compute
+from .stats import side_statistics
+from .version import SIDES, Version
+
+REPORT_KEYS = (
+    "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",
+    "score_error", "drift_before", "drift_after",
+)  # fmt: skip
+
+
+def measure_drift(version: Version, reference: Version, *, progress: bool = False) -> dict[str, Any]:
+    """Relative Frobenius distance of each side to the reference (rows by position, widths zero-padded)."""
+    from .stabilize import _check_reference, _raise_data_errors
+
+    _check_reference(version, reference, SIDES)
+    graphs = []
+    for side in SIDES:
+        table, ref_table = version.table(side), reference.table(side)
+        chunks = table.read().chunks[0]
+        graphs.append(
+            side_statistics(
+                table.read(chunks),
+                ref_vectors=ref_table.read(chunks),
+                ids=table.read_ids(chunks),
+                ref_ids=ref_table.read_ids(chunks),
+            )
+        )
+    results = dict(zip(SIDES, compute(*graphs, progress=progress)))
+    out: dict[str, Any] = {}
+    total = scale = 0.0
+    for side in SIDES:
+        s = results[side]
+        _raise_data_errors(side, s, version.table(side), reference)
+        d = linalg.identity_drift(s.gram, s.cross, s.ref_sumsq)
+        out[side] = float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None
+        total, scale = total + d, scale + s.ref_sumsq
+    out["total"] = float(np.sqrt(total / scale)) if scale > 0 else None
+    return out
+
+
+def describe(version: Version, reference: Version | None = None, *, progress: bool = False) -> dict[str, Any]:
+    """The report of ``version`` as one JSON-ready dict (see :data:`REPORT_KEYS`)."""
+    attrs = version.attrs
+    stored = attrs.get("report") if attrs.get("kind") == "stabilized" else None
+    report: dict[str, Any] = {key: None for key in REPORT_KEYS}
+    report.update(
+        url=version.url,
+        kind=attrs.get("kind", "raw"),
+        n_items=version.items.n_rows,
+        n_users=version.users.n_rows,
+        dim_in=version.dim,
+        dim_out=version.dim,
+        dtype=str(version.dtype),
+    )
+    if stored:
+        report.update(stored)
+    else:
+        graphs = [side_statistics(version.table(side).read()) for side in SIDES]
+        items_stats, users_stats = compute(*graphs, progress=progress)
+        rtol = linalg.default_rtol(version.dtype, version.dim)
+        sv = linalg.core_svd(items_stats.gram, users_stats.gram)[3]
+        report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
+    report["lineage"] = {
+        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "params") if key in attrs
+    }
+    if reference is not None:
+        report["reference_checked"] = reference.url
+        report["drift_vs_reference"] = measure_drift(version, reference, progress=progress)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few human-readable lines."""
+
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    sv = report.get("singular_values") or []
+    lines = [
+        f"{report.get('url')}  ({report.get('kind')}, {report.get('dtype')})",
+        f"  items {report['n_items']:,}  users {report['n_users']:,}  dim {report['dim_in']} -> {report['dim_out']}",
+        f"  rank kept {report.get('rank')} of {len(sv)}; top singular values "
+        + ", ".join(f"{v:.4g}" for v in sv[:8])
+        + (" ..." if len(sv) > 8 else ""),
+        f"  score error {num(report.get('score_error'))} (relative Frobenius, all rows x sampled rows)",
+        f"  drift before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}",
+    ]
+    lineage = report.get("lineage") or {}
+    if lineage:
+        lines.append(
+            f"  made {lineage.get('created', '?')} by dstab {lineage.get('dstab_version', '?')} "
+            f"from {lineage.get('input') or lineage.get('params')} onto {lineage.get('reference')}"
+        )
+    if "drift_vs_reference" in report:
+        d = report["drift_vs_reference"]
+        lines.append(
+            f"  drift vs {report['reference_checked']}: items {num(d['items'])}  users {num(d['users'])}  "
+            f"total {num(d['total'])}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""The user API: fit a stabilization (one read pass), then apply it (lazily, or written to Zarr).
+
+    >>> import dstab
+    >>> new = dstab.open_version("day2.zarr")
+    >>> ref = dstab.open_version("day1-stable.zarr")
+    >>> result = dstab.stabilize(new, ref)        # reads new and ref once
+    >>> result                                     # readable summary
+    >>> result.to_zarr("day2-stable.zarr")       # reads new again, writes once
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import linalg
+from .errors import InputError, UsageError
+from .executor import compute
+from .stats import SideStats, side_statistics, tree_reduce
+from .version import SIDES, Side, Staging, Table, Version, open_version, row_starts, write_block
+
+ANCHOR_SIDES: dict[str, tuple[Side, ...]] = {"items": ("items",), "users": ("users",), "both": ("items", "users")}
+
+
+def _version_string() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- per-block kernels
+
+
+def _apply_block(block: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Rows in stabilized coordinates, in the input's own dtype (float32 stays float32)."""
+    return block @ transform.astype(block.dtype, copy=False)
+
+
+def _apply_write_check(
+    block: np.ndarray,
+    transform: np.ndarray,
+    target: Any,
+    start: int,
+    probe_raw: np.ndarray,
+    probe_out: np.ndarray,
+) -> np.ndarray:
+    """Transform one block, write it, and measure its score error against the other side's probe rows.
+
+    Returns ``[sum dS^2, sum S^2, max |dS|, max |S|]`` for the block's scores
+    against the probe rows, in float64.
+    """
+    out = _apply_block(block, transform)
+    write_block(out, target, start)
+    raw_scores = block.astype(np.float64) @ probe_raw.T
+    diff = out.astype(np.float64) @ probe_out.T - raw_scores
+    if diff.size == 0:
+        return np.zeros(4)
+    return np.array(
+        [np.einsum("ij,ij->", diff, diff), np.einsum("ij,ij->", raw_scores, raw_scores), np.abs(diff).max(), np.abs(raw_scores).max()]
+    )
+
+
+def _sum_checks(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Merge two score checks; ``None`` comes from tasks that only copy ids."""
+    if a is None or b is None:
+        return b if a is None else a
+    return np.array([a[0] + b[0], a[1] + b[1], max(a[2], b[2]), max(a[3], b[3])])
+
+
+# ----------------------------------------------------------------------------- the fitted result
+
+
+@dataclass
+class Stabilization:
+    """A fitted stabilization of ``new`` (against ``reference`` if given).
+
+    ``transforms[side]`` is the e x w matrix that maps raw rows of that side to
+    stabilized ones; ``items`` / ``users`` are the stabilized tables as lazy Dask
+    arrays; :meth:`to_zarr` writes a complete version.
+    """
+
+    new: Version
+    reference: Version | None
+    transforms: dict[str, np.ndarray]
+    singular_values: np.ndarray
+    rank: int
+    params: dict[str, Any]
+    report: dict[str, Any]
+    _probes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def dim_out(self) -> int:
+        return int(self.transforms["items"].shape[1])
+
+    def __repr__(self) -> str:
+        r = self.report
+        drift = ""
+        if r.get("drift_before") is not None:
+            drift = f", drift {r['drift_before']:.3g} -> {r['drift_after']:.3g}"
+        ref = self.reference.url if self.reference is not None else None
+        return (
+            f"<Stabilization of {self.new.url or 'in-memory version'} onto {ref or 'no reference'}: "
+            f"dim {self.new.dim} -> {self.dim_out}, rank {self.rank}, "
+            f"items {self.new.items.n_rows:,}, users {self.new.users.n_rows:,}{drift}>"
+        )
+
+    def transform(self, side: Side, rows: np.ndarray) -> np.ndarray:
+        """Map raw rows of ``side`` (numpy, k x e) into the stabilized space."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.new.dim:
+            raise InputError(f"{side} rows must have shape (n, {self.new.dim}), got {rows.shape}")
+        return _apply_block(rows, self.transforms[side])
+
+    def stabilized(self, side: Side) -> da.Array:
+        """The stabilized table of ``side`` as a lazy Dask array (same row chunks as the read)."""
+        table = self.new.table(side)
+        x = table.read()
+        w = self.dim_out
+        return x.map_blocks(
+            _apply_block,
+            self.transforms[side],
+            chunks=(x.chunks[0], (w,)),
+            dtype=table.dtype,
+            meta=np.empty((0, w), dtype=table.dtype),
+        )
+
+    @property
+    def items(self) -> da.Array:
+        return self.stabilized("items")
+
+    @property
+    def users(self) -> da.Array:
+        return self.stabilized("users")
+
+    def to_zarr(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> Version:
+        """Write the stabilized version to ``out`` (second pass) and return it, opened.
+
+        Nothing is visible at ``out`` until every block is written and the
+        version is marked complete; on failure nothing is left behind. The
+        score error is measured during the write, on every row of each side
+        against a sample of rows of the other side, and added to the report.
+        """
+        out = os.fspath(out)
+        inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
+        staging = Staging(out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
+        try:
+            checks = []
+            w = self.dim_out
+            for side, other in (("items", "users"), ("users", "items")):
+                table = self.new.table(side)
+                x = table.read()
+                target = staging.create_table(side, table, w)
+                probe_raw = self._probes[other]
+                probe_out = _apply_block(probe_raw.astype(table.dtype), self.transforms[other]).astype(np.float64)
+                for block, start in zip(x.to_delayed(optimize_graph=True)[:, 0], row_starts(x.chunks[0])):
+                    checks.append(
+                        dask.delayed(_apply_write_check, pure=True)(
+                            block, self.transforms[side], target, start, probe_raw, probe_out
+                        )
+                    )
+                checks += staging.copy_ids(side, table)
+            (totals,) = compute(tree_reduce(checks, _sum_checks), progress=progress)
+            self.report["score_error"] = float(np.sqrt(totals[0] / totals[1])) if totals[1] > 0 else 0.0
+            self.report["score_max_abs_error"] = float(totals[2])
+            self.report["score_max_abs"] = float(totals[3])
+            for side in SIDES:
+                staging.write_small(f"transform/{side}", self.transforms[side])
+            staging.write_small("transform/singular_values", self.singular_values)
+            staging.publish(self.attrs())
+        except BaseException:
+            staging.discard()
+            raise
+        return open_version(out, storage_options)
+
+    def attrs(self) -> dict[str, Any]:
+        """What goes into ``attrs["dstab"]`` of the output (JSON only)."""
+        attrs = {
+            "kind": "stabilized",
+            "dstab_version": _version_string(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "input": self.new.url,
+            "reference": self.reference.url if self.reference is not None else None,
+            "params": self.params,
+            "report": self.report,
+        }
+        return json.loads(json.dumps(attrs))
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _check_reference(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
+    for side in sides:
+        a, b = new.table(side), reference.table(side)
+        if a.n_rows != b.n_rows:
+            raise InputError(
+                f"{side}: the new version has {a.n_rows:,} rows but the reference has {b.n_rows:,}; rows are "
+                "matched by position, so both must list the same rows in the same order "
+                "(catalogues whose ids changed are not supported yet)"
+            )
+
+
+def _raise_data_errors(side: Side, stats: SideStats, new: Table, reference: Version | None) -> None:
+    if stats.first_nonfinite is not None:
+        row, which = stats.first_nonfinite
+        table = new if which == "new" else reference.table(side)  # type: ignore[union-attr]
+        where = "" if which == "new" else " of the reference"
+        ident = ""
+        if table.ids is not None:
+            ident = f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
+        raise InputError(
+            f"{side}/vectors{where} row {row}{ident} is not finite (NaN or Inf); "
+            "fix or drop that row upstream and write the version again"
+        )
+    if stats.first_id_mismatch is not None:
+        row, a, b = stats.first_id_mismatch
+        raise InputError(
+            f"{side}/ids differ from the reference's at row {row} ({a!r} vs {b!r}); rows are matched by "
+            "position in this version of dstab, so both versions must list the same ids in the same order"
+        )
+
+
+def stabilize(
+    new: Version,
+    reference: Version | None = None,
+    *,
+    rank: int | Literal["auto"] = "auto",
+    rtol: float | None = None,
+    anchor: linalg.Anchor = "both",
+    progress: bool = False,
+) -> Stabilization:
+    """Fit the stabilization of ``new`` onto ``reference`` (yesterday's stabilized version).
+
+    One pass reads every chunk of ``new`` and of the reference's anchor tables
+    once, on the active Dask scheduler (a Client the caller made, or the local
+    default; none is created here). Scores ``<user, item>`` are kept exactly;
+    the rank step keeps core singular values above ``rtol * max`` (default
+    :func:`dstab.linalg.default_rtol` for the dtype) or exactly ``rank``.
+    """
+    if anchor not in ANCHOR_SIDES:
+        raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
+    if rtol is not None and not (0.0 <= rtol < 1.0):
+        raise UsageError(f"rtol must be in [0, 1), got {rtol}")
+    if rank != "auto":
+        linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
+    anchors = ANCHOR_SIDES[anchor] if reference is not None else ()
+    if reference is not None:
+        _check_reference(new, reference, anchors)
+
+    graphs = []
+    for side in SIDES:
+        table = new.table(side)
+        chunks = table.read().chunks[0]
+        ref_table = reference.table(side) if side in anchors else None  # type: ignore[union-attr]
+        graphs.append(
+            side_statistics(
+                table.read(chunks),
+                ref_vectors=ref_table.read(chunks) if ref_table is not None else None,
+                ids=table.read_ids(chunks) if ref_table is not None else None,
+                ref_ids=ref_table.read_ids(chunks) if ref_table is not None else None,
+                new_name="new",
+                ref_name="reference",
+            )
+        )
+    items_stats, users_stats = compute(*graphs, progress=progress)
+    stats = {"items": items_stats, "users": users_stats}
+    for side in SIDES:
+        _raise_data_errors(side, stats[side], new.table(side), reference)
+
+    rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
+    canonical = linalg.canonical_transforms(items_stats.gram, users_stats.gram, rank=rank, rtol=rtol_used)
+    probes = [(s.row_sum, s.sample, s.n_rows) for s in (items_stats, users_stats)]
+    if reference is not None:
+        omega = linalg.alignment(
+            canonical,
+            items_stats.cross if "items" in anchors else None,
+            users_stats.cross if "users" in anchors else None,
+            reference.dim,
+            probes,
+        )
+    else:
+        omega = linalg.sign_alignment(canonical, probes)
+    transforms = {"items": canonical.m_items @ omega, "users": canonical.m_users @ omega}
+
+    drift: dict[str, dict[str, float]] = {}
+    before_sq = after_sq = ref_sq = 0.0
+    for side in anchors:
+        s = stats[side]
+        b = linalg.identity_drift(s.gram, s.cross, s.ref_sumsq)
+        a = linalg.squared_drift(transforms[side], s.gram, s.cross, s.ref_sumsq)
+        scale = s.ref_sumsq if s.ref_sumsq > 0 else 1.0
+        drift[side] = {"before": float(np.sqrt(b / scale)), "after": float(np.sqrt(a / scale))}
+        before_sq, after_sq, ref_sq = before_sq + b, after_sq + a, ref_sq + s.ref_sumsq
+    ref_sq = ref_sq if ref_sq > 0 else 1.0
+
+    params = {"rank": rank, "rtol": rtol_used, "anchor": anchor}
+    report: dict[str, Any] = {
+        "rank": canonical.rank,
+        "dim_in": new.dim,
+        "dim_out": int(transforms["items"].shape[1]),
+        "n_items": new.items.n_rows,
+        "n_users": new.users.n_rows,
+        "dtype": str(new.dtype),
+        "rtol": rtol_used,
+        "singular_values": canonical.singular_values.tolist(),
+        "drift_before": float(np.sqrt(before_sq / ref_sq)) if anchors else None,
+        "drift_after": float(np.sqrt(after_sq / ref_sq)) if anchors else None,
+        "drift": drift,
+        "anchor": anchor if reference is not None else None,
+        "score_error": None,
+    }
+    return Stabilization(
+        new=new,
+        reference=reference,
+        transforms=transforms,
+        singular_values=canonical.singular_values,
+        rank=canonical.rank,
+        params=params,
+        report=report,
+        _probes={"items": items_stats.sample, "users": users_stats.sample},
+    )

@@ -1,0 +1,439 @@
+"""Versions on disk: opening and validating them, and writing new ones safely.
+
+A version is a Zarr group (local path or fsspec URL)::
+
+    VERSION/                 attrs["dstab"]: format, complete flag, lineage, report
+    VERSION/items/vectors    [n_items, dim] float32|float64, chunked along rows
+    VERSION/items/ids        [n_items] int64 or string, optional on input
+    VERSION/users/vectors
+    VERSION/users/ids
+    VERSION/transform/...    outputs only: the e x w matrices that made it
+
+This module is the I/O edge: the maths never sees a store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+from dask.delayed import Delayed
+
+from .errors import IncompleteVersionError, InputError, OutputExistsError, UsageError, VersionNotFoundError
+
+FORMAT = 1
+Side = Literal["items", "users"]
+SIDES: tuple[Side, Side] = ("items", "users")
+# Row blocks handed to one task are a whole number of storage chunks, grown
+# towards this many bytes so that per-task overhead stays small.
+TARGET_BLOCK_BYTES = 64 * 2**20
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).expanduser().resolve()
+
+
+def _same_or_nested(a: str, b: str) -> bool:
+    """True when one location is, or lies inside, the other."""
+    if is_local(a) and is_local(b):
+        pa, pb = local_path(a), local_path(b)
+        return pa == pb or pa in pb.parents or pb in pa.parents
+    na, nb = a.rstrip("/"), b.rstrip("/")
+    return na == nb or na.startswith(nb + "/") or nb.startswith(na + "/")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One side of a version: row vectors and, optionally, their ids."""
+
+    name: str  # "items" or "users", or a caller's label for a loose table
+    vectors: Any  # zarr.Array, numpy or dask array, (n, e)
+    ids: Any | None  # same kinds, (n,)
+    chunk_rows: int  # rows per storage chunk (the unit every task's block is made of)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.vectors.dtype)
+
+    def block_rows(self) -> int:
+        """Rows per Dask block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
+        row_bytes = max(1, self.dim * self.dtype.itemsize)
+        per_chunk = self.chunk_rows * row_bytes
+        return self.chunk_rows * max(1, TARGET_BLOCK_BYTES // per_chunk)
+
+    def read(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array:
+        """The vectors as a Dask array, one block per ``row_chunks`` rows, full width."""
+        chunks = (row_chunks or self.block_rows(), self.dim)
+        return _as_dask(self.vectors, chunks)
+
+    def read_ids(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array | None:
+        if self.ids is None:
+            return None
+        return _as_dask(self.ids, (row_chunks or self.block_rows(),))
+
+
+def _as_dask(source: Any, chunks: tuple) -> da.Array:
+    if isinstance(source, da.Array):
+        return source.rechunk(chunks)
+    if isinstance(source, zarr.Array):
+        return da.from_zarr(source, chunks=chunks)
+    return da.from_array(np.asarray(source), chunks=chunks)
+
+
+@dataclass(frozen=True)
+class Version:
+    """An opened, validated version. Open one with :func:`open_version`."""
+
+    items: Table
+    users: Table
+    url: str | None = None
+    storage_options: dict[str, Any] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)  # attrs["dstab"], empty for raw inputs
+
+    def table(self, side: Side) -> Table:
+        return self.items if side == "items" else self.users
+
+    @property
+    def dim(self) -> int:
+        return self.items.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.items.dtype
+
+    def __repr__(self) -> str:
+        where = self.url or "<in memory>"
+        return (
+            f"Version({where!s}, items={self.items.n_rows:,} x {self.items.dim}, "
+            f"users={self.users.n_rows:,} x {self.users.dim}, dtype={self.dtype})"
+        )
+
+
+def _check_vectors(name: str, arr: Any) -> None:
+    if arr.ndim != 2:
+        raise InputError(
+            f"{name} must be 2-D [rows, dim], got shape {tuple(arr.shape)}; store one row per vector"
+        )
+    dtype = np.dtype(arr.dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(
+            f"{name} has dtype {dtype}; dstab needs float32 or float64 vectors: cast the table, "
+            f"e.g. arr.astype('float32'), and write it again"
+        )
+    if arr.shape[0] == 0:
+        raise InputError(f"{name} is empty (0 rows); a version needs at least one row on each side")
+    if arr.shape[1] == 0:
+        raise InputError(f"{name} has width 0; embeddings need at least one dimension")
+
+
+def _check_ids(name: str, ids: Any, n_rows: int) -> None:
+    if ids.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.shape[0] != n_rows:
+        raise InputError(
+            f"{name} has {ids.shape[0]:,} ids for {n_rows:,} vector rows; write exactly one id per row"
+        )
+    dtype = np.dtype(ids.dtype)
+    if dtype.kind not in "iuUT":
+        raise InputError(
+            f"{name} has dtype {dtype}; ids must be integers or strings (object arrays are never read)"
+        )
+
+
+def check_tables(items: Table, users: Table) -> None:
+    """Validate what can be checked without reading the data."""
+    for table in (items, users):
+        _check_vectors(f"{table.name}/vectors", table.vectors)
+        if table.ids is not None:
+            _check_ids(f"{table.name}/ids", table.ids, table.n_rows)
+    if items.dim != users.dim:
+        raise InputError(
+            f"items/vectors has width {items.dim} but users/vectors has width {users.dim}; "
+            "both sides of a version must come from the same model"
+        )
+    if items.dtype != users.dtype:
+        raise InputError(
+            f"items/vectors is {items.dtype} but users/vectors is {users.dtype}; store both sides in one dtype"
+        )
+
+
+def from_arrays(
+    items: Any,
+    users: Any,
+    *,
+    item_ids: Any | None = None,
+    user_ids: Any | None = None,
+    chunk_rows: int | None = None,
+) -> Version:
+    """A version from in-memory numpy or Dask arrays (for tests, notebooks and small tables)."""
+    tables = []
+    for name, vectors, ids in (("items", items, item_ids), ("users", users, user_ids)):
+        if isinstance(vectors, da.Array):
+            rows = int(vectors.chunks[0][0]) if vectors.ndim else 1
+        elif isinstance(vectors, zarr.Array):
+            rows = _unit_rows(vectors)
+        else:
+            vectors = np.asarray(vectors)
+            rows = int(vectors.shape[0]) if vectors.ndim else 1
+        if ids is not None and not isinstance(ids, (da.Array, zarr.Array)):
+            ids = np.asarray(ids)
+        tables.append(Table(name=name, vectors=vectors, ids=ids, chunk_rows=max(1, chunk_rows or rows)))
+    check_tables(*tables)
+    return Version(items=tables[0], users=tables[1])
+
+
+def _open_group(url: str, storage_options: dict[str, Any] | None, mode: str = "r") -> zarr.Group:
+    if is_local(url) and not local_path(url).exists():
+        raise VersionNotFoundError(f"no version at {url}: the path does not exist; check the path")
+    try:
+        opts = None if is_local(url) else storage_options
+        node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode=mode, storage_options=opts)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise VersionNotFoundError(
+            f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a version is a Zarr group with "
+            "items/vectors and users/vectors arrays"
+        ) from None
+    if not isinstance(node, zarr.Group):
+        raise VersionNotFoundError(
+            f"{url} is a Zarr array, not a group; a version is a Zarr group with items/vectors and users/vectors"
+        )
+    return node
+
+
+def _member(group: zarr.Group, url: str, path: str, required: bool) -> zarr.Array | None:
+    try:
+        node = group[path]
+    except KeyError:
+        if required:
+            raise InputError(
+                f"{url} has no {path} array; a version needs items/vectors and users/vectors "
+                "(see the layout in the README)"
+            ) from None
+        return None
+    if not isinstance(node, zarr.Array):
+        raise InputError(f"{url}/{path} is a group, not an array")
+    return node
+
+
+def read_attrs(group: zarr.Group) -> dict[str, Any]:
+    meta = group.attrs.get("dstab", {})
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Version:
+    """Open and validate the version at ``url`` (local path or fsspec URL). Reads metadata only.
+
+    Raises :class:`VersionNotFoundError` if nothing is there, :class:`IncompleteVersionError`
+    if a run died while writing it, and :class:`InputError` if it is malformed.
+    """
+    url = os.fspath(url)
+    group = _open_group(url, storage_options)
+    attrs = read_attrs(group)
+    if attrs and not attrs.get("complete", False):
+        raise IncompleteVersionError(
+            f"{url} is an incomplete dstab version (a run stopped while writing it); "
+            "run the command that makes it again, with --overwrite"
+        )
+    tables = []
+    for side in SIDES:
+        vectors = _member(group, url, f"{side}/vectors", required=True)
+        ids = _member(group, url, f"{side}/ids", required=False)
+        _check_vectors(f"{side}/vectors", vectors)
+        tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(_unit_rows(vectors))))
+    check_tables(*tables)
+    return Version(items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs)
+
+
+def _unit_rows(arr: zarr.Array) -> int:
+    """Rows of the smallest unit two tasks may not share: the shard if sharded, else the chunk."""
+    shards = getattr(arr, "shards", None)
+    return int((shards or arr.chunks)[0])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ArrayTarget:
+    """Where a task writes: picklable, so it travels to distributed workers."""
+
+    store: str
+    path: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self) -> zarr.Array:
+        opts = None if is_local(self.store) else self.storage_options
+        store = str(local_path(self.store)) if is_local(self.store) else self.store
+        return zarr.open_array(store=store, path=self.path, mode="r+", storage_options=opts)
+
+
+def _exists(url: str, storage_options: dict[str, Any] | None) -> bool:
+    if is_local(url):
+        return local_path(url).exists()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return bool(fs.exists(path))
+
+
+def check_output(
+    out: str, *, inputs: list[str], overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Refuse an output that is (or nests with) an input, or exists without ``overwrite``.
+
+    Cheap; the CLI calls it before starting any cluster.
+    """
+    for source in inputs:
+        if _same_or_nested(out, source):
+            raise UsageError(
+                f"output {out} is, contains, or lies inside the input {source}; "
+                "dstab never writes over its inputs: choose another --out"
+            )
+    if _exists(out, storage_options) and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+
+
+class Staging:
+    """A version being written: invisible (local) or marked incomplete (fsspec) until :meth:`publish`.
+
+    Local outputs are written to a hidden sibling directory and renamed into
+    place at the end; other stores are written in place and the complete flag
+    is set last, so a reader never sees a half-written version as complete.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        *,
+        inputs: list[str],
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = os.fspath(out)
+        self.storage_options = storage_options
+        check_output(self.out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
+        self.local = is_local(self.out)
+        if self.local:
+            final = local_path(self.out)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._final = final
+            self._tmp = final.parent / f".{final.name}.dstab-tmp-{uuid.uuid4().hex[:12]}"
+            self.url = str(self._tmp)
+            self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
+        else:
+            self.url = self.out.rstrip("/")
+            self.group = zarr.open_group(self.url, mode="w", zarr_format=3, storage_options=storage_options)
+        self.group.attrs["dstab"] = {"format": FORMAT, "complete": False}
+
+    def create_array(
+        self,
+        path: str,
+        *,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: np.dtype,
+        like: Any | None = None,
+    ) -> ArrayTarget:
+        """An empty array in the staging group; ``like`` lends its compressors when it is a Zarr array."""
+        kwargs: dict[str, Any] = {}
+        if isinstance(like, zarr.Array) and like.metadata.zarr_format == 3:
+            kwargs["compressors"] = like.compressors
+        with warnings.catch_warnings():
+            # Fixed-width string ids have no Zarr v3 spec yet; zarr-python warns
+            # on creation but stores and reads them fine. Input ids of that
+            # dtype are copied as they are.
+            warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+            self.group.create_array(path, shape=shape, chunks=chunks, dtype=dtype, **kwargs)
+        return ArrayTarget(self.url, path, self.storage_options)
+
+    def create_table(self, side: str, like: Table, width: int) -> ArrayTarget:
+        """The ``side/vectors`` array for a table of ``like``'s rows and storage chunks, ``width`` wide.
+
+        The ids of ``like`` (if any) are copied by the returned tasks of
+        :meth:`copy_ids`; the vectors are the caller's to write.
+        """
+        return self.create_array(
+            f"{side}/vectors",
+            shape=(like.n_rows, width),
+            chunks=(min(like.chunk_rows, like.n_rows), width),
+            dtype=like.dtype,
+            like=like.vectors,
+        )
+
+    def copy_ids(self, side: str, like: Table) -> list[Delayed]:
+        """Tasks that copy ``like``'s ids, block by block, into ``side/ids`` (none if it has no ids)."""
+        ids = like.read_ids()
+        if ids is None:
+            return []
+        target = self.create_array(
+            f"{side}/ids",
+            shape=(like.n_rows,),
+            chunks=(min(like.chunk_rows, like.n_rows),),
+            dtype=ids.dtype,
+            like=like.ids,
+        )
+        return [
+            dask.delayed(write_block, pure=True)(block, target, start)
+            for block, start in zip(ids.to_delayed(optimize_graph=True), row_starts(ids.chunks[0]))
+        ]
+
+    def write_small(self, path: str, value: np.ndarray) -> None:
+        """A small array written at once (transforms, spectra)."""
+        arr = self.group.create_array(path, shape=value.shape, chunks=value.shape or None, dtype=value.dtype)
+        arr[...] = value
+
+    def publish(self, attrs: dict[str, Any]) -> None:
+        """Mark complete (last write), then move into place."""
+        self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
+        if self.local:
+            trash = None
+            if self._final.exists():
+                trash = self._final.parent / f".{self._final.name}.dstab-old-{uuid.uuid4().hex[:12]}"
+                os.rename(self._final, trash)
+            os.rename(self._tmp, self._final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove what was staged (after a failure)."""
+        if self.local:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        else:
+            try:
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+                fs.rm(path, recursive=True)
+            except (FileNotFoundError, OSError):
+                pass
+
+
+def row_starts(chunks: tuple[int, ...]) -> list[int]:
+    """First global row of each block."""
+    return np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(int).tolist()
+
+
+def write_block(block: np.ndarray, target: ArrayTarget, start: int) -> None:
+    """Write one row block at ``start``: whole storage chunks, so no two tasks share one."""
+    target.open()[start : start + block.shape[0]] = block
