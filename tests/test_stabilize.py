@@ -170,3 +170,46 @@ def test_from_arrays_and_transform_of_extra_rows():
     extra = W[:5]
     np.testing.assert_allclose(result.transform("users", extra), result.users.compute()[:5], rtol=1e-6, atol=1e-6)
     assert "rank 8" in repr(result)
+
+
+def test_fsspec_url_store():
+    """A non-local fsspec URL: written in place, complete flag last, refused when it exists."""
+    T, W = random_tables(14, 1000, 800, 8, "float32")
+    g = zarr.open_group("memory://dstab-test/new", mode="w")
+    g.create_array("items/vectors", data=T, chunks=(100, 8))
+    g.create_array("users/vectors", data=W, chunks=(100, 8))
+    with dask.config.set(scheduler="threads"):  # the memory filesystem lives in this process
+        new = dstab.open_version("memory://dstab-test/new")
+        out = dstab.stabilize(new).to_zarr("memory://dstab-test/out")
+        assert out.attrs["complete"] is True and out.url == "memory://dstab-test/out"
+        o = zarr.open_group("memory://dstab-test/out", mode="r")
+        assert relative_score_error(T, W, o["items/vectors"][...], o["users/vectors"][...]) < 1e-5
+        with pytest.raises(dstab.OutputExistsError):
+            dstab.stabilize(new).to_zarr("memory://dstab-test/out")
+        with pytest.raises(dstab.UsageError, match="never writes over its inputs"):
+            dstab.stabilize(new).to_zarr("memory://dstab-test/new/inside")
+
+
+def _explode(block: np.ndarray) -> np.ndarray:
+    if block.shape[0] and block[0, 0] == 12345.0:
+        raise RuntimeError("disk on fire")
+    return block
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_failed_write_leaves_nothing(tmp_path: Path, where: str):
+    T, W = random_tables(15, 1000, 800, 8, "float32")
+    base = dstab.stabilize(dstab.from_arrays(T, W, chunk_rows=100))
+    T_bad = T.copy()
+    T_bad[700, 0] = 12345.0
+    # the statistics pass succeeds on the real data; the write pass reads a table whose block 7 fails
+    failing = dask.array.from_array(T_bad, chunks=(100, 8)).map_blocks(_explode, dtype=T.dtype)
+    base.new = dstab.from_arrays(failing, W, chunk_rows=100)
+    out = str(tmp_path / "out") if where == "local" else "memory://dstab-test/failed"
+    with dask.config.set(scheduler="threads"), pytest.raises(RuntimeError, match="disk on fire"):
+        base.to_zarr(out)
+    if where == "local":
+        assert list(tmp_path.iterdir()) == []
+    else:
+        with pytest.raises(dstab.VersionNotFoundError):
+            dstab.open_version(out)
