@@ -22,7 +22,7 @@ from . import __version__
 from .errors import DstabError, UsageError
 from .linalg import ANCHORS
 from .report import describe, format_report
-from .stabilize import stabilize
+from .stabilize import METHODS, stabilize
 from .synth import synth, synth_like
 from .version import check_output, open_version
 
@@ -119,7 +119,10 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     started = time.perf_counter()
     with scheduler_from_args(args):
-        result = stabilize(new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, progress=not args.no_progress)
+        result = stabilize(
+            new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, method=args.method,
+            progress=not args.no_progress,
+        )  # fmt: skip
         result.to_zarr(args.out, overwrite=args.overwrite, progress=not args.no_progress)
     r = result.report
     print(f"wrote {args.out}: items {r['n_items']:,} x {r['dim_out']}, users {r['n_users']:,} x {r['dim_out']}, "
@@ -185,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
     p.add_argument("--anchor", choices=ANCHORS, default="both", help="rows that fix the rotation (default both)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="how R is found: gram (float64 Gram, IO-bound), tsqr (Householder, compute-bound), "
+        "auto (tsqr for float64 or ill-conditioned tables, else gram; the default)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_scheduler_options(p)
     p.set_defaults(func=cmd_stabilize)

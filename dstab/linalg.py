@@ -91,23 +91,20 @@ def choose_rank(singular_values: np.ndarray, rank: int | Literal["auto"], rtol: 
     return int(rank)
 
 
-def core_svd(gram_items: np.ndarray, gram_users: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``R_T``, ``R_W`` and the SVD ``U, σ, V^T`` of the core ``R_T R_W^T`` (σ = singular values of the scores)."""
-    r_items = gram_factor(gram_items)
-    r_users = gram_factor(gram_users)
-    u, sv, vt = np.linalg.svd(r_items @ r_users.T)
-    return r_items, r_users, u, sv, vt
+def core_svd(r_items: np.ndarray, r_users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SVD ``U, σ, V^T`` of the core ``R_T R_W^T``; σ are the singular values of the score matrix."""
+    return np.linalg.svd(r_items @ r_users.T)
 
 
 def canonical_transforms(
-    gram_items: np.ndarray,
-    gram_users: np.ndarray,
+    r_items: np.ndarray,
+    r_users: np.ndarray,
     *,
     rank: int | Literal["auto"] = "auto",
     rtol: float,
 ) -> Canonical:
-    """Steps 1-3 of DESIGN.md from the two Gram matrices."""
-    r_items, r_users, u, sv, vt = core_svd(gram_items, gram_users)
+    """Steps 2-3 of DESIGN.md from the two factors (``R^T R`` = Gram; any square root works)."""
+    u, sv, vt = core_svd(r_items, r_users)
     k = choose_rank(sv, rank, rtol)
     if k == 0:
         raise InputError(
@@ -118,6 +115,39 @@ def canonical_transforms(
     m_items = (r_users.T @ vt[:k].T) * inv_sqrt
     m_users = (r_items.T @ u[:, :k]) * inv_sqrt
     return Canonical(m_items=m_items, m_users=m_users, singular_values=sv, rank=k)
+
+
+# Above this condition number (among the singular values a float32 table can
+# resolve at all), the Gram path's relative error on the smallest of them,
+# about eps64 * κ², passes 1e-8, and `auto` switches to Householder TSQR.
+GRAM_MAX_CONDITION = 1e4
+
+
+def gram_is_accurate(gram: np.ndarray, dtype: np.dtype | type) -> bool:
+    """Whether the float64 Gram of a table in ``dtype`` resolves every singular value the data holds.
+
+    Singular values below ``dim * eps(dtype) * σ_max`` are the data's own rounding
+    noise and are ignored; among the rest the condition number must stay under
+    :data:`GRAM_MAX_CONDITION`. Tables stored in float64 carry more precision
+    than the Gram path keeps, so they always take the Householder path.
+    """
+    if np.dtype(dtype) == np.dtype(np.float64):
+        return False
+    sigma = np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (gram + gram.T)), 0.0, None))
+    if sigma.size == 0 or sigma[-1] == 0.0:
+        return True
+    floor = gram.shape[0] * float(np.finfo(np.dtype(dtype)).eps) * sigma[-1]
+    signal = sigma[sigma > floor]
+    return bool(sigma[-1] / signal[0] <= GRAM_MAX_CONDITION)
+
+
+def qr_factor(rows: np.ndarray) -> np.ndarray:
+    """Householder ``R`` (e x e, zero-padded when fewer rows than columns) of ``rows`` in float64."""
+    e = rows.shape[1]
+    r = np.linalg.qr(np.asarray(rows, dtype=np.float64), mode="r")
+    if r.shape[0] < e:
+        r = np.vstack([r, np.zeros((e - r.shape[0], e))])
+    return r
 
 
 def procrustes(cross: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def describe(version: Version, reference: Version | None = None, *, progress: bo
         graphs = [side_statistics(version.table(side).read()) for side in SIDES]
         items_stats, users_stats = compute(*graphs, progress=progress)
         rtol = linalg.default_rtol(version.dtype, version.dim)
-        sv = linalg.core_svd(items_stats.gram, users_stats.gram)[3]
+        sv = linalg.core_svd(linalg.gram_factor(items_stats.gram), linalg.gram_factor(users_stats.gram))[1]
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
         key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "params") if key in attrs

@@ -30,6 +30,9 @@ from .version import SIDES, Side, Staging, Table, Version, open_version, row_sta
 # 64 keeps the check's cost at about that of the transform itself (k = 64).
 PROBE_ROWS = 64
 
+Method = Literal["auto", "gram", "tsqr"]
+METHODS: tuple[Method, ...] = ("auto", "gram", "tsqr")
+
 ANCHOR_SIDES: dict[str, tuple[Side, ...]] = {"items": ("items",), "users": ("users",), "both": ("items", "users")}
 
 
@@ -248,6 +251,7 @@ def stabilize(
     rank: int | Literal["auto"] = "auto",
     rtol: float | None = None,
     anchor: linalg.Anchor = "both",
+    method: Method = "auto",
     progress: bool = False,
 ) -> Stabilization:
     """Fit the stabilization of ``new`` onto ``reference`` (yesterday's stabilized version).
@@ -257,7 +261,17 @@ def stabilize(
     default; none is created here). Scores ``<user, item>`` are kept exactly;
     the rank step keeps core singular values above ``rtol * max`` (default
     :func:`dstab.linalg.default_rtol` for the dtype) or exactly ``rank``.
+
+    ``method`` picks how each table's ``R`` is found: ``gram`` takes a square
+    root of the float64 Gram (IO-bound; accurate to about eps64 * κ²),
+    ``tsqr`` runs Householder TSQR in the same pass (compute-bound, accurate
+    to eps64 * κ), and ``auto`` takes ``tsqr`` for float64 tables and ``gram``
+    for float32 ones unless the Gram itself shows a condition number above
+    :data:`dstab.linalg.GRAM_MAX_CONDITION`, in which case one more pass runs
+    TSQR on the tables (the reference is not read again).
     """
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if anchor not in ANCHOR_SIDES:
         raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
     if rtol is not None and not (0.0 <= rtol < 1.0):
@@ -268,6 +282,7 @@ def stabilize(
     if reference is not None:
         _check_reference(new, reference, anchors)
 
+    qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
     graphs = []
     for side in SIDES:
         table = new.table(side)
@@ -281,6 +296,7 @@ def stabilize(
                 ref_ids=ref_table.read_ids(chunks) if ref_table is not None else None,
                 new_name="new",
                 ref_name="reference",
+                qr=qr_now,
             )
         )
     items_stats, users_stats = compute(*graphs, progress=progress)
@@ -288,8 +304,16 @@ def stabilize(
     for side in SIDES:
         _raise_data_errors(side, stats[side], new.table(side), reference)
 
+    method_used = "tsqr" if qr_now else "gram"
+    if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):
+        method_used = "tsqr"
+        extra = compute(*(side_statistics(new.table(s).read(), qr=True) for s in SIDES), progress=progress)
+        for side, more in zip(SIDES, extra):
+            stats[side].r = more.r
+    factors = [stats[s].r if method_used == "tsqr" else linalg.gram_factor(stats[s].gram) for s in SIDES]
+
     rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
-    canonical = linalg.canonical_transforms(items_stats.gram, users_stats.gram, rank=rank, rtol=rtol_used)
+    canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=rtol_used)
     probes = [(s.row_sum, s.sample, s.n_rows) for s in (items_stats, users_stats)]
     if reference is not None:
         omega = linalg.alignment(
@@ -314,7 +338,7 @@ def stabilize(
         before_sq, after_sq, ref_sq = before_sq + b, after_sq + a, ref_sq + s.ref_sumsq
     ref_sq = ref_sq if ref_sq > 0 else 1.0
 
-    params = {"rank": rank, "rtol": rtol_used, "anchor": anchor}
+    params = {"rank": rank, "rtol": rtol_used, "anchor": anchor, "method": method}
     report: dict[str, Any] = {
         "rank": canonical.rank,
         "dim_in": new.dim,
@@ -323,6 +347,7 @@ def stabilize(
         "n_users": new.users.n_rows,
         "dtype": str(new.dtype),
         "rtol": rtol_used,
+        "method": method_used,
         "singular_values": canonical.singular_values.tolist(),
         "drift_before": float(np.sqrt(before_sq / ref_sq)) if anchors else None,
         "drift_after": float(np.sqrt(after_sq / ref_sq)) if anchors else None,

@@ -14,7 +14,9 @@ from dstab.errors import InputError, UsageError
 
 def fit(T: np.ndarray, W: np.ndarray, rank="auto", rtol=1e-9):
     T64, W64 = T.astype(np.float64), W.astype(np.float64)
-    return linalg.canonical_transforms(T64.T @ T64, W64.T @ W64, rank=rank, rtol=rtol)
+    return linalg.canonical_transforms(
+        linalg.gram_factor(T64.T @ T64), linalg.gram_factor(W64.T @ W64), rank=rank, rtol=rtol
+    )
 
 
 def signed(T, W, c):
@@ -156,7 +158,7 @@ def test_zero_interaction_and_bad_rank_are_clear_errors():
     T = np.zeros((10, 3))
     W = np.ones((10, 3))
     with pytest.raises(InputError, match="all zeros"):
-        linalg.canonical_transforms(T.T @ T, W.T @ W, rtol=1e-6)
+        linalg.canonical_transforms(linalg.gram_factor(T.T @ T), linalg.gram_factor(W.T @ W), rtol=1e-6)
     T, W = random_tables(8, dim=4, dtype="float64")
     with pytest.raises(UsageError, match="larger than the embedding width 4"):
         fit(T, W, rank=5)
