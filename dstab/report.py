@@ -27,18 +27,7 @@ def measure_drift(version: Version, reference: Version, *, progress: bool = Fals
     from .stabilize import _check_reference, _raise_data_errors
 
     _check_reference(version, reference, SIDES)
-    graphs = []
-    for side in SIDES:
-        table, ref_table = version.table(side), reference.table(side)
-        chunks = table.read().chunks[0]
-        graphs.append(
-            side_statistics(
-                table.read(chunks),
-                ref_vectors=ref_table.read(chunks),
-                ids=table.read_ids(chunks),
-                ref_ids=ref_table.read_ids(chunks),
-            )
-        )
+    graphs = [side_statistics(version.table(s), reference=reference.table(s), match_ids=True) for s in SIDES]
     results = dict(zip(SIDES, compute(*graphs, progress=progress)))
     out: dict[str, Any] = {}
     total = scale = 0.0
@@ -69,7 +58,7 @@ def describe(version: Version, reference: Version | None = None, *, progress: bo
     if stored:
         report.update(stored)
     else:
-        graphs = [side_statistics(version.table(side).read()) for side in SIDES]
+        graphs = [side_statistics(version.table(side)) for side in SIDES]
         items_stats, users_stats = compute(*graphs, progress=progress)
         rtol = linalg.default_rtol(version.dtype, version.dim)
         sv = linalg.core_svd(linalg.gram_factor(items_stats.gram), linalg.gram_factor(users_stats.gram))[1]

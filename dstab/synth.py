@@ -17,7 +17,7 @@ from scipy.stats import ortho_group
 from .errors import UsageError
 from .executor import compute
 from .stats import tree_reduce
-from .version import SIDES, ArrayTarget, Staging, Version, open_version, row_starts, write_block
+from .version import SIDES, ArrayTarget, Staging, Version, load, open_version, row_starts, write_block
 
 SIDE_CODE = {"items": 0, "users": 1}
 DEFAULT_CHUNK_ROWS = 131_072
@@ -56,9 +56,10 @@ def _synth_block(
 
 
 def _retrain_block(
-    block: np.ndarray, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
+    source: Any, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
     target: ArrayTarget, start: int,
 ) -> int:  # fmt: skip
+    block = load(source)
     x = block.astype(np.float64)
     if noise > 0:
         rng = np.random.default_rng([seed, side, index, 1])
@@ -159,9 +160,9 @@ def synth_like(
     tasks = []
     for side in SIDES:
         table = like.table(side)
-        x = table.read()
         target = staging.create_table(side, table, table.dim)
-        for index, (block, start) in enumerate(zip(x.to_delayed(optimize_graph=True)[:, 0], row_starts(x.chunks[0]))):
+        chunks = table.row_chunks()
+        for index, (block, start) in enumerate(zip(table.blocks(chunks), row_starts(chunks))):
             tasks.append(
                 dask.delayed(_retrain_block, pure=True)(
                     block, bases[side], float(noise), seed, SIDE_CODE[side], index, target, start

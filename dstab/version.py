@@ -77,20 +77,58 @@ class Table:
         return np.dtype(self.vectors.dtype)
 
     def block_rows(self) -> int:
-        """Rows per Dask block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
+        """Rows per task's block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
         row_bytes = max(1, self.dim * self.dtype.itemsize)
         per_chunk = self.chunk_rows * row_bytes
         return self.chunk_rows * max(1, TARGET_BLOCK_BYTES // per_chunk)
 
-    def read(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array:
-        """The vectors as a Dask array, one block per ``row_chunks`` rows, full width."""
-        chunks = (row_chunks or self.block_rows(), self.dim)
-        return _as_dask(self.vectors, chunks)
+    def row_chunks(self) -> tuple[int, ...]:
+        """Rows of each block, in order (all :meth:`block_rows` but the last)."""
+        step = self.block_rows()
+        return tuple(min(step, self.n_rows - start) for start in range(0, self.n_rows, step))
 
-    def read_ids(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array | None:
+    def blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any]:
+        """One source per block of rows: read it with :func:`load` inside the task that uses it.
+
+        Zarr-backed tables give :class:`RowBlock` handles, so each task reads its
+        own rows (no separate read task, no block sent between workers); in-memory
+        and Dask tables give Dask's delayed blocks.
+        """
+        return _block_sources(self.vectors, row_chunks or self.row_chunks())
+
+    def id_blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any] | None:
         if self.ids is None:
             return None
-        return _as_dask(self.ids, (row_chunks or self.block_rows(),))
+        return _block_sources(self.ids, row_chunks or self.row_chunks())
+
+    def read(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array:
+        """The vectors as a lazy Dask array, full width, one block per ``row_chunks``."""
+        return _as_dask(self.vectors, (row_chunks or self.row_chunks(), self.dim))
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[start, stop)`` of a Zarr array, read by the task that uses them. Picklable."""
+
+    array: zarr.Array
+    start: int
+    stop: int
+
+    def load(self) -> np.ndarray:
+        return self.array[self.start : self.stop]
+
+
+def load(source: Any) -> Any:
+    """The numpy rows behind a block source (``None`` stays ``None``)."""
+    return source.load() if isinstance(source, RowBlock) else source
+
+
+def _block_sources(source: Any, row_chunks: tuple[int, ...]) -> list[Any]:
+    if isinstance(source, zarr.Array):
+        return [RowBlock(source, start, start + n) for start, n in zip(row_starts(row_chunks), row_chunks)]
+    chunks = (row_chunks,) + tuple((d,) for d in source.shape[1:])
+    blocks = _as_dask(source, chunks).to_delayed(optimize_graph=True)
+    return list(blocks.reshape(len(row_chunks)))
 
 
 def _as_dask(source: Any, chunks: tuple) -> da.Array:
@@ -383,19 +421,19 @@ class Staging:
 
     def copy_ids(self, side: str, like: Table) -> list[Delayed]:
         """Tasks that copy ``like``'s ids, block by block, into ``side/ids`` (none if it has no ids)."""
-        ids = like.read_ids()
-        if ids is None:
+        if like.ids is None:
             return []
         target = self.create_array(
             f"{side}/ids",
             shape=(like.n_rows,),
             chunks=(min(like.chunk_rows, like.n_rows),),
-            dtype=ids.dtype,
+            dtype=np.dtype(like.ids.dtype),
             like=like.ids,
         )
+        chunks = like.row_chunks()
         return [
-            dask.delayed(write_block, pure=True)(block, target, start)
-            for block, start in zip(ids.to_delayed(optimize_graph=True), row_starts(ids.chunks[0]))
+            dask.delayed(copy_block, pure=True)(block, target, start)
+            for block, start in zip(like.id_blocks(chunks), row_starts(chunks))  # type: ignore[arg-type]
         ]
 
     def write_small(self, path: str, value: np.ndarray) -> None:
@@ -437,3 +475,8 @@ def row_starts(chunks: tuple[int, ...]) -> list[int]:
 def write_block(block: np.ndarray, target: ArrayTarget, start: int) -> None:
     """Write one row block at ``start``: whole storage chunks, so no two tasks share one."""
     target.open()[start : start + block.shape[0]] = block
+
+
+def copy_block(source: Any, target: ArrayTarget, start: int) -> None:
+    """Read a block source and write it unchanged."""
+    write_block(load(source), target, start)

@@ -13,6 +13,7 @@ from conftest import random_basis, random_tables, read_tables, reference_stabili
 
 import dstab
 from dstab.stats import side_statistics
+from dstab.version import RowBlock
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])
@@ -148,11 +149,26 @@ def test_same_result_on_every_scheduler(tmp_path: Path, scheduler: str):
 def test_statistics_graph_reads_each_chunk_once(tmp_path: Path):
     T, W = random_tables(11, 2000, 100, 8, "float32")
     new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))
-    x = new.items.read(100)
-    graph = side_statistics(x, ref_vectors=new.items.read(100)).__dask_graph__()
-    n_blocks = 20
-    # one read per block per array, one kernel per block, n - 1 merges: O(blocks)
-    assert len(graph) <= 5 * n_blocks
+    table = new.items
+    assert table.block_rows() % 100 == 0  # a task's block is whole storage chunks
+    graph = side_statistics(table, reference=table, match_ids=True).__dask_graph__()
+    n_blocks = len(table.row_chunks())
+    # one task per block (it reads its own rows of both tables) and n - 1 merges: O(blocks)
+    assert len(graph) == 2 * n_blocks - 1
+    sources = [arg for task in dict(graph).values() for arg in getattr(task, "args", ()) if isinstance(arg, RowBlock)]
+    spans = sorted((b.start, b.stop) for b in sources if b.array.path == table.vectors.path)
+    # every row read exactly once per table, by exactly one task
+    assert len(spans) == 2 * n_blocks
+    assert spans[::2] == spans[1::2] and spans[0][0] == 0 and spans[-1][1] == table.n_rows
+    assert all(a[1] == b[0] for a, b in zip(spans[::2], spans[2::2]))
+
+
+def test_many_small_chunks_are_grouped_into_blocks(tmp_path: Path):
+    T, W = random_tables(16, 30_000, 100, 4, "float32")
+    new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))
+    assert len(new.items.row_chunks()) == 1  # 300 chunks of 1.6 KB make one 480 KB block, not 300 tasks
+    out = dstab.stabilize(new).to_zarr(tmp_path / "o")
+    assert zarr.open_group(out.url)["items/vectors"].chunks == (100, 4)  # the storage chunks are kept
 
 
 def test_no_client_is_created(tmp_path: Path):
