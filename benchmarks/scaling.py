@@ -29,6 +29,7 @@ import psutil
 from distributed import Client, LocalCluster
 
 import dstab
+from dstab.executor import spilled_bytes
 from dstab.synth import synth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,16 +58,6 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def spilled_bytes(client: Client) -> int:
-    """Bytes the workers have written to disk so far (spill), summed."""
-
-    def read(dask_worker) -> float:  # type: ignore[no-untyped-def]
-        metrics = getattr(dask_worker.data, "cumulative_metrics", {})
-        return float(metrics.get(("disk-write", "bytes"), 0.0))
-
-    return int(sum(client.run(read).values()))
 
 
 def dataset(directory: Path, rows: int, dim: int) -> tuple[dstab.Version, dstab.Version]:

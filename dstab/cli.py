@@ -20,6 +20,7 @@ import dask
 
 from . import __version__
 from .errors import DstabError, UsageError
+from .executor import spilled_bytes
 from .linalg import ANCHORS
 from .report import describe, format_report
 from .stabilize import METHODS, stabilize
@@ -95,6 +96,9 @@ def scheduler_from_args(args: argparse.Namespace) -> Iterator[None]:
     ) as cluster, Client(cluster) as client:
         print(f"dstab: local cluster of {n_workers} workers; dashboard at {client.dashboard_link}", file=sys.stderr)
         yield
+        spilled = spilled_bytes(client)
+        if spilled:
+            print(f"dstab: workers spilled {spilled / 2**20:,.0f} MiB to disk (raise --memory-limit to avoid it)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -47,3 +47,13 @@ def compute(*graphs: Any, progress: bool = False) -> tuple[Any, ...]:
         bar = ProgressBar(out=sys.stderr)
     with threadpool_limits(limits=1, user_api="blas"), bar:
         return dask.compute(*graphs)
+
+
+def _spilled_by(dask_worker: Any) -> float:
+    metrics = getattr(dask_worker.data, "cumulative_metrics", {})
+    return float(metrics.get(("disk-write", "bytes"), 0.0))
+
+
+def spilled_bytes(client: Any) -> int:
+    """Bytes the client's workers have spilled to disk since they started, summed."""
+    return int(sum(client.run(_spilled_by).values()))

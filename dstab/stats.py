@@ -85,22 +85,38 @@ def _block_stats(
         row_sum=block.sum(axis=0, dtype=np.float64),
         sample=block[:n_sample].astype(np.float64),
     )
+    slices = row_slices(*block.shape)
+    # One float64 buffer per input, reused for every slice: Dask's nanny sets
+    # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
+    # fresh 1 MiB temporary per slice was an mmap, page faults and a munmap
+    # each, and made this kernel 2.5x slower inside workers than outside.
+    step = slices[0].stop if slices else 0
+    x_buf = np.empty((step, e))
     if ref_block is not None:
         stats.cross = np.zeros((e, ref_block.shape[1]))
+        y_buf = np.empty((step, ref_block.shape[1]))
     if qr:
-        stats.r = np.zeros((0, e))
-    # float64 accumulation, a slice of rows at a time so the float64 copy stays small
-    for rows in row_slices(*block.shape):
-        x = block[rows].astype(np.float64)
+        stack = np.zeros((e + step, e))  # the running R on top, the slice below
+        r_rows = 0
+    for rows in slices:
+        n = rows.stop - rows.start
+        x = x_buf[:n]
+        np.copyto(x, block[rows])
         stats.gram += x.T @ x
         if qr:
             # TSQR inside the block: the slice's R stacked under the running R
-            stats.r = qr_factor(np.vstack([stats.r, x]))
+            stack[r_rows : r_rows + n] = x
+            r = qr_factor(stack[: r_rows + n])
+            stack[:e] = r
+            r_rows = e
         if ref_block is not None:
-            y = ref_block[rows].astype(np.float64)
+            y = y_buf[:n]
+            np.copyto(y, ref_block[rows])
             stats.cross += x.T @ y
-            flat = y.ravel()
+            flat = y.reshape(-1)
             stats.ref_sumsq += float(flat @ flat)
+    if qr:
+        stats.r = stack[:e].copy() if slices else np.zeros((e, e))
     # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
     # float32 or float64 squares cannot overflow a float64 sum of this size), so
     # the full scan for the offending row runs only when there is one.

@@ -1,0 +1,89 @@
+"""Smoke runs of the benchmark scripts (CI runs only these --quick sizes) and the performance invariants
+that a unit test can check without timing anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from conftest import random_tables, write_version
+from threadpoolctl import threadpool_info
+
+import dstab
+from dstab.executor import compute
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "synchronous"])
+def test_blas_is_pinned_to_one_thread_inside_local_tasks(scheduler: str):
+    with dask.config.set(scheduler=scheduler):
+        (threads,) = compute(dask.delayed(_blas_threads)())
+    assert threads and all(n == 1 for n in threads)
+    assert dstab.executor.active_client() is None
+
+
+def test_blas_is_pinned_to_one_thread_in_distributed_workers(local_cluster):
+    from distributed import Client
+
+    with Client(local_cluster) as client:
+        (threads,) = compute(dask.delayed(_blas_threads)())
+        assert dstab.executor.active_client() is client
+    assert threads and all(n == 1 for n in threads)
+
+
+def test_each_task_holds_one_block_of_each_input(tmp_path: Path):
+    """No task reads more than its own rows of the new table and of the reference."""
+    from dstab.stats import side_statistics
+    from dstab.version import RowBlock
+
+    T, W = random_tables(3, 5000, 100, 8, "float32")
+    new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))
+    graph = dict(side_statistics(new.items, reference=new.items).__dask_graph__())
+    block_bytes = new.items.block_rows() * new.items.dim * new.items.dtype.itemsize
+    for task in graph.values():
+        sources = [a for a in getattr(task, "args", ()) if isinstance(a, RowBlock)]
+        assert len(sources) <= 2
+        assert all((s.stop - s.start) * 8 * 4 <= block_bytes for s in sources)
+
+
+@pytest.mark.slow
+def test_compare_quick_smoke(tmp_path: Path):
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for name in ("io-floor", "dstab", "numpy", "naive-dask", "naive-dask-cluster"):
+        assert any(line.startswith(name + " ") for line in proc.stdout.splitlines()), proc.stdout
+    assert "spark" in proc.stdout  # run, or skipped with the reason
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["dstab"]["median_s"] > 0 and len(results["io-floor"]["times_s"]) == 1
+
+
+@pytest.mark.slow
+def test_scaling_quick_smoke(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert [p["rows"] for p in result["rows_sweep"]] == [30_000, 90_000]
+    assert [p["workers"] for p in result["workers_sweep"]] == [1, 2]
+    assert all(p["peak_rss_bytes"] > 0 and p["spilled_bytes"] >= 0 for p in result["rows_sweep"])
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "scaling.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and np.ptp(image) > 0
+    assert "speed-up from 1 to 2 workers" in proc.stdout
