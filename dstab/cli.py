@@ -33,7 +33,7 @@ LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 # ----------------------------------------------------------------------------- schedulers
 
 
-def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+def add_scheduler_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where it runs")
     g.add_argument(
         "--scheduler",
@@ -104,7 +104,7 @@ def scheduler_from_args(args: argparse.Namespace) -> Iterator[None]:
 # ----------------------------------------------------------------------------- commands
 
 
-def _parse_rank(value: str) -> int | str:
+def parse_rank(value: str) -> int | str:
     if value == "auto":
         return value
     try:
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new", metavar="NEW", help="the new version (Zarr group: local path or fsspec URL)")
     p.add_argument("--out", required=True, metavar="OUT", help="where to write the stabilized version")
     p.add_argument("--reference", metavar="REF", help="yesterday's stabilized version to align to")
-    p.add_argument("--rank", type=_parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
+    p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
     p.add_argument("--anchor", choices=ANCHORS, default="both", help="rows that fix the rotation (default both)")
     p.add_argument(
@@ -200,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (tsqr for float64 or ill-conditioned tables, else gram; the default)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    _add_scheduler_options(p)
+    add_scheduler_options(p)
     p.set_defaults(func=cmd_stabilize)
 
     p = sub.add_parser("report", help="what is known of a version: sizes, spectrum, rank, drift, score error")
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--reference", metavar="REF", help="also measure drift against this version")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_scheduler_options(p)
+    add_scheduler_options(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("synth", help="write a synthetic version, or a synthetic retrain of one (--like)")
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    _add_scheduler_options(p)
+    add_scheduler_options(p)
     p.set_defaults(func=cmd_synth)
     return parser
 

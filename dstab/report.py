@@ -13,8 +13,8 @@ import numpy as np
 
 from . import linalg
 from .executor import compute
-from .stats import side_statistics
-from .version import SIDES, Version
+from .stats import raise_data_errors, side_statistics
+from .version import SIDES, Version, check_rows_match
 
 REPORT_KEYS = (
     "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",
@@ -24,16 +24,14 @@ REPORT_KEYS = (
 
 def measure_drift(version: Version, reference: Version, *, progress: bool = False) -> dict[str, Any]:
     """Relative Frobenius distance of each side to the reference (rows by position, widths zero-padded)."""
-    from .stabilize import _check_reference, _raise_data_errors
-
-    _check_reference(version, reference, SIDES)
+    check_rows_match(version, reference, SIDES)
     graphs = [side_statistics(version.table(s), reference=reference.table(s), match_ids=True) for s in SIDES]
     results = dict(zip(SIDES, compute(*graphs, progress=progress)))
     out: dict[str, Any] = {}
     total = scale = 0.0
     for side in SIDES:
         s = results[side]
-        _raise_data_errors(side, s, version.table(side), reference)
+        raise_data_errors(side, s, version.table(side), reference)
         d = linalg.identity_drift(s.gram, s.cross, s.ref_sumsq)
         out[side] = float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None
         total, scale = total + d, scale + s.ref_sumsq
@@ -85,7 +83,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  rank kept {report.get('rank')} of {len(sv)}; top singular values "
         + ", ".join(f"{v:.4g}" for v in sv[:8])
         + (" ..." if len(sv) > 8 else ""),
-        f"  score error {num(report.get('score_error'))} (relative Frobenius, all rows x sampled rows)",
+        f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
         f"  drift before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}",
     ]
     lineage = report.get("lineage") or {}

@@ -23,11 +23,11 @@ import numpy as np
 from . import linalg
 from .errors import InputError, UsageError
 from .executor import compute
-from .stats import SideStats, side_statistics, tree_reduce
-from .version import SIDES, Side, Staging, Table, Version, load, open_version, row_starts, write_block
+from .stats import raise_data_errors, side_statistics, tree_reduce
+from .version import SIDES, Side, Staging, Version, check_rows_match, load, open_version, row_starts, write_block
 
-# Rows of the other side every row's scores are checked against while writing:
-# 64 keeps the check's cost at about that of the transform itself (k = 64).
+# Rows of the other side (spread over its whole table) that checked rows are
+# scored against while writing.
 PROBE_ROWS = 64
 # Rows of each block whose scores are checked: checking every row cost more than
 # the transform and the write together; a few thousand per block, from every
@@ -165,8 +165,10 @@ class Stabilization:
 
         Nothing is visible at ``out`` until every block is written and the
         version is marked complete; on failure nothing is left behind. The
-        score error is measured during the write, on every row of each side
-        against a sample of rows of the other side, and added to the report.
+        score error is measured during the write, on the first
+        :data:`CHECK_ROWS` rows of every block of each side against
+        :data:`PROBE_ROWS` rows spread over the other side, as the written
+        float32 values score them, and added to the report.
         """
         out = os.fspath(out)
         inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
@@ -218,37 +220,6 @@ class Stabilization:
 # ----------------------------------------------------------------------------- fitting
 
 
-def _check_reference(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
-    for side in sides:
-        a, b = new.table(side), reference.table(side)
-        if a.n_rows != b.n_rows:
-            raise InputError(
-                f"{side}: the new version has {a.n_rows:,} rows but the reference has {b.n_rows:,}; rows are "
-                "matched by position, so both must list the same rows in the same order "
-                "(catalogues whose ids changed are not supported yet)"
-            )
-
-
-def _raise_data_errors(side: Side, stats: SideStats, new: Table, reference: Version | None) -> None:
-    if stats.first_nonfinite is not None:
-        row, which = stats.first_nonfinite
-        table = new if which == "new" else reference.table(side)  # type: ignore[union-attr]
-        where = "" if which == "new" else " of the reference"
-        ident = ""
-        if table.ids is not None:
-            ident = f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
-        raise InputError(
-            f"{side}/vectors{where} row {row}{ident} is not finite (NaN or Inf); "
-            "fix or drop that row upstream and write the version again"
-        )
-    if stats.first_id_mismatch is not None:
-        row, a, b = stats.first_id_mismatch
-        raise InputError(
-            f"{side}/ids differ from the reference's at row {row} ({a!r} vs {b!r}); rows are matched by "
-            "position in this version of dstab, so both versions must list the same ids in the same order"
-        )
-
-
 def stabilize(
     new: Version,
     reference: Version | None = None,
@@ -285,7 +256,7 @@ def stabilize(
         linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
     anchors = ANCHOR_SIDES[anchor] if reference is not None else ()
     if reference is not None:
-        _check_reference(new, reference, anchors)
+        check_rows_match(new, reference, anchors)
 
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
     graphs = [
@@ -300,7 +271,7 @@ def stabilize(
     items_stats, users_stats = compute(*graphs, progress=progress)
     stats = {"items": items_stats, "users": users_stats}
     for side in SIDES:
-        _raise_data_errors(side, stats[side], new.table(side), reference)
+        raise_data_errors(side, stats[side], new.table(side), reference)
 
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):

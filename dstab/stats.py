@@ -16,7 +16,8 @@ import numpy as np
 from dask.delayed import Delayed
 
 from .linalg import qr_factor
-from .version import Table, load, row_starts
+from .errors import InputError
+from .version import Side, Table, Version, load, row_starts
 
 # Rows of each table kept as a sample spread over the whole table (the first
 # rows of every block): they probe the score error during the write pass and
@@ -204,3 +205,24 @@ def side_statistics(
         for b, r, i, ri, off in zip(blocks, ref_blocks, ids or [None] * n, ref_ids or [None] * n, row_starts(chunks))
     ]
     return tree_reduce(parts, _merge)
+
+
+def raise_data_errors(side: Side, stats: SideStats, new: Table, reference: Version | None) -> None:
+    """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
+    if stats.first_nonfinite is not None:
+        row, which = stats.first_nonfinite
+        table = new if which == "new" else reference.table(side)  # type: ignore[union-attr]
+        where = "" if which == "new" else " of the reference"
+        ident = ""
+        if table.ids is not None:
+            ident = f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
+        raise InputError(
+            f"{side}/vectors{where} row {row}{ident} is not finite (NaN or Inf); "
+            "fix or drop that row upstream and write the version again"
+        )
+    if stats.first_id_mismatch is not None:
+        row, a, b = stats.first_id_mismatch
+        raise InputError(
+            f"{side}/ids differ from the reference's at row {row} ({a!r} vs {b!r}); rows are matched by "
+            "position in this version of dstab, so both versions must list the same ids in the same order"
+        )

@@ -241,6 +241,18 @@ def from_arrays(
     return Version(items=tables[0], users=tables[1])
 
 
+def check_rows_match(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
+    """Rows are matched by position: each side must have as many rows as the reference's."""
+    for side in sides:
+        a, b = new.table(side), reference.table(side)
+        if a.n_rows != b.n_rows:
+            raise InputError(
+                f"{side}: the new version has {a.n_rows:,} rows but the reference has {b.n_rows:,}; rows are "
+                "matched by position, so both must list the same rows in the same order "
+                "(catalogues whose ids changed are not supported yet)"
+            )
+
+
 def _open_group(url: str, storage_options: dict[str, Any] | None, mode: str = "r") -> zarr.Group:
     if is_local(url) and not local_path(url).exists():
         raise VersionNotFoundError(f"no version at {url}: the path does not exist; check the path")

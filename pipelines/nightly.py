@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import dstab
-from dstab.cli import _parse_rank, scheduler_from_args
+from dstab.cli import parse_rank, add_scheduler_options, scheduler_from_args
 from dstab.errors import DstabError, VersionNotFoundError
 
 
@@ -56,13 +56,9 @@ def run(directory: Path, *, rank: int | str = "auto", anchor: str = "both", prog
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, metavar="DIR")
-    parser.add_argument("--rank", type=_parse_rank, default="auto")
+    parser.add_argument("--rank", type=parse_rank, default="auto")
     parser.add_argument("--anchor", choices=("items", "users", "both"), default="both")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="as for `dstab stabilize`; default a local cluster")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--memory-limit", default="auto")
-    parser.add_argument("--dashboard-address", default=":8787")
-    parser.add_argument("--no-progress", action="store_true")
+    add_scheduler_options(parser)
     args = parser.parse_args(argv)
     try:
         todo = [p for p in pending(args.directory) if not p[1].exists()]
