@@ -36,8 +36,8 @@ class SideStats:
     cross: np.ndarray | None = None  # e x e_ref, float64: X^T X_ref
     r: np.ndarray | None = None  # e x e, float64: Householder R (TSQR), when asked for
     ref_sumsq: float = 0.0  # ||X_ref||_F^2
-    # (global row, which array) of the first non-finite value, if any
-    first_nonfinite: tuple[int, str] | None = None
+    # the first non-finite value, if any
+    first_nonfinite: tuple[int, bool] | None = None  # (global row, whether it is in the reference)
     # (global row, new id, reference id) of the first position where ids differ
     first_id_mismatch: tuple[int, object, object] | None = None
 
@@ -69,8 +69,6 @@ def _block_stats(
     ref_ids_block: Any | None,
     offset: int,
     n_sample: int,
-    new_name: str,
-    ref_name: str,
     qr: bool,
 ) -> SideStats:
     """Statistics of one row block; ``offset`` is the block's first global row.
@@ -127,11 +125,11 @@ def _block_stats(
     if not (np.isfinite(stats.row_sum).all() and np.isfinite(np.diag(stats.gram)).all()):
         bad = _first_nonfinite_row(block)
         if bad is not None:
-            first_nonfinite = (offset + bad, new_name)
+            first_nonfinite = (offset + bad, False)
     if ref_block is not None and not np.isfinite(stats.ref_sumsq):
         bad_ref = _first_nonfinite_row(ref_block)
         if bad_ref is not None and (first_nonfinite is None or offset + bad_ref < first_nonfinite[0]):
-            first_nonfinite = (offset + bad_ref, ref_name)
+            first_nonfinite = (offset + bad_ref, True)
     stats.first_nonfinite = first_nonfinite
     if ids_block is not None and ref_ids_block is not None:
         differ = np.flatnonzero(ids_block != ref_ids_block)
@@ -182,8 +180,6 @@ def side_statistics(
     *,
     reference: Table | None = None,
     match_ids: bool = False,
-    new_name: str = "new",
-    ref_name: str = "reference",
     qr: bool = False,
 ) -> Delayed:
     """Delayed :class:`SideStats` of one table, matched to ``reference`` by position.
@@ -203,7 +199,7 @@ def side_statistics(
         ids, ref_ids = table.id_blocks(chunks), reference.id_blocks(chunks)
     n_sample = max(1, -(-SAMPLE_ROWS // n))
     parts = [
-        dask.delayed(_block_stats, pure=True)(b, r, i, ri, off, n_sample, new_name, ref_name, qr)
+        dask.delayed(_block_stats, pure=True)(b, r, i, ri, off, n_sample, qr)
         for b, r, i, ri, off in zip(blocks, ref_blocks, ids or [None] * n, ref_ids or [None] * n, row_starts(chunks))
     ]
     return tree_reduce(parts, _merge)
@@ -212,9 +208,9 @@ def side_statistics(
 def raise_data_errors(side: Side, stats: SideStats, new: Table, reference: Version | None) -> None:
     """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
     if stats.first_nonfinite is not None:
-        row, which = stats.first_nonfinite
-        table = new if which == "new" else reference.table(side)  # type: ignore[union-attr]
-        where = "" if which == "new" else " of the reference"
+        row, in_reference = stats.first_nonfinite
+        table = reference.table(side) if in_reference else new  # type: ignore[union-attr]
+        where = " of the reference" if in_reference else ""
         ident = ""
         if table.ids is not None:
             ident = f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
