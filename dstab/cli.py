@@ -124,8 +124,8 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with scheduler_from_args(args):
         result = stabilize(
-            new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, method=args.method,
-            progress=not args.no_progress,
+            new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
+            anchor_weights=args.anchor_weights, method=args.method, progress=not args.no_progress,
         )  # fmt: skip
         result.to_zarr(args.out, overwrite=args.overwrite, progress=not args.no_progress)
     r = result.report
@@ -192,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
     p.add_argument("--anchor", choices=ANCHORS, default="both", help="rows that fix the rotation (default both)")
+    p.add_argument(
+        "--anchor-min-count",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="only rows whose SIDE/counts (an array of the new version) is at least N anchor the rotation, "
+        "so that rare and new rows do not drive it",
+    )
+    p.add_argument(
+        "--anchor-weights",
+        choices=("uniform", "counts"),
+        default="uniform",
+        help="weight anchor rows equally (default) or by their counts",
+    )
     p.add_argument(
         "--method",
         choices=METHODS,

@@ -13,8 +13,8 @@ import numpy as np
 
 from . import linalg
 from .executor import compute
-from .stats import raise_data_errors, side_statistics
-from .version import SIDES, Version, check_rows_match
+from .stats import pass_statistics, side_statistics
+from .version import SIDES, Version
 
 REPORT_KEYS = (
     "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",
@@ -23,16 +23,17 @@ REPORT_KEYS = (
 
 
 def measure_drift(version: Version, reference: Version, *, progress: bool = False) -> dict[str, Any]:
-    """Relative Frobenius distance of each side to the reference (rows by position, widths zero-padded)."""
-    check_rows_match(version, reference, SIDES)
-    graphs = [side_statistics(version.table(s), reference=reference.table(s), match_ids=True) for s in SIDES]
-    results = dict(zip(SIDES, compute(*graphs, progress=progress)))
+    """Relative Frobenius distance of each side to the reference, over the rows both hold.
+
+    Rows pair as in :func:`dstab.stabilize` (by position, or by id when the ids
+    differ); widths that differ are zero-padded.
+    """
+    results = pass_statistics(version, reference, SIDES, progress=progress)
     out: dict[str, Any] = {}
     total = scale = 0.0
     for side in SIDES:
         s = results[side]
-        raise_data_errors(side, s, version.table(side), reference)
-        d = linalg.identity_drift(s.gram, s.cross, s.ref_sumsq)
+        d = linalg.identity_drift(s.gram_of_anchors, s.cross, s.ref_sumsq)
         out[side] = float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None
         total, scale = total + d, scale + s.ref_sumsq
     out["total"] = float(np.sqrt(total / scale)) if scale > 0 else None

@@ -23,8 +23,8 @@ import numpy as np
 from . import linalg
 from .errors import InputError, UsageError
 from .executor import compute
-from .stats import raise_data_errors, side_statistics, tree_reduce
-from .version import SIDES, Side, Staging, Version, check_rows_match, load, open_version, row_starts, write_block
+from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics, tree_reduce
+from .version import SIDES, Side, Staging, Version, load, open_version, row_starts, write_block
 
 # Rows of the other side (spread over its whole table) that checked rows are
 # scored against while writing.
@@ -36,6 +36,9 @@ CHECK_ROWS = 4096
 
 Method = Literal["auto", "gram", "tsqr"]
 METHODS: tuple[Method, ...] = ("auto", "gram", "tsqr")
+
+AnchorWeights = Literal["uniform", "counts"]
+ANCHOR_WEIGHTS: tuple[AnchorWeights, ...] = ("uniform", "counts")
 
 ANCHOR_SIDES: dict[str, tuple[Side, ...]] = {"items": ("items",), "users": ("users",), "both": ("items", "users")}
 
@@ -227,7 +230,10 @@ def stabilize(
     rank: int | Literal["auto"] = "auto",
     rtol: float | None = None,
     anchor: linalg.Anchor = "both",
+    anchor_min_count: float = 0.0,
+    anchor_weights: AnchorWeights = "uniform",
     method: Method = "auto",
+    id_sample_bytes: int = ID_SAMPLE_BYTES,
     progress: bool = False,
 ) -> Stabilization:
     """Fit the stabilization of ``new`` onto ``reference`` (yesterday's stabilized version).
@@ -237,6 +243,15 @@ def stabilize(
     default; none is created here). Scores ``<user, item>`` are kept exactly;
     the rank step keeps core singular values above ``rtol * max`` (default
     :func:`dstab.linalg.default_rtol` for the dtype) or exactly ``rank``.
+
+    Rows pair with the reference's by position when neither side has ids or
+    both list the same ids in the same order, and by id otherwise (ids added,
+    removed, reordered): the rotation is fitted on the ids present in both,
+    estimated from a consistent hash sample of at most ``id_sample_bytes`` of
+    rows per table (every common id when the tables are that small; see
+    :mod:`dstab.ids`). Every row of ``new`` is transformed and keeps its id and
+    place. ``anchor_min_count`` drops anchor rows whose ``counts`` (an array of
+    the new version) is below it; ``anchor_weights="counts"`` weights them by it.
 
     ``method`` picks how each table's ``R`` is found: ``gram`` takes a square
     root of the float64 Gram (IO-bound; accurate to about eps64 * κ²),
@@ -250,28 +265,20 @@ def stabilize(
         raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if anchor not in ANCHOR_SIDES:
         raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
+    if anchor_weights not in ANCHOR_WEIGHTS:
+        raise UsageError(f"anchor_weights must be one of {', '.join(ANCHOR_WEIGHTS)}; got {anchor_weights!r}")
+    if not (anchor_min_count >= 0):
+        raise UsageError(f"anchor_min_count must be >= 0, got {anchor_min_count}")
     if rtol is not None and not (0.0 <= rtol < 1.0):
         raise UsageError(f"rtol must be in [0, 1), got {rtol}")
     if rank != "auto":
         linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
     anchors = ANCHOR_SIDES[anchor] if reference is not None else ()
-    if reference is not None:
-        check_rows_match(new, reference, anchors)
+    spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
 
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
-    graphs = [
-        side_statistics(
-            new.table(side),
-            reference=reference.table(side) if side in anchors else None,  # type: ignore[union-attr]
-            match_ids=True,
-            qr=qr_now,
-        )
-        for side in SIDES
-    ]
-    items_stats, users_stats = compute(*graphs, progress=progress)
-    stats = {"items": items_stats, "users": users_stats}
-    for side in SIDES:
-        raise_data_errors(side, stats[side], new.table(side), reference)
+    stats = pass_statistics(new, reference, anchors, anchors=spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress)
+    items_stats, users_stats = stats["items"], stats["users"]
 
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):
@@ -285,6 +292,7 @@ def stabilize(
     canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=rtol_used)
     probes = [(s.row_sum, s.sample, s.n_rows) for s in (items_stats, users_stats)]
     if reference is not None:
+        _check_anchor_rows(stats, anchors, canonical.rank, spec)
         omega = linalg.alignment(
             canonical,
             items_stats.cross if "items" in anchors else None,
@@ -296,18 +304,21 @@ def stabilize(
         omega = linalg.sign_alignment(canonical, probes)
     transforms = {"items": canonical.m_items @ omega, "users": canonical.m_users @ omega}
 
-    drift: dict[str, dict[str, float]] = {}
+    drift: dict[str, dict[str, Any]] = {}
     before_sq = after_sq = ref_sq = 0.0
     for side in anchors:
         s = stats[side]
-        b = linalg.identity_drift(s.gram, s.cross, s.ref_sumsq)
-        a = linalg.squared_drift(transforms[side], s.gram, s.cross, s.ref_sumsq)
+        b = linalg.identity_drift(s.gram_of_anchors, s.cross, s.ref_sumsq)
+        a = linalg.squared_drift(transforms[side], s.gram_of_anchors, s.cross, s.ref_sumsq)
         scale = s.ref_sumsq if s.ref_sumsq > 0 else 1.0
         drift[side] = {"before": float(np.sqrt(b / scale)), "after": float(np.sqrt(a / scale))}
         before_sq, after_sq, ref_sq = before_sq + b, after_sq + a, ref_sq + s.ref_sumsq
     ref_sq = ref_sq if ref_sq > 0 else 1.0
 
-    params = {"rank": rank, "rtol": rtol_used, "anchor": anchor, "method": method}
+    params = {
+        "rank": rank, "rtol": rtol_used, "anchor": anchor, "anchor_min_count": spec.min_count,
+        "anchor_weights": anchor_weights, "method": method,
+    }  # fmt: skip
     report: dict[str, Any] = {
         "rank": canonical.rank,
         "dim_in": new.dim,
@@ -322,6 +333,7 @@ def stabilize(
         "drift_after": float(np.sqrt(after_sq / ref_sq)) if anchors else None,
         "drift": drift,
         "anchor": anchor if reference is not None else None,
+        "matching": {side: matching_report(stats[side], new, reference, side) for side in anchors},
         "score_error": None,
     }
     return Stabilization(
@@ -333,4 +345,33 @@ def stabilize(
         params=params,
         report=report,
         _probes={"items": items_stats.sample, "users": users_stats.sample},
+    )
+
+
+def matching_report(stats: SideStats, new: Version, reference: Version | None, side: Side) -> dict[str, Any]:
+    """How a side's rows were paired with the reference's, for the report."""
+    n_ref = reference.table(side).n_rows if reference is not None else 0
+    n_new = new.table(side).n_rows
+    common = stats.ids.n_common if stats.matched_by == "id" and stats.ids is not None else min(n_new, n_ref)
+    return {
+        "by": stats.matched_by,
+        "common": common,
+        "added": n_new - common,
+        "removed": n_ref - common,
+        "anchor_rows": stats.n_anchor,
+        "sample_fraction": stats.sample_fraction,
+    }
+
+
+def _check_anchor_rows(stats: dict[Side, SideStats], anchors: tuple[Side, ...], width: int, spec: AnchorSpec) -> None:
+    """Procrustes of width k needs at least k anchor rows to fix the rotation."""
+    total = sum(stats[s].n_anchor for s in anchors)
+    if total >= width:
+        return
+    detail = ", ".join(f"{s} {stats[s].n_anchor:,}" for s in anchors)
+    hint = f" with count >= {spec.min_count:g}; lower --anchor-min-count" if spec.min_count > 0 else ""
+    raise InputError(
+        f"only {total:,} anchor rows ({detail}{hint}) to fit a rotation of width {width}; "
+        f"it needs at least {width} rows present in both versions: anchor on both sides (--anchor both), "
+        "or stabilize without --reference"
     )

@@ -1,45 +1,97 @@
 """The one streaming pass: every statistic the stabilizer needs, each chunk read once.
 
-Per-block kernels (private, numpy only) beside the graph builder, in the manner
-of ``dask/array/linalg.py``. The graph has one task per input block plus a
-binary tree of merges: O(number of chunks) tasks, and no task holds more than
-one block of the new table and the matching block of the reference.
+Per-block kernels (private, numpy only) beside the graph builders, in the manner
+of ``dask/array/linalg.py``. The graph has one task per input block plus binary
+trees of merges: O(number of chunks) tasks, and no task holds more than one
+block of a table (and, matched by position, the same rows of the reference).
+
+Rows of the new version are paired with the reference's in one of two ways:
+
+* by position, when neither table has ids or both list the same ids in the same
+  order (checked first, on the ids alone): the cross-Gram is exact and each
+  task reads the same rows of both tables;
+* by id otherwise (churn: ids added, removed, reordered): each table is read
+  once on its own and a consistent hash sample of ids is joined, see
+  :mod:`dstab.ids`.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import numpy as np
 from dask.delayed import Delayed
 
-from .linalg import qr_factor
+from . import ids as idm
 from .errors import InputError
+from .executor import compute
+from .linalg import qr_factor
 from .version import Side, Table, Version, load, row_starts
 
 # Rows of each table kept as a sample spread over the whole table (the first
 # rows of every block): they probe the score error during the write pass and
 # break sign ties, at no extra read.
 SAMPLE_ROWS = 256
+# Bytes of rows per table that the id sample may hold (see dstab.ids): 512k
+# rows at width 64 in float32.
+ID_SAMPLE_BYTES = 128 * 2**20
+# Id hashes per duplicate-check bucket (8 bytes each).
+ID_BUCKET_ROWS = 2**22
+
+Match = Literal["position", "id"]
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    """Which anchor rows count, from the new version's ``counts`` (if the table has them)."""
+
+    min_count: float = 0.0  # rows with a count below this do not anchor the rotation
+    weighted: bool = False  # weight anchor rows by their count
+
+    @property
+    def uses_counts(self) -> bool:
+        return self.min_count > 0 or self.weighted
+
+
+@dataclass(frozen=True)
+class IdPlan:
+    """How a table's ids are treated in the pass (picklable; travels with the tasks)."""
+
+    n_buckets: int  # duplicate-check buckets, a power of two
+    sample: bool = False  # keep the rows of sampled ids for a join
+    threshold: np.uint64 | None = None  # hashes below are sampled; None: all
+    fraction: float = 1.0  # the share of ids sampled
 
 
 @dataclass
 class SideStats:
-    """What one pass over one table (and its reference, matched by position) yields."""
+    """What one pass over one table (and its reference) yields."""
 
     n_rows: int
     gram: np.ndarray  # e x e, float64: X^T X
     row_sum: np.ndarray  # e, float64: 1^T X
     sample: np.ndarray  # s x e, float64: spread sample of rows
-    cross: np.ndarray | None = None  # e x e_ref, float64: X^T X_ref
     r: np.ndarray | None = None  # e x e, float64: Householder R (TSQR), when asked for
-    ref_sumsq: float = 0.0  # ||X_ref||_F^2
+    # Against the reference, over the anchor rows (matched, weighted; estimated
+    # from the id sample when matched by id):
+    cross: np.ndarray | None = None  # e x e_ref: X^T W X_ref
+    anchor_gram: np.ndarray | None = None  # e x e: X^T W X (None: same as gram)
+    ref_sumsq: float = 0.0  # sum of w ||x_ref||^2
+    n_anchor: int = 0  # anchor rows used (in the sample, when matched by id)
+    matched_by: Match | None = None
+    sample_fraction: float = 1.0  # share of common ids the id sample held
+    ids: idm.IdSummary | None = None  # common ids and repeats, when the table has ids
     # the first non-finite value, if any
-    first_nonfinite: tuple[int, bool] | None = None  # (global row, whether it is in the reference)
-    # (global row, new id, reference id) of the first position where ids differ
-    first_id_mismatch: tuple[int, object, object] | None = None
+    first_nonfinite: tuple[int, bool] | None = None  # (row, whether it is in the reference)
+    first_bad_count: int | None = None  # first row whose count is negative or not finite
+
+    @property
+    def gram_of_anchors(self) -> np.ndarray:
+        return self.gram if self.anchor_gram is None else self.anchor_gram
 
 
 # Bytes of float64 rows a kernel converts and multiplies at once. About 1 MiB
@@ -62,21 +114,28 @@ def _first_nonfinite_row(block: np.ndarray) -> int | None:
     return int(np.flatnonzero(bad.any(axis=1))[0])
 
 
+# ----------------------------------------------------------------------------- per-block kernels
+
+
 def _block_stats(
     block: Any,
     ref_block: Any | None,
+    counts_block: Any | None,
     ids_block: Any | None,
-    ref_ids_block: Any | None,
     offset: int,
     n_sample: int,
     qr: bool,
-) -> SideStats:
+    anchors: AnchorSpec = AnchorSpec(),
+    plan: IdPlan | None = None,
+) -> tuple[SideStats, idm.IdSample | None, list[np.ndarray] | None]:
     """Statistics of one row block; ``offset`` is the block's first global row.
 
     The arguments are block sources (see :func:`dstab.version.load`): the task
-    reads its own rows.
+    reads its own rows. ``ref_block`` (the reference's same rows) is given when
+    rows are matched by position. Returns the statistics, the block's id sample
+    (when ``plan.sample``) and its id hashes by bucket (when it has ids).
     """
-    block, ref_block, ids_block, ref_ids_block = (load(a) for a in (block, ref_block, ids_block, ref_ids_block))
+    block, ref_block, counts, ids = (load(a) for a in (block, ref_block, counts_block, ids_block))
     e = block.shape[1]
     stats = SideStats(
         n_rows=int(block.shape[0]),
@@ -84,6 +143,11 @@ def _block_stats(
         row_sum=np.zeros(e),
         sample=block[:n_sample].astype(np.float64),
     )
+    stats.first_bad_count = idm.first_bad_count(counts)
+    if stats.first_bad_count is not None:
+        stats.first_bad_count += offset
+        counts = None
+    weights = idm.anchor_weights(counts, anchors.min_count, anchors.weighted)
     slices = row_slices(*block.shape)
     # One float64 buffer per input, reused for every slice: Dask's nanny sets
     # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
@@ -95,6 +159,10 @@ def _block_stats(
     if ref_block is not None:
         stats.cross = np.zeros((e, ref_block.shape[1]))
         y_buf = np.empty((step, ref_block.shape[1]))
+        if weights is not None:
+            stats.anchor_gram = np.zeros((e, e))
+            xw_buf = np.empty((step, e))
+        stats.n_anchor = int(block.shape[0] if weights is None else np.count_nonzero(weights))
     if qr:
         stack = np.zeros((e + step, e))  # the running R on top, the slice below
         r_rows = 0
@@ -113,9 +181,17 @@ def _block_stats(
         if ref_block is not None:
             y = y_buf[:n]
             np.copyto(y, ref_block[rows])
-            stats.cross += x.T @ y
-            flat = y.reshape(-1)
-            stats.ref_sumsq += float(flat @ flat)
+            if weights is None:
+                stats.cross += x.T @ y
+                flat = y.reshape(-1)
+                stats.ref_sumsq += float(flat @ flat)
+            else:
+                w = weights[rows]
+                xw = xw_buf[:n]
+                np.multiply(x, w[:, None], out=xw)
+                stats.cross += xw.T @ y
+                stats.anchor_gram += xw.T @ x
+                stats.ref_sumsq += float(np.einsum("i,ij,ij->", w, y, y))
     if qr:
         stats.r = stack[:e].copy() if slices else np.zeros((e, e))
     # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
@@ -126,17 +202,32 @@ def _block_stats(
         bad = _first_nonfinite_row(block)
         if bad is not None:
             first_nonfinite = (offset + bad, False)
-    if ref_block is not None and not np.isfinite(stats.ref_sumsq):
+    if ref_block is not None and not (np.isfinite(stats.ref_sumsq) and np.isfinite(stats.cross).all()):
         bad_ref = _first_nonfinite_row(ref_block)
         if bad_ref is not None and (first_nonfinite is None or offset + bad_ref < first_nonfinite[0]):
             first_nonfinite = (offset + bad_ref, True)
     stats.first_nonfinite = first_nonfinite
-    if ids_block is not None and ref_ids_block is not None:
-        differ = np.flatnonzero(ids_block != ref_ids_block)
-        if differ.size:
-            i = int(differ[0])
-            stats.first_id_mismatch = (offset + i, ids_block[i].item(), ref_ids_block[i].item())
-    return stats
+    id_sample = buckets = None
+    if ids is not None and plan is not None:
+        hashes = idm.hash_ids(ids)
+        buckets = idm.buckets_of(hashes, plan.n_buckets)
+        if plan.sample:
+            id_sample = idm.IdSample.take(ids, hashes, block, weights, plan.threshold)
+    return stats, id_sample, buckets
+
+
+def _reference_block_ids(
+    block: Any, ids_block: Any, offset: int, plan: IdPlan
+) -> tuple[idm.IdSample, list[np.ndarray], tuple[int, bool] | None]:
+    """A reference block matched by id: its sampled rows, its id hashes by bucket, its first non-finite row."""
+    block, ids = load(block), load(ids_block)
+    hashes = idm.hash_ids(ids)
+    bad = _first_nonfinite_row(block)
+    return (
+        idm.IdSample.take(ids, hashes, block, None, plan.threshold),
+        idm.buckets_of(hashes, plan.n_buckets),
+        None if bad is None else (offset + bad, True),
+    )
 
 
 def _first(a: tuple | None, b: tuple | None) -> tuple | None:
@@ -147,6 +238,14 @@ def _first(a: tuple | None, b: tuple | None) -> tuple | None:
     return a if a[0] <= b[0] else b
 
 
+def _min_row(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else a + b
+
+
 def _merge(a: SideStats, b: SideStats) -> SideStats:
     """Combine the statistics of two disjoint row ranges."""
     return SideStats(
@@ -154,15 +253,43 @@ def _merge(a: SideStats, b: SideStats) -> SideStats:
         gram=a.gram + b.gram,
         row_sum=a.row_sum + b.row_sum,
         sample=np.concatenate([a.sample, b.sample]),
-        cross=None if a.cross is None else a.cross + b.cross,
         r=None if a.r is None else qr_factor(np.vstack([a.r, b.r])),
+        cross=_add(a.cross, b.cross),
+        anchor_gram=_add(a.anchor_gram, b.anchor_gram),
         ref_sumsq=a.ref_sumsq + b.ref_sumsq,
+        n_anchor=a.n_anchor + b.n_anchor,
         first_nonfinite=_first(a.first_nonfinite, b.first_nonfinite),
-        first_id_mismatch=_first(a.first_id_mismatch, b.first_id_mismatch),
+        first_bad_count=_min_row(a.first_bad_count, b.first_bad_count),
     )
 
 
-def tree_reduce(parts: list[Delayed], combine) -> Delayed:
+def _finish_by_id(
+    stats: SideStats,
+    new_sample: idm.IdSample | None,
+    ref_sample: idm.IdSample | None,
+    ref_nonfinite: tuple[int, bool] | None,
+    summary: idm.IdSummary,
+    fraction: float,
+) -> SideStats:
+    """Join the id samples and put the anchor statistics, scaled to the whole table, into ``stats``."""
+    stats.ids = summary
+    if new_sample is None or ref_sample is None:
+        return stats
+    stats.matched_by = "id"
+    stats.sample_fraction = fraction
+    matched = idm.match_samples(new_sample, ref_sample)
+    # The sample holds about ``fraction`` of the common ids: scaling back keeps
+    # the two sides' weights right when both anchor the rotation.
+    stats.cross = matched.cross / fraction
+    stats.anchor_gram = matched.gram / fraction
+    stats.ref_sumsq = matched.ref_sumsq / fraction
+    stats.n_anchor = matched.n_rows
+    if stats.first_nonfinite is None:  # the new version's own rows are reported first
+        stats.first_nonfinite = ref_nonfinite
+    return stats
+
+
+def tree_reduce(parts: list[Any], combine) -> Delayed:
     """Pairwise merge ``parts`` into one delayed value (depth log2 n, n - 1 tasks)."""
     if not parts:
         raise ValueError("nothing to reduce")
@@ -175,52 +302,241 @@ def tree_reduce(parts: list[Delayed], combine) -> Delayed:
     return level[0]
 
 
+# ----------------------------------------------------------------------------- graph builders
+
+
 def side_statistics(
     table: Table,
     *,
     reference: Table | None = None,
-    match_ids: bool = False,
+    match: Match = "position",
+    anchors: AnchorSpec = AnchorSpec(),
+    plan: IdPlan | None = None,
     qr: bool = False,
 ) -> Delayed:
-    """Delayed :class:`SideStats` of one table, matched to ``reference`` by position.
+    """Delayed :class:`SideStats` of one table, against ``reference`` if given.
 
-    One task per block reads the block (and the reference's same rows, and with
-    ``match_ids`` both tables' ids) and reduces it; a binary tree merges the
-    results. With ``qr=True`` the pass also runs Householder TSQR (about 28x
-    the work of the Gram per row): the accurate path for float64 or
-    ill-conditioned tables.
+    One task per block reads the block (matched by position: and the
+    reference's same rows) and reduces it; a binary tree merges the results.
+    Matched by id, one more task per reference block samples it, and the
+    samples are joined in one task at the end. With a ``plan`` the table's ids
+    are also checked for repeats (and counted against the reference's). With
+    ``qr=True`` the pass also runs Householder TSQR (about 28x the work of the
+    Gram per row): the accurate path for float64 or ill-conditioned tables.
     """
     chunks = table.row_chunks()
     n = len(chunks)
+    positional = reference is not None and match == "position"
+    by_id = reference is not None and match == "id"
+    if by_id and (plan is None or not plan.sample or table.ids is None or reference.ids is None):  # type: ignore[union-attr]
+        raise ValueError("matching by id needs ids on both tables and a sampling plan")
     blocks = table.blocks(chunks)
-    ref_blocks = reference.blocks(chunks) if reference is not None else [None] * n
-    ids = ref_ids = None
-    if match_ids and reference is not None and table.ids is not None and reference.ids is not None:
-        ids, ref_ids = table.id_blocks(chunks), reference.id_blocks(chunks)
+    ref_blocks = reference.blocks(chunks) if positional else [None] * n  # type: ignore[union-attr]
+    counts = table.count_blocks(chunks) if anchors.uses_counts and table.counts is not None else None
+    ids = table.id_blocks(chunks) if plan is not None else None
     n_sample = max(1, -(-SAMPLE_ROWS // n))
     parts = [
-        dask.delayed(_block_stats, pure=True)(b, r, i, ri, off, n_sample, qr)
-        for b, r, i, ri, off in zip(blocks, ref_blocks, ids or [None] * n, ref_ids or [None] * n, row_starts(chunks))
+        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, anchors, plan)
+        for b, r, c, i, off in zip(blocks, ref_blocks, counts or [None] * n, ids or [None] * n, row_starts(chunks))
     ]
-    return tree_reduce(parts, _merge)
+    stats = tree_reduce([p[0] for p in parts], _merge)
+    if ids is None:
+        return stats
+    assert plan is not None
+    ref_parts: list[Any] = []
+    new_sample = ref_sample = ref_nonfinite = None
+    if by_id:
+        assert reference is not None
+        ref_chunks = reference.row_chunks()
+        ref_parts = [
+            dask.delayed(_reference_block_ids, pure=True, nout=3)(b, i, off, plan)
+            for b, i, off in zip(reference.blocks(ref_chunks), reference.id_blocks(ref_chunks), row_starts(ref_chunks))  # type: ignore[arg-type]
+        ]
+        new_sample = tree_reduce([p[1] for p in parts], idm.merge_samples)
+        ref_sample = tree_reduce([p[0] for p in ref_parts], idm.merge_samples)
+        ref_nonfinite = tree_reduce([p[2] for p in ref_parts], _first)
+    summaries = [
+        dask.delayed(idm.bucket_summary, pure=True)(
+            [p[2][k] for p in parts], [q[1][k] for q in ref_parts] if by_id else None
+        )
+        for k in range(plan.n_buckets)
+    ]
+    summary = tree_reduce(summaries, idm.merge_summaries)
+    return dask.delayed(_finish_by_id, pure=True)(stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction)
 
 
-def raise_data_errors(side: Side, stats: SideStats, new: Table, reference: Version | None) -> None:
+def _ids_equal(a: Any, b: Any) -> bool:
+    a, b = idm.normalize_ids(load(a)), idm.normalize_ids(load(b))
+    return bool(np.array_equal(a, b))
+
+
+def ids_identical(a: Table, b: Table) -> Delayed | bool:
+    """Whether two tables list the same ids in the same order (reads the ids only)."""
+    if a.ids is None or b.ids is None or a.n_rows != b.n_rows:
+        return False
+    chunks = a.row_chunks()
+    checks = [dask.delayed(_ids_equal, pure=True)(x, y) for x, y in zip(a.id_blocks(chunks), b.id_blocks(chunks))]  # type: ignore[arg-type]
+    return tree_reduce(checks, operator.and_)
+
+
+# ----------------------------------------------------------------------------- the whole pass
+
+
+def _n_buckets(n_rows: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / ID_BUCKET_ROWS)))
+
+
+def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, progress: bool = False) -> dict[Side, Match]:
+    """How each side's rows pair with the reference's: by position when that is exact, else by id.
+
+    Raises :class:`InputError` when they cannot be paired (no ids and different
+    lengths; ids of different kinds).
+    """
+    modes: dict[Side, Match] = {}
+    candidates: list[Side] = []
+    for side in sides:
+        a, b = new.table(side), reference.table(side)
+        if a.ids is not None and b.ids is not None:
+            ka, kb = idm.id_kind(a.ids.dtype), idm.id_kind(b.ids.dtype)
+            if ka != kb:
+                raise InputError(
+                    f"{side}/ids of the new version are {ka}s ({a.ids.dtype}) but the reference's are {kb}s "
+                    f"({b.ids.dtype}); ids only match ids of the same kind: write both versions' ids as "
+                    "int64 or both as strings"
+                )
+            candidates.append(side)
+        elif a.n_rows != b.n_rows:
+            which = "the new version" if a.ids is None else "the reference"
+            raise InputError(
+                f"{side}: the new version has {a.n_rows:,} rows but the reference has {b.n_rows:,}, and {which} "
+                f"has no {side}/ids; rows without ids are matched by position, so give both versions "
+                f"{side}/ids (int64 or strings) to match rows by id"
+            )
+        else:
+            modes[side] = "position"
+    checks = [ids_identical(new.table(s), reference.table(s)) for s in candidates]
+    lazy = [c for c in checks if isinstance(c, Delayed)]
+    answers = iter(compute(*lazy, progress=progress)) if lazy else iter(())
+    for side, check in zip(candidates, checks):
+        same = next(answers) if isinstance(check, Delayed) else check
+        modes[side] = "position" if same else "id"
+    return modes
+
+
+def pass_statistics(
+    new: Version,
+    reference: Version | None,
+    anchor_sides: tuple[Side, ...],
+    *,
+    anchors: AnchorSpec = AnchorSpec(),
+    qr: bool = False,
+    id_sample_bytes: int = ID_SAMPLE_BYTES,
+    sides: tuple[Side, ...] = ("items", "users"),
+    progress: bool = False,
+) -> dict[Side, SideStats]:
+    """The statistics pass over ``sides`` of ``new``, against the reference on ``anchor_sides``.
+
+    Checks the data on the way (non-finite values, bad counts, repeated ids, no
+    common ids) and raises :class:`InputError` naming the row or id.
+    """
+    modes = match_modes(new, reference, anchor_sides, progress=progress) if reference is not None else {}
+    for side in anchor_sides:
+        if anchors.uses_counts and new.table(side).counts is None:
+            raise InputError(
+                f"{side}/counts is missing from the new version, so --anchor-min-count / count weights cannot "
+                f"apply to {side}; add a {side}/counts array (one count per row) or drop those options"
+            )
+    graphs = []
+    for side in sides:
+        table = new.table(side)
+        ref_table = reference.table(side) if reference is not None and side in anchor_sides else None
+        match = modes.get(side, "position")
+        plan = None
+        if table.ids is not None:
+            n_ref = ref_table.n_rows if ref_table is not None else 0
+            plan = IdPlan(n_buckets=_n_buckets(max(table.n_rows, n_ref)))
+            if ref_table is not None and match == "id":
+                row_bytes = max(table.dim * table.dtype.itemsize, ref_table.dim * ref_table.dtype.itemsize)
+                fraction = min(1.0, max(1, id_sample_bytes // row_bytes) / max(table.n_rows, n_ref))
+                plan = IdPlan(plan.n_buckets, sample=True, threshold=idm.sample_threshold(fraction), fraction=fraction)
+        graphs.append(
+            side_statistics(
+                table,
+                reference=ref_table,
+                match=match,
+                anchors=anchors if ref_table is not None else AnchorSpec(),
+                plan=plan,
+                qr=qr,
+            )
+        )
+    results = dict(zip(sides, compute(*graphs, progress=progress)))
+    for side in sides:
+        stats = results[side]
+        if side in anchor_sides and stats.matched_by is None:
+            stats.matched_by = "position"
+        raise_data_errors(side, stats, new, reference)
+    return results
+
+
+def _id_at(table: Table, row: int) -> str:
+    if table.ids is None:
+        return ""
+    return f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
+
+
+def _rows_with_hash(ids_block: Any, target: int, offset: int) -> list[tuple[int, object]]:
+    return idm.rows_with_hash(load(ids_block), target, offset)
+
+
+def _concat_lists(a: list, b: list) -> list:
+    return a + b
+
+
+def _name_repeat(table: Table, target: int) -> list[tuple[int, object]]:
+    """``(row, id)`` of every row whose id hashes to ``target`` (one more pass over the ids)."""
+    chunks = table.row_chunks()
+    found = [
+        dask.delayed(_rows_with_hash, pure=True)(block, target, off)
+        for block, off in zip(table.id_blocks(chunks), row_starts(chunks))  # type: ignore[arg-type]
+    ]
+    (rows,) = compute(tree_reduce(found, _concat_lists))
+    return rows
+
+
+def raise_data_errors(side: Side, stats: SideStats, new: Version, reference: Version | None) -> None:
     """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
+    table = new.table(side)
     if stats.first_nonfinite is not None:
         row, in_reference = stats.first_nonfinite
-        table = reference.table(side) if in_reference else new  # type: ignore[union-attr]
-        where = " of the reference" if in_reference else ""
-        ident = ""
-        if table.ids is not None:
-            ident = f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
+        where = table if not in_reference else reference.table(side)  # type: ignore[union-attr]
+        label = " of the reference" if in_reference else ""
         raise InputError(
-            f"{side}/vectors{where} row {row}{ident} is not finite (NaN or Inf); "
+            f"{side}/vectors{label} row {row}{_id_at(where, row)} is not finite (NaN or Inf); "
             "fix or drop that row upstream and write the version again"
         )
-    if stats.first_id_mismatch is not None:
-        row, a, b = stats.first_id_mismatch
+    if stats.first_bad_count is not None:
+        row = stats.first_bad_count
+        value = np.asarray(table.counts[row : row + 1])[0].item()  # type: ignore[index]
         raise InputError(
-            f"{side}/ids differ from the reference's at row {row} ({a!r} vs {b!r}); rows are matched by "
-            "position in this version of dstab, so both versions must list the same ids in the same order"
+            f"{side}/counts row {row}{_id_at(table, row)} is {value!r}; counts must be finite and >= 0"
+        )
+    summary = stats.ids
+    if summary is None:
+        return
+    for repeat, which, label in ((summary.repeat_new, table, "the new version"), (summary.repeat_ref, None, "the reference")):
+        if repeat is None:
+            continue
+        source = which if which is not None else reference.table(side)  # type: ignore[union-attr]
+        rows = _name_repeat(source, repeat)
+        if len(rows) >= 2 and rows[0][1] == rows[1][1]:
+            raise InputError(
+                f"{side}/ids of {label} has the id {rows[0][1]!r} at rows {rows[0][0]} and {rows[1][0]}; "
+                "ids must be unique: drop or merge the duplicate rows upstream"
+            )
+    if stats.matched_by == "id" and summary.n_common == 0:
+        assert reference is not None
+        raise InputError(
+            f"{side}: none of the new version's {table.n_rows:,} ids appears among the reference's "
+            f"{reference.table(side).n_rows:,} ids; check that the reference is the right version, "
+            f"or anchor on the other side only (--anchor)"
         )

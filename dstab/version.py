@@ -63,6 +63,7 @@ class Table:
     vectors: Any  # zarr.Array, numpy or dask array, (n, e)
     ids: Any | None  # same kinds, (n,)
     chunk_rows: int  # rows per storage chunk (the unit every task's block is made of)
+    counts: Any | None = None  # same kinds, (n,): how often each row was seen (anchor filter / weights)
 
     @property
     def n_rows(self) -> int:
@@ -100,6 +101,11 @@ class Table:
         if self.ids is None:
             return None
         return _block_sources(self.ids, row_chunks or self.row_chunks())
+
+    def count_blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any] | None:
+        if self.counts is None:
+            return None
+        return _block_sources(self.counts, row_chunks or self.row_chunks())
 
     def read(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array:
         """The vectors as a lazy Dask array, full width, one block per ``row_chunks``."""
@@ -199,12 +205,23 @@ def _check_ids(name: str, ids: Any, n_rows: int) -> None:
         )
 
 
+def _check_counts(name: str, counts: Any, n_rows: int) -> None:
+    if counts.ndim != 1 or counts.shape[0] != n_rows:
+        raise InputError(
+            f"{name} has shape {tuple(counts.shape)} for {n_rows:,} vector rows; write exactly one count per row"
+        )
+    if np.dtype(counts.dtype).kind not in "iuf":
+        raise InputError(f"{name} has dtype {counts.dtype}; counts must be integers or floats")
+
+
 def check_tables(items: Table, users: Table) -> None:
     """Validate what can be checked without reading the data."""
     for table in (items, users):
         _check_vectors(f"{table.name}/vectors", table.vectors)
         if table.ids is not None:
             _check_ids(f"{table.name}/ids", table.ids, table.n_rows)
+        if table.counts is not None:
+            _check_counts(f"{table.name}/counts", table.counts, table.n_rows)
     if items.dim != users.dim:
         raise InputError(
             f"items/vectors has width {items.dim} but users/vectors has width {users.dim}; "
@@ -222,11 +239,13 @@ def from_arrays(
     *,
     item_ids: Any | None = None,
     user_ids: Any | None = None,
+    item_counts: Any | None = None,
+    user_counts: Any | None = None,
     chunk_rows: int | None = None,
 ) -> Version:
     """A version from in-memory numpy or Dask arrays (for tests, notebooks and small tables)."""
     tables = []
-    for name, vectors, ids in (("items", items, item_ids), ("users", users, user_ids)):
+    for name, vectors, ids, counts in (("items", items, item_ids, item_counts), ("users", users, user_ids, user_counts)):
         if isinstance(vectors, da.Array):
             rows = int(vectors.chunks[0][0]) if vectors.ndim else 1
         elif isinstance(vectors, zarr.Array):
@@ -236,21 +255,11 @@ def from_arrays(
             rows = int(vectors.shape[0]) if vectors.ndim else 1
         if ids is not None and not isinstance(ids, (da.Array, zarr.Array)):
             ids = np.asarray(ids)
-        tables.append(Table(name=name, vectors=vectors, ids=ids, chunk_rows=max(1, chunk_rows or rows)))
+        if counts is not None and not isinstance(counts, (da.Array, zarr.Array)):
+            counts = np.asarray(counts)
+        tables.append(Table(name=name, vectors=vectors, ids=ids, chunk_rows=max(1, chunk_rows or rows), counts=counts))
     check_tables(*tables)
     return Version(items=tables[0], users=tables[1])
-
-
-def check_rows_match(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
-    """Rows are matched by position: each side must have as many rows as the reference's."""
-    for side in sides:
-        a, b = new.table(side), reference.table(side)
-        if a.n_rows != b.n_rows:
-            raise InputError(
-                f"{side}: the new version has {a.n_rows:,} rows but the reference has {b.n_rows:,}; rows are "
-                "matched by position, so both must list the same rows in the same order "
-                "(catalogues whose ids changed are not supported yet)"
-            )
 
 
 def _open_group(url: str, storage_options: dict[str, Any] | None, mode: str = "r") -> zarr.Group:
@@ -309,8 +318,9 @@ def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
     for side in SIDES:
         vectors = _member(group, url, f"{side}/vectors", required=True)
         ids = _member(group, url, f"{side}/ids", required=False)
+        counts = _member(group, url, f"{side}/counts", required=False)
         _check_vectors(f"{side}/vectors", vectors)
-        tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(_unit_rows(vectors))))
+        tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(_unit_rows(vectors)), counts=counts))
     check_tables(*tables)
     return Version(items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs)
 
@@ -432,21 +442,24 @@ class Staging:
         )
 
     def copy_ids(self, side: str, like: Table) -> list[Delayed]:
-        """Tasks that copy ``like``'s ids, block by block, into ``side/ids`` (none if it has no ids)."""
-        if like.ids is None:
-            return []
-        target = self.create_array(
-            f"{side}/ids",
-            shape=(like.n_rows,),
-            chunks=(min(like.chunk_rows, like.n_rows),),
-            dtype=np.dtype(like.ids.dtype),
-            like=like.ids,
-        )
+        """Tasks that copy ``like``'s ids and counts, block by block, into ``side/ids`` and ``side/counts``."""
+        tasks = []
         chunks = like.row_chunks()
-        return [
-            dask.delayed(copy_block, pure=True)(block, target, start)
-            for block, start in zip(like.id_blocks(chunks), row_starts(chunks))  # type: ignore[arg-type]
-        ]
+        for name, column in (("ids", like.ids), ("counts", like.counts)):
+            if column is None:
+                continue
+            target = self.create_array(
+                f"{side}/{name}",
+                shape=(like.n_rows,),
+                chunks=(min(like.chunk_rows, like.n_rows),),
+                dtype=np.dtype(column.dtype),
+                like=column,
+            )
+            tasks += [
+                dask.delayed(copy_block, pure=True)(block, target, start)
+                for block, start in zip(_block_sources(column, chunks), row_starts(chunks))
+            ]
+        return tasks
 
     def write_small(self, path: str, value: np.ndarray) -> None:
         """A small array written at once (transforms, spectra)."""

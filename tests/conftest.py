@@ -27,8 +27,15 @@ def reference_stabilize(
     *,
     rank: int | None = None,
     rtol: float = 1e-6,
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stabilization written from the paper with Householder QR, in float64, all in memory.
+
+    ``pairs[side] = (rows of T or W, rows of the reference)`` fits the rotation
+    on those row pairs only (ids in common), weighted by ``weights[side]`` (per
+    pair); by default row i pairs with row i. A side absent from ``pairs``
+    (when given) does not anchor.
 
     Returns (items_out, users_out, singular_values). Without a reference the
     column signs follow dstab's documented rule: the items' column sum positive,
@@ -45,14 +52,22 @@ def reference_stabilize(
         return _signed(X_T, X_W) + (s,)
     ref_T, ref_W = (r.astype(np.float64) for r in ref)
     r = ref_T.shape[1]
+    if pairs is None:
+        pairs = {"items": (np.arange(len(T)), np.arange(len(ref_T))), "users": (np.arange(len(W)), np.arange(len(ref_W)))}
+    cross = np.zeros((k, r))
+    for side, X, Y in (("items", X_T, ref_T), ("users", X_W, ref_W)):
+        if side in pairs:
+            a, b = pairs[side]
+            w = (weights or {}).get(side, np.ones(len(a)))
+            cross += (X[a] * w[:, None]).T @ Y[b]
     if k <= r:
         # polar factor of the k x r cross matrix: the rows of Ω that matter
-        P, _, Qt = np.linalg.svd(X_T.T @ ref_T + X_W.T @ ref_W, full_matrices=False)
+        P, _, Qt = np.linalg.svd(cross, full_matrices=False)
         omega = P @ Qt
         return X_T @ omega, X_W @ omega, s
     # wider than the reference: first r columns by Procrustes, the rest are the
     # principal axes of the remainder, sign-fixed like the no-reference case
-    P, _, Qt = np.linalg.svd(X_T.T @ ref_T + X_W.T @ ref_W, full_matrices=False)
+    P, _, Qt = np.linalg.svd(cross, full_matrices=False)
     fixed = P @ Qt
     rest_T = X_T - (X_T @ fixed) @ fixed.T
     rest_W = X_W - (X_W @ fixed) @ fixed.T
@@ -107,11 +122,13 @@ def write_version(
     *,
     item_ids: np.ndarray | None = None,
     user_ids: np.ndarray | None = None,
+    item_counts: np.ndarray | None = None,
+    user_counts: np.ndarray | None = None,
     chunk_rows: int = 128,
 ) -> str:
     """A raw version written with plain zarr (not with dstab's writer)."""
     group = zarr.open_group(str(path), mode="w")
-    for side, vectors, ids in (("items", T, item_ids), ("users", W, user_ids)):
+    for side, vectors, ids, counts in (("items", T, item_ids, item_counts), ("users", W, user_ids, user_counts)):
         shape = np.shape(vectors)
         chunks = (chunk_rows,) + tuple(max(1, d) for d in shape[1:])
         arr = group.create_array(f"{side}/vectors", shape=shape, chunks=chunks, dtype=np.asarray(vectors).dtype)
@@ -122,6 +139,8 @@ def write_version(
                 warnings.simplefilter("ignore")
                 ida = group.create_array(f"{side}/ids", shape=ids.shape, chunks=(chunk_rows,), dtype=ids.dtype)
             ida[...] = ids
+        if counts is not None:
+            group.create_array(f"{side}/counts", shape=counts.shape, chunks=(chunk_rows,), dtype=counts.dtype)[...] = counts
     return str(path)
 
 
