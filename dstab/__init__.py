@@ -14,8 +14,10 @@ from .errors import (
     UsageError,
     VersionNotFoundError,
 )
+from .apply import apply_table
+from .lineage import chain
 from .stabilize import Stabilization, stabilize
-from .version import Table, Version, from_arrays, open_version
+from .version import Table, Version, from_arrays, open_table, open_version
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,10 @@ __all__ = [
     "Version",
     "VersionNotFoundError",
     "__version__",
+    "apply_table",
+    "chain",
     "from_arrays",
+    "open_table",
     "open_version",
     "stabilize",
 ]

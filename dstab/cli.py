@@ -1,4 +1,4 @@
-"""The ``dstab`` command: stabilize, report, synth.
+"""The ``dstab`` command: stabilize, apply, report, log, import, export, synth.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the
 array, the row or id, and the fix), 1 unexpected failure (with a traceback).
@@ -22,10 +22,13 @@ from . import __version__
 from .errors import DstabError, UsageError
 from .executor import spilled_bytes
 from .linalg import ANCHORS
+from .apply import apply_table
+from .interchange import Source, export_version, import_version, open_npy, open_parquet
+from .lineage import chain, format_chain
 from .report import describe, format_report
 from .stabilize import METHODS, stabilize
 from .synth import synth, synth_like
-from .version import check_output, open_version
+from .version import check_output, open_table, open_version
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
@@ -140,13 +143,89 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     version = open_version(args.version)
     reference = open_version(args.reference) if args.reference else None
-    needs_pass = reference is not None or version.attrs.get("kind") != "stabilized"
+    base = open_version(args.base) if args.base else None
+    needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
     with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
-        report = describe(version, reference, progress=needs_pass and not args.no_progress and not args.json)
+        report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
     if args.json:
         print(json.dumps(report))
     else:
         print(format_report(report))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    version = open_version(args.version)
+    side = "items" if args.items else "users"
+    table = open_table(args.items or args.users)
+    transform = version.saved_transform(side)  # fails early, before any cluster starts
+    check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite)
+    started = time.perf_counter()
+    with scheduler_from_args(args):
+        apply_table(version, side, table, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {args.out}: {table.n_rows:,} {side} rows x {transform.shape[1]} in the space of {args.version}, "
+          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    entries = chain(open_version(args.version))
+    print(json.dumps(entries) if args.json else format_chain(entries))
+    return 0
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.storage_options:
+        return None
+    try:
+        options = json.loads(args.storage_options)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--storage-options must be a JSON object: {exc}") from None
+    if not isinstance(options, dict):
+        raise UsageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
+
+
+def _source(args: argparse.Namespace, side: str, options: dict[str, Any] | None) -> Source:
+    path = getattr(args, side)
+    ids = getattr(args, f"{side}_ids")
+    if path.endswith(".npy"):
+        if args.vector_column or args.vector_columns:
+            raise UsageError("--vector-column / --vector-columns apply to Parquet sources, not .npy files")
+        return open_npy(path, ids=ids, label=side)
+    if ids:
+        raise UsageError(f"--{side}-ids applies to .npy sources; a Parquet source names its id column with --id-column")
+    columns = args.vector_columns
+    if columns and "," in columns:
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    return open_parquet(
+        path, id_column=args.id_column or None, vector_column=args.vector_column, vector_columns=columns,
+        storage_options=options, label=side,
+    )  # fmt: skip
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    options = _storage_options(args)
+    items, users = _source(args, "items", options), _source(args, "users", options)
+    check_output(args.out, inputs=[items.url, users.url], overwrite=args.overwrite, storage_options=options)
+    with scheduler_from_args(args):
+        version = import_version(
+            args.out, items, users, chunk_rows=args.chunk_rows, overwrite=args.overwrite, storage_options=options,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    print(f"wrote {args.out}: {version!r}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    options = _storage_options(args)
+    version = open_version(args.version, options)
+    with scheduler_from_args(args):
+        written = export_version(
+            version, args.out, layout=args.layout, overwrite=args.overwrite, storage_options=options,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    print(f"wrote {', '.join(written)} (Parquet, {args.layout} layout)")
     return 0
 
 
@@ -220,9 +299,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="what is known of a version: sizes, spectrum, rank, drift, score error")
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--reference", metavar="REF", help="also measure drift against this version")
+    p.add_argument(
+        "--base",
+        metavar="FIRST",
+        help="also measure the drift accumulated since FIRST (e.g. the first version of the chain) and list the steps",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("apply", help="map extra rows (a table) into a stabilized version's space with its saved transform")
+    p.add_argument("version", metavar="VERSION", help="a version written by dstab stabilize")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--items", metavar="TABLE", help="raw item rows: a Zarr group with vectors and optional ids")
+    which.add_argument("--users", metavar="TABLE", help="raw user rows: a Zarr group with vectors and optional ids")
+    p.add_argument("--out", required=True, metavar="TABLE_OUT", help="where to write the mapped table")
+    p.add_argument("--overwrite", action="store_true", help="replace TABLE_OUT if it exists")
+    add_scheduler_options(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("log", help="the chain of versions a stabilized version was aligned onto, back to the first")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--json", action="store_true", help="print a JSON list, newest first")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("import", help="write a version from .npy files or Parquet tables (files or directories)")
+    p.add_argument("--items", required=True, metavar="SRC", help="item vectors: FILE.npy, FILE.parquet or a directory of Parquet files")
+    p.add_argument("--users", required=True, metavar="SRC", help="user vectors, likewise")
+    p.add_argument("--items-ids", metavar="IDS.npy", help=".npy sources: the item ids (int or str), one per row")
+    p.add_argument("--users-ids", metavar="IDS.npy", help=".npy sources: the user ids")
+    p.add_argument("--id-column", default="id", metavar="NAME", help="Parquet: the id column (default id; '' for none)")
+    p.add_argument("--vector-column", metavar="NAME", help="Parquet: the list column of vectors (default: the only list column)")
+    p.add_argument(
+        "--vector-columns", metavar="COLS", help="Parquet: D scalar columns, as a glob ('v*') or a comma-separated list"
+    )
+    p.add_argument("--out", required=True, metavar="VERSION")
+    p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk (default 131072)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote sources and output (never stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace VERSION if it exists")
+    add_scheduler_options(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a version's tables as Parquet: OUT/items/part-*.parquet, OUT/users/...")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--layout", choices=("list", "columns"), default="list",
+        help="vectors as one fixed-size list column 'vector' (default) or scalar columns v0..v{D-1}",
+    )  # fmt: skip
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote versions and output (never stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    add_scheduler_options(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic version, or a synthetic retrain of one (--like)")
     p.add_argument("out", metavar="OUT")

@@ -14,7 +14,8 @@ import numpy as np
 from . import linalg
 from .executor import compute
 from .stats import pass_statistics, side_statistics
-from .version import SIDES, Version
+from .lineage import chain
+from .version import SIDES, Version, canonical_url
 
 REPORT_KEYS = (
     "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",
@@ -40,8 +41,16 @@ def measure_drift(version: Version, reference: Version, *, progress: bool = Fals
     return out
 
 
-def describe(version: Version, reference: Version | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """The report of ``version`` as one JSON-ready dict (see :data:`REPORT_KEYS`)."""
+def describe(
+    version: Version, reference: Version | None = None, *, base: Version | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """The report of ``version`` as one JSON-ready dict (see :data:`REPORT_KEYS`).
+
+    With ``reference``, drift against it is measured now; with ``base`` (the
+    first version of its chain, say), the drift accumulated since then is
+    measured now over the ids both hold, and the chain's steps in between are
+    listed from the versions' own reports.
+    """
     attrs = version.attrs
     stored = attrs.get("report") if attrs.get("kind") == "stabilized" else None
     report: dict[str, Any] = {key: None for key in REPORT_KEYS}
@@ -68,6 +77,22 @@ def describe(version: Version, reference: Version | None = None, *, progress: bo
     if reference is not None:
         report["reference_checked"] = reference.url
         report["drift_vs_reference"] = measure_drift(version, reference, progress=progress)
+    if base is not None:
+        report["base_checked"] = base.url
+        report["drift_vs_base"] = measure_drift(version, base, progress=progress)
+        base_url = canonical_url(base.url) if base.url else None
+        steps = []
+        reached = False
+        for entry in chain(version):
+            if entry["url"] == base_url:
+                reached = True
+                break
+            steps.append({"url": entry["url"], "drift_before": entry["drift_before"], "drift_after": entry["drift_after"]})
+        report["chain_to_base"] = {
+            "base_in_chain": reached,
+            "steps": steps,
+            "sum_of_step_drift_after": sum(s["drift_after"] or 0.0 for s in steps),
+        }
     return report
 
 
@@ -99,4 +124,18 @@ def format_report(report: dict[str, Any]) -> str:
             f"  drift vs {report['reference_checked']}: items {num(d['items'])}  users {num(d['users'])}  "
             f"total {num(d['total'])}"
         )
+    if "drift_vs_base" in report:
+        d, c = report["drift_vs_base"], report["chain_to_base"]
+        lines.append(
+            f"  accumulated drift since {report['base_checked']}: items {num(d['items'])}  users {num(d['users'])}  "
+            f"total {num(d['total'])} (measured now, over the ids both hold)"
+        )
+        if c["base_in_chain"]:
+            lines.append(
+                f"  over {len(c['steps'])} steps of stabilization; step drifts after alignment: "
+                + ", ".join(num(s["drift_after"]) for s in reversed(c["steps"]))
+                + f" (sum {num(c['sum_of_step_drift_after'])})"
+            )
+        else:
+            lines.append("  (the base is not in this version's chain of references; see `dstab log`)")
     return "\n".join(lines)

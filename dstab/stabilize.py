@@ -24,7 +24,7 @@ from . import linalg
 from .errors import InputError, UsageError
 from .executor import compute
 from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics, tree_reduce
-from .version import SIDES, Side, Staging, Version, load, open_version, row_starts, write_block
+from .version import SIDES, Side, Staging, Version, canonical_url, load, open_version, row_starts, write_block
 
 # Rows of the other side (spread over its whole table) that checked rows are
 # scored against while writing.
@@ -212,8 +212,8 @@ class Stabilization:
             "kind": "stabilized",
             "dstab_version": _version_string(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "input": self.new.url,
-            "reference": self.reference.url if self.reference is not None else None,
+            "input": canonical_url(self.new.url) if self.new.url else None,
+            "reference": canonical_url(self.reference.url) if self.reference is not None and self.reference.url else None,
             "params": self.params,
             "report": self.report,
         }

@@ -154,9 +154,35 @@ class Version:
     url: str | None = None
     storage_options: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # attrs["dstab"], empty for raw inputs
+    # the e x w matrices that made a stabilized version (raw rows -> its rows), empty otherwise
+    transforms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def table(self, side: Side) -> Table:
         return self.items if side == "items" else self.users
+
+    def transform(self, side: Side, rows: Any) -> np.ndarray:
+        """Map raw rows of ``side`` (numpy, n x e, in the raw model's basis) into this version's space.
+
+        An extra user row mapped this way scores against this version's items
+        as the raw row scored against the raw items.
+        """
+        transform = self.saved_transform(side)
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != transform.shape[0]:
+            raise InputError(
+                f"{side} rows must have shape (n, {transform.shape[0]}) (the raw model's width), got {rows.shape}"
+            )
+        if rows.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise InputError(f"{side} rows have dtype {rows.dtype}; pass float32 or float64 rows")
+        return rows @ transform.astype(rows.dtype, copy=False)
+
+    def saved_transform(self, side: Side) -> np.ndarray:
+        if side not in self.transforms:
+            raise InputError(
+                f"{self.url or 'this version'} has no transform/{side}: only versions written by "
+                "`dstab stabilize` keep the transforms that map new rows into them"
+            )
+        return self.transforms[side]
 
     @property
     def dim(self) -> int:
@@ -262,21 +288,24 @@ def from_arrays(
     return Version(items=tables[0], users=tables[1])
 
 
-def _open_group(url: str, storage_options: dict[str, Any] | None, mode: str = "r") -> zarr.Group:
+def _open_group(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    *,
+    what: str = "version",
+    layout: str = "a Zarr group with items/vectors and users/vectors arrays",
+) -> zarr.Group:
     if is_local(url) and not local_path(url).exists():
-        raise VersionNotFoundError(f"no version at {url}: the path does not exist; check the path")
+        raise VersionNotFoundError(f"no {what} at {url}: the path does not exist; check the path")
     try:
         opts = None if is_local(url) else storage_options
-        node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode=mode, storage_options=opts)
+        node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode="r", storage_options=opts)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise VersionNotFoundError(
-            f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a version is a Zarr group with "
-            "items/vectors and users/vectors arrays"
+            f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a {what} is {layout}"
         ) from None
     if not isinstance(node, zarr.Group):
-        raise VersionNotFoundError(
-            f"{url} is a Zarr array, not a group; a version is a Zarr group with items/vectors and users/vectors"
-        )
+        raise VersionNotFoundError(f"{url} is a Zarr array, not a group; a {what} is {layout}")
     return node
 
 
@@ -286,8 +315,8 @@ def _member(group: zarr.Group, url: str, path: str, required: bool) -> zarr.Arra
     except KeyError:
         if required:
             raise InputError(
-                f"{url} has no {path} array; a version needs items/vectors and users/vectors "
-                "(see the layout in the README)"
+                f"{url} has no {path} array; a version needs items/vectors and users/vectors, a table "
+                "needs vectors (see the layout in the README)"
             ) from None
         return None
     if not isinstance(node, zarr.Array):
@@ -322,7 +351,40 @@ def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
         _check_vectors(f"{side}/vectors", vectors)
         tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(_unit_rows(vectors)), counts=counts))
     check_tables(*tables)
-    return Version(items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs)
+    transforms = {}
+    for side in SIDES:
+        saved = _member(group, url, f"transform/{side}", required=False)
+        if saved is not None:
+            transforms[side] = np.asarray(saved[...], dtype=np.float64)
+    return Version(
+        items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs, transforms=transforms
+    )
+
+
+def open_table(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, name: str = "table") -> Table:
+    """Open a loose table: a Zarr group with ``vectors`` and optional ``ids`` / ``counts``."""
+    url = os.fspath(url)
+    group = _open_group(url, storage_options, what="table", layout="a Zarr group with a vectors array and optional ids")
+    attrs = read_attrs(group)
+    if attrs and not attrs.get("complete", False):
+        raise IncompleteVersionError(
+            f"{url} is an incomplete dstab table (a run stopped while writing it); run the command again, with --overwrite"
+        )
+    vectors = _member(group, url, "vectors", required=True)
+    ids = _member(group, url, "ids", required=False)
+    counts = _member(group, url, "counts", required=False)
+    _check_vectors(f"{url}/vectors", vectors)
+    table = Table(name=url, vectors=vectors, ids=ids, chunk_rows=int(_unit_rows(vectors)), counts=counts)
+    if ids is not None:
+        _check_ids(f"{url}/ids", ids, table.n_rows)
+    if counts is not None:
+        _check_counts(f"{url}/counts", counts, table.n_rows)
+    return table
+
+
+def canonical_url(url: str) -> str:
+    """What lineage records: an absolute path for local versions, the URL otherwise."""
+    return str(local_path(url)) if is_local(url) else url
 
 
 def _unit_rows(arr: zarr.Array) -> int:
@@ -430,11 +492,13 @@ class Staging:
     def create_table(self, side: str, like: Table, width: int) -> ArrayTarget:
         """The ``side/vectors`` array for a table of ``like``'s rows and storage chunks, ``width`` wide.
 
+        ``side=""`` writes a loose table (``vectors``, ``ids`` at the group's top).
+
         The ids of ``like`` (if any) are copied by the returned tasks of
         :meth:`copy_ids`; the vectors are the caller's to write.
         """
         return self.create_array(
-            f"{side}/vectors",
+            _join(side, "vectors"),
             shape=(like.n_rows, width),
             chunks=(min(like.chunk_rows, like.n_rows), width),
             dtype=like.dtype,
@@ -449,7 +513,7 @@ class Staging:
             if column is None:
                 continue
             target = self.create_array(
-                f"{side}/{name}",
+                _join(side, name),
                 shape=(like.n_rows,),
                 chunks=(min(like.chunk_rows, like.n_rows),),
                 dtype=np.dtype(column.dtype),
@@ -490,6 +554,10 @@ class Staging:
                 fs.rm(path, recursive=True)
             except (FileNotFoundError, OSError):
                 pass
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
 
 
 def row_starts(chunks: tuple[int, ...]) -> list[int]:

@@ -1,0 +1,468 @@
+"""Import versions from ``.npy`` and Parquet, export them to Parquet. Out of core, through pyarrow.
+
+Sources are split into pieces read by separate tasks (row ranges of a
+memory-mapped ``.npy``; row groups of each Parquet file), stitched into one
+Dask array, rechunked to whole Zarr chunks and written block by block, so no
+table is ever held whole and no two tasks write one chunk.
+
+Parquet tables hold an id column plus either one list column of vectors
+(``list<float>`` or ``fixed_size_list<float>[D]``) or D scalar columns. A
+Parquet source is one file or a directory of them (partitioned directories
+included: every ``*.parquet`` below it, in path order), local or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .errors import InputError, OutputExistsError, UsageError
+from .executor import compute
+from .stats import tree_reduce
+from .version import (
+    SIDES,
+    Staging,
+    Version,
+    _same_or_nested,
+    canonical_url,
+    is_local,
+    local_path,
+    open_version,
+    row_starts,
+    write_block,
+)
+
+DEFAULT_CHUNK_ROWS = 131_072
+# Rows of a .npy file one task reads.
+NPY_PIECE_ROWS = 262_144
+VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, start + n_rows)`` of a source, as one task reads them."""
+
+    path: str
+    n_rows: int
+    start: int = 0  # .npy: first row; parquet: unused
+    row_group: int = -1  # parquet: the row group
+
+
+@dataclass
+class Source:
+    """A table to import: where it is, how its columns map to ids and vectors, and its pieces."""
+
+    url: str
+    kind: str  # "npy" or "parquet"
+    n_rows: int
+    dim: int
+    dtype: np.dtype
+    pieces: list[Piece]
+    ids_url: str | None = None  # npy: a separate .npy of ids
+    id_column: str | None = None  # parquet
+    vector_column: str | None = None  # parquet: one list column
+    vector_columns: list[str] = field(default_factory=list)  # parquet: D scalar columns
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def has_ids(self) -> bool:
+        return self.ids_url is not None or self.id_column is not None
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _npy_header(path: str, label: str) -> np.ndarray:
+    if not is_local(path):
+        raise UsageError(f"{label}: .npy files are memory-mapped and must be local; got {path}")
+    p = local_path(path)
+    if not p.is_file():
+        raise InputError(f"{label}: no file at {path}")
+    try:
+        # allow_pickle=False: an object array is refused, never unpickled
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise InputError(f"{label}: {path} is not a plain .npy array ({exc}); save it with numpy.save") from None
+
+
+def open_npy(path: str, *, ids: str | None = None, label: str = "items") -> Source:
+    """A ``.npy`` table ([rows, dim] float32/float64), with ids from another ``.npy`` if given."""
+    arr = _npy_header(path, label)
+    if arr.ndim != 2:
+        raise InputError(f"{label}: {path} has shape {arr.shape}; vectors must be 2-D [rows, dim]")
+    _check_vector_dtype(arr.dtype, f"{label}: {path}")
+    if ids is not None:
+        id_arr = _npy_header(ids, f"{label} ids")
+        if id_arr.shape != (arr.shape[0],):
+            raise InputError(f"{label}: {ids} has shape {id_arr.shape} for {arr.shape[0]:,} vector rows; write one id per row")
+        if id_arr.dtype.kind not in "iuU":
+            raise InputError(f"{label}: {ids} has dtype {id_arr.dtype}; ids must be integers or strings")
+    n = int(arr.shape[0])
+    pieces = [Piece(str(local_path(path)), min(NPY_PIECE_ROWS, n - s), start=s) for s in range(0, n, NPY_PIECE_ROWS)]
+    return Source(
+        url=path, kind="npy", n_rows=n, dim=int(arr.shape[1]), dtype=np.dtype(arr.dtype), pieces=pieces,
+        ids_url=str(local_path(ids)) if ids is not None else None,
+    )  # fmt: skip
+
+
+def _check_vector_dtype(dtype: np.dtype, label: str) -> None:
+    if np.dtype(dtype) not in VECTOR_DTYPES:
+        raise InputError(f"{label} holds {dtype} values; vectors must be float32 or float64: cast them upstream")
+
+
+def _parquet_files(url: str, storage_options: dict[str, Any] | None, label: str) -> tuple[Any, list[str]]:
+    fs, path = _fs(url, storage_options)
+    if not fs.exists(path):
+        raise InputError(f"{label}: nothing at {url}; give a Parquet file or a directory of them")
+    if fs.isdir(path):
+        files = sorted(
+            f for f in fs.find(path)
+            if f.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in f[len(path):].split("/"))
+        )  # fmt: skip
+        if not files:
+            raise InputError(f"{label}: {url} is a directory with no *.parquet files")
+    else:
+        files = [path]
+    return fs, files
+
+
+def open_parquet(
+    url: str,
+    *,
+    id_column: str | None = "id",
+    vector_column: str | None = None,
+    vector_columns: str | list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    label: str = "items",
+) -> Source:
+    """A Parquet table: one file or a directory of files (reads the footers only).
+
+    ``vector_columns`` may be a list of names or one glob (``"v*"``) matched
+    against the schema in its order; without either vector option, the one
+    list column of the schema is taken.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, files = _parquet_files(url, storage_options, label)
+    pieces: list[Piece] = []
+    schema = None
+    for f in files:
+        with fs.open(f, "rb") as handle:
+            meta = pq.ParquetFile(handle)
+            if schema is None:
+                schema = meta.schema_arrow
+            elif not meta.schema_arrow.equals(schema):
+                raise InputError(f"{label}: {f} has another schema than {files[0]}; all files of a table must share one")
+            pieces += [Piece(f, meta.metadata.row_group(i).num_rows, row_group=i) for i in range(meta.num_row_groups)]
+    assert schema is not None
+    names = schema.names
+    if id_column is not None and id_column not in names:
+        raise InputError(f"{label}: {url} has no column {id_column!r} (columns: {', '.join(names)}); pass --id-column NAME")
+    if id_column is not None:
+        id_type = schema.field(id_column).type
+        if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            raise InputError(f"{label}: column {id_column!r} is {id_type}; ids must be integers or strings")
+    if isinstance(vector_columns, str):
+        pattern = vector_columns
+        vector_columns = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n != id_column]
+        if not vector_columns:
+            raise InputError(f"{label}: no column of {url} matches {pattern!r} (columns: {', '.join(names)})")
+    if vector_columns:
+        missing = [c for c in vector_columns if c not in names]
+        if missing:
+            raise InputError(f"{label}: {url} has no column {missing[0]!r} (columns: {', '.join(names)})")
+        types = {schema.field(c).type for c in vector_columns}
+        if len(types) != 1:
+            raise InputError(f"{label}: the vector columns have several types ({', '.join(map(str, types))}); use one float type")
+        dtype = np.dtype(types.pop().to_pandas_dtype())
+        _check_vector_dtype(dtype, f"{label}: columns {vector_columns[0]}..")
+        dim = len(vector_columns)
+    else:
+        if vector_column is None:
+            lists = [n for n in names if _is_list(schema.field(n).type)]
+            if len(lists) != 1:
+                raise InputError(
+                    f"{label}: {url} has {len(lists)} list columns ({', '.join(lists) or 'none'}); name the vectors "
+                    "with --vector-column NAME (one list column) or --vector-columns 'PATTERN' (scalar columns)"
+                )
+            vector_column = lists[0]
+        if vector_column not in names:
+            raise InputError(f"{label}: {url} has no column {vector_column!r} (columns: {', '.join(names)})")
+        vtype = schema.field(vector_column).type
+        if not _is_list(vtype):
+            raise InputError(f"{label}: column {vector_column!r} is {vtype}, not a list of floats")
+        dtype = np.dtype(vtype.value_type.to_pandas_dtype())
+        _check_vector_dtype(dtype, f"{label}: column {vector_column!r}")
+        dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else _first_list_length(fs, pieces, vector_column)
+    return Source(
+        url=url, kind="parquet", n_rows=sum(p.n_rows for p in pieces), dim=int(dim), dtype=dtype, pieces=pieces,
+        id_column=id_column, vector_column=None if vector_columns else vector_column,
+        vector_columns=list(vector_columns or []), storage_options=storage_options,
+    )  # fmt: skip
+
+
+def _is_list(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _first_list_length(fs: Any, pieces: list[Piece], column: str) -> int:
+    import pyarrow.parquet as pq
+
+    for p in pieces:
+        if p.n_rows:
+            with fs.open(p.path, "rb") as handle:
+                col = pq.ParquetFile(handle).read_row_group(p.row_group, columns=[column]).column(column)
+            return len(col[0].values)
+    raise InputError(f"the table has no rows; a version needs at least one row on each side")
+
+
+# ----------------------------------------------------------------------------- per-piece kernels
+
+
+def _read_piece(source: Source, piece: Piece, offset: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vectors (and ids) of one piece; ``offset`` is its first global row (for error messages)."""
+    if source.kind == "npy":
+        rows = np.load(piece.path, mmap_mode="r", allow_pickle=False)[piece.start : piece.start + piece.n_rows]
+        ids = None
+        if source.ids_url is not None:
+            ids = np.array(np.load(source.ids_url, mmap_mode="r", allow_pickle=False)[piece.start : piece.start + piece.n_rows])
+        return np.array(rows), ids
+    return _read_parquet_piece(source, piece, offset)
+
+
+def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.ndarray, np.ndarray | None]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = _fs(source.url, source.storage_options)
+    columns = ([source.id_column] if source.id_column else []) + (source.vector_columns or [source.vector_column])  # type: ignore[list-item]
+    with fs.open(piece.path, "rb") as handle:
+        table = pq.ParquetFile(handle).read_row_group(piece.row_group, columns=columns)
+    where = f"{source.url} ({piece.path}, row group {piece.row_group})"
+    for name in columns:
+        col = table.column(name)
+        if col.null_count:
+            row = offset + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"{where}: column {name!r} is null at row {row}; fill or drop that row upstream")
+    if source.vector_columns:
+        vectors = np.column_stack([table.column(c).to_numpy() for c in source.vector_columns]).astype(source.dtype, copy=False)
+    else:
+        col = table.column(source.vector_column).combine_chunks()  # type: ignore[arg-type]
+        if not pa.types.is_fixed_size_list(col.type):
+            lengths = np.diff(col.offsets.to_numpy())
+            bad = np.flatnonzero(lengths != source.dim)
+            if bad.size:
+                raise InputError(
+                    f"{where}: the vector at row {offset + int(bad[0])} has {int(lengths[bad[0]])} values, not "
+                    f"{source.dim}; every vector must have the same length"
+                )
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        if len(values) != table.num_rows * source.dim:
+            raise InputError(f"{where}: vectors hold null values; fill or drop those rows upstream")
+        vectors = values.reshape(table.num_rows, source.dim).astype(source.dtype, copy=False)
+    ids = None
+    if source.id_column:
+        raw = table.column(source.id_column)
+        if pa.types.is_integer(raw.type):
+            ids = raw.to_numpy().astype(np.int64, copy=False)
+        else:
+            ids = np.asarray(raw.to_pylist(), dtype=str)
+    return vectors, ids
+
+
+def _write_piece(block: np.ndarray, target: Any, start: int) -> None:
+    write_block(block, target, start)
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -> list[Any]:
+    """Tasks that read ``source`` piece by piece and write ``side/vectors`` (and ``side/ids``) in whole chunks."""
+    parts = []
+    offsets = row_starts(tuple(p.n_rows for p in source.pieces))
+    light = dataclasses.replace(source, pieces=[])  # each task needs its own piece, not the list of all
+    for piece, offset in zip(source.pieces, offsets):
+        parts.append(dask.delayed(_read_piece, pure=True, nout=2)(light, piece, offset))
+    rows = min(chunk_rows, source.n_rows)
+    vectors = da.concatenate(
+        [da.from_delayed(p[0], shape=(piece.n_rows, source.dim), dtype=source.dtype) for p, piece in zip(parts, source.pieces)]
+    ).rechunk((rows, source.dim))
+    target = staging.create_array(f"{side}/vectors", shape=(source.n_rows, source.dim), chunks=(rows, source.dim), dtype=source.dtype)
+    tasks = [
+        dask.delayed(_write_piece, pure=True)(block, target, start)
+        for block, start in zip(vectors.to_delayed().ravel(), row_starts(vectors.chunks[0]))
+    ]
+    if source.has_ids:
+        # ids go out as int64 or Zarr v3's variable-length UTF-8 strings (a specified type)
+        meta_ids = _peek_ids_dtype(source)
+        ids = da.concatenate(
+            [da.from_delayed(p[1], shape=(piece.n_rows,), dtype=meta_ids) for p, piece in zip(parts, source.pieces)]
+        ).rechunk((rows,))
+        id_target = staging.create_array(
+            f"{side}/ids", shape=(source.n_rows,), chunks=(rows,), dtype=np.dtype(np.int64) if meta_ids.kind == "i" else str
+        )
+        tasks += [
+            dask.delayed(_write_piece, pure=True)(block, id_target, start)
+            for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
+        ]
+    return tasks
+
+
+def _peek_ids_dtype(source: Source) -> np.dtype:
+    if source.kind == "npy":
+        dtype = np.load(source.ids_url, mmap_mode="r", allow_pickle=False).dtype  # type: ignore[arg-type]
+        return np.dtype(np.int64) if dtype.kind in "iu" else np.dtype(object)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = _fs(source.url, source.storage_options)
+    with fs.open(source.pieces[0].path, "rb") as handle:
+        t = pq.ParquetFile(handle).schema_arrow.field(source.id_column).type
+    return np.dtype(np.int64) if pa.types.is_integer(t) else np.dtype(object)
+
+
+def import_version(
+    out: str | os.PathLike[str],
+    items: Source,
+    users: Source,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Version:
+    """Write a version at ``out`` from two sources (see :func:`open_npy`, :func:`open_parquet`)."""
+    for label, src in (("items", items), ("users", users)):
+        if src.n_rows == 0:
+            raise InputError(f"{label}: {src.url} has no rows; a version needs at least one row on each side")
+    if items.dim != users.dim:
+        raise InputError(f"items have width {items.dim} but users have width {users.dim}; both must come from one model")
+    if items.dtype != users.dtype:
+        raise InputError(f"items are {items.dtype} but users are {users.dtype}; store both sides in one dtype")
+    if chunk_rows < 1:
+        raise UsageError(f"--chunk-rows must be at least 1, got {chunk_rows}")
+    out = os.fspath(out)
+    staging = Staging(out, inputs=[items.url, users.url], overwrite=overwrite, storage_options=storage_options)
+    try:
+        tasks = _table_graph(items, "items", staging, chunk_rows) + _table_graph(users, "users", staging, chunk_rows)
+        compute(tree_reduce(tasks, _nothing), progress=progress)
+        staging.publish(
+            {
+                "kind": "imported",
+                "sources": {"items": canonical_url(items.url), "users": canonical_url(users.url)},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+    except BaseException:
+        staging.discard()
+        raise
+    return open_version(out, storage_options)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export_block(source: Any, ids_source: Any, start: int, fs: Any, path: str, layout: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .version import load
+
+    vectors = load(source)
+    ids = load(ids_source) if ids_source is not None else np.arange(start, start + len(vectors), dtype=np.int64)
+    if ids.dtype.kind not in "iu":
+        ids = np.asarray(ids, dtype=str)
+    columns: dict[str, Any] = {"id": pa.array(ids)}
+    if layout == "list":
+        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+    else:
+        for j in range(vectors.shape[1]):
+            columns[f"v{j}"] = pa.array(vectors[:, j])
+    with fs.open(path, "wb") as handle:
+        pq.write_table(pa.table(columns), handle, compression="zstd")
+
+
+def export_version(
+    version: Version,
+    out: str | os.PathLike[str],
+    *,
+    layout: str = "list",
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Write each side of ``version`` as a directory of Parquet files: ``OUT/items/part-*.parquet``, ``OUT/users/...``.
+
+    Columns: ``id`` (the version's ids, or the row number when it has none) and
+    either ``vector`` (``fixed_size_list<float>[D]``, ``layout="list"``) or
+    ``v0 .. v{D-1}`` (``layout="columns"``). One file per block, in row order.
+    Local outputs appear whole or not at all; elsewhere a ``_SUCCESS`` file is
+    written last.
+    """
+    if layout not in ("list", "columns"):
+        raise UsageError(f"layout must be 'list' or 'columns', got {layout!r}")
+    out = os.fspath(out)
+    if version.url and _same_or_nested(out, version.url):
+        raise UsageError(f"output {out} is, contains, or lies inside the input {version.url}; choose another --out")
+    fs, root = _fs(out, storage_options)
+    if fs.exists(root):
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    local = is_local(out)
+    final = root
+    if local:
+        final_path = local_path(out)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        root = str(final_path.parent / f".{final_path.name}.dstab-tmp-{uuid.uuid4().hex[:12]}")
+    elif fs.exists(root):
+        fs.rm(root, recursive=True)
+    try:
+        tasks = []
+        for side in SIDES:
+            table = version.table(side)
+            fs.makedirs(f"{root}/{side}", exist_ok=True)
+            chunks = table.row_chunks()
+            ids = table.id_blocks(chunks) or [None] * len(chunks)
+            for i, (block, id_block, start) in enumerate(zip(table.blocks(chunks), ids, row_starts(chunks))):
+                path = f"{root}/{side}/part-{i:05d}.parquet"
+                tasks.append(dask.delayed(_export_block, pure=True)(block, id_block, start, fs, path, layout))
+        compute(tree_reduce(tasks, _nothing), progress=progress)
+        if local:
+            if final_path.exists():
+                shutil.rmtree(final_path)
+            os.rename(root, final_path)
+        else:
+            with fs.open(f"{root}/_SUCCESS", "wb") as handle:
+                handle.write(b"")
+    except BaseException:
+        try:
+            fs.rm(root, recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+        raise
+    return [f"{final}/{side}" for side in SIDES]
