@@ -39,7 +39,7 @@ from distributed import Client, LocalCluster
 
 import dstab
 from dstab import linalg
-from dstab.stats import tree_reduce
+from dstab.executor import tree_reduce
 from dstab.synth import synth, synth_like
 from dstab.version import SIDES, Staging, Version, copy_block, load, row_starts
 

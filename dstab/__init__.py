@@ -15,6 +15,7 @@ from .errors import (
     VersionNotFoundError,
 )
 from .apply import apply_table
+from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
 from .stabilize import Stabilization, stabilize
 from .version import Table, Version, from_arrays, open_table, open_version
@@ -34,7 +35,11 @@ __all__ = [
     "__version__",
     "apply_table",
     "chain",
+    "export_version",
     "from_arrays",
+    "import_version",
+    "open_npy",
+    "open_parquet",
     "open_table",
     "open_version",
     "stabilize",

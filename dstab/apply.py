@@ -18,8 +18,7 @@ import dask
 import numpy as np
 
 from .errors import InputError
-from .executor import compute
-from .stats import tree_reduce
+from .executor import run_all
 from .version import Side, Staging, Table, Version, canonical_url, load, open_table, row_starts, write_block
 
 
@@ -30,10 +29,6 @@ def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int
         row = start + int(np.flatnonzero(~finite)[0])
         raise InputError(f"{label}/vectors row {row} is not finite (NaN or Inf); fix or drop that row and run apply again")
     write_block(block @ transform.astype(block.dtype, copy=False), target, start)
-
-
-def _nothing(*_: Any) -> None:
-    return None
 
 
 def apply_table(
@@ -68,7 +63,7 @@ def apply_table(
             for block, start in zip(table.blocks(chunks), row_starts(chunks))
         ]
         tasks += staging.copy_ids("", table)
-        compute(tree_reduce(tasks, _nothing), progress=progress)
+        run_all(tasks, progress=progress)
         staging.publish(
             {
                 "kind": "applied",

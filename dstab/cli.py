@@ -25,7 +25,7 @@ from .linalg import ANCHORS
 from .apply import apply_table
 from .interchange import Source, export_version, import_version, open_npy, open_parquet
 from .lineage import chain, format_chain
-from .report import describe, format_report
+from .report import describe, format_matching, format_report
 from .stabilize import METHODS, stabilize
 from .synth import synth, synth_like
 from .version import check_output, open_table, open_version
@@ -137,6 +137,8 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     print(f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}")
     if r["drift_before"] is not None:
         print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
+    for line in format_matching(r.get("matching") or {}):
+        print(line)
     return 0
 
 
@@ -238,13 +240,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         like = open_version(args.like)
         check_output(args.out, inputs=[args.like], overwrite=args.overwrite)
         with scheduler_from_args(args):
-            out = synth_like(args.out, like, noise=args.noise, seed=args.seed, overwrite=args.overwrite, progress=progress)
+            out = synth_like(
+                args.out, like, noise=args.noise, churn=args.churn, seed=args.seed, overwrite=args.overwrite, progress=progress
+            )
     else:
         missing = [name for name in ("items", "users", "dim") if getattr(args, name) is None]
         if missing:
             raise UsageError(f"synth needs --items, --users and --dim (or --like VERSION); missing --{', --'.join(missing)}")
-        if args.noise:
-            raise UsageError("--noise applies to --like retrains only")
+        if args.noise or args.churn:
+            raise UsageError("--noise and --churn apply to --like retrains only")
         check_output(args.out, inputs=[], overwrite=args.overwrite)
         with scheduler_from_args(args):
             out = synth(
@@ -360,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, metavar="K", help="rank of the scores (default D)")
     p.add_argument("--like", metavar="VERSION", help="retrain of VERSION: same scores, a random invertible basis change")
     p.add_argument("--noise", type=float, default=0.0, metavar="X", help="--like: relative noise added before the basis change")
+    p.add_argument(
+        "--churn", type=float, default=0.0, metavar="X",
+        help="--like: share of rows replaced by new ids, rows reordered (default 0: same ids, same order)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")

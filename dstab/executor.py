@@ -57,3 +57,26 @@ def _spilled_by(dask_worker: Any) -> float:
 def spilled_bytes(client: Any) -> int:
     """Bytes the client's workers have spilled to disk since they started, summed."""
     return int(sum(client.run(_spilled_by).values()))
+
+
+def tree_reduce(parts: list[Any], combine: Any) -> Any:
+    """Pairwise merge ``parts`` (delayed values) into one delayed value (depth log2 n, n - 1 tasks)."""
+    if not parts:
+        raise ValueError("nothing to reduce")
+    level = list(parts)
+    while len(level) > 1:
+        nxt = [dask.delayed(combine, pure=True)(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def run_all(tasks: list[Any], *, progress: bool = False) -> None:
+    """Compute delayed tasks run for their effect (writes), joined by a tree so no task waits on thousands."""
+    if tasks:
+        compute(tree_reduce(tasks, _nothing), progress=progress)

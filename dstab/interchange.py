@@ -27,8 +27,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError, OutputExistsError, UsageError
-from .executor import compute
-from .stats import tree_reduce
+from .executor import run_all
 from .version import (
     SIDES,
     Staging,
@@ -232,7 +231,7 @@ def _first_list_length(fs: Any, pieces: list[Piece], column: str) -> int:
             with fs.open(p.path, "rb") as handle:
                 col = pq.ParquetFile(handle).read_row_group(p.row_group, columns=[column]).column(column)
             return len(col[0].values)
-    raise InputError(f"the table has no rows; a version needs at least one row on each side")
+    raise InputError("the table has no rows; a version needs at least one row on each side")
 
 
 # ----------------------------------------------------------------------------- per-piece kernels
@@ -291,10 +290,6 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
 
 def _write_piece(block: np.ndarray, target: Any, start: int) -> None:
     write_block(block, target, start)
-
-
-def _nothing(*_: Any) -> None:
-    return None
 
 
 # ----------------------------------------------------------------------------- import
@@ -369,7 +364,7 @@ def import_version(
     staging = Staging(out, inputs=[items.url, users.url], overwrite=overwrite, storage_options=storage_options)
     try:
         tasks = _table_graph(items, "items", staging, chunk_rows) + _table_graph(users, "users", staging, chunk_rows)
-        compute(tree_reduce(tasks, _nothing), progress=progress)
+        run_all(tasks, progress=progress)
         staging.publish(
             {
                 "kind": "imported",
@@ -451,7 +446,7 @@ def export_version(
             for i, (block, id_block, start) in enumerate(zip(table.blocks(chunks), ids, row_starts(chunks))):
                 path = f"{root}/{side}/part-{i:05d}.parquet"
                 tasks.append(dask.delayed(_export_block, pure=True)(block, id_block, start, fs, path, layout))
-        compute(tree_reduce(tasks, _nothing), progress=progress)
+        run_all(tasks, progress=progress)
         if local:
             if final_path.exists():
                 shutil.rmtree(final_path)

@@ -96,6 +96,21 @@ def describe(
     return report
 
 
+def format_matching(matching: dict[str, Any]) -> list[str]:
+    """One line per anchor side: how its rows were paired with the reference's."""
+    lines = []
+    for side, m in matching.items():
+        if m.get("by") == "id":
+            sample = "" if m["sample_fraction"] >= 1 else f", fitted on a {m['sample_fraction']:.1%} hash sample of ids"
+            lines.append(
+                f"{side}: matched by id: {m['common']:,} common, {m['added']:,} added, {m['removed']:,} removed; "
+                f"{m['anchor_rows']:,} anchor rows{sample}"
+            )
+        else:
+            lines.append(f"{side}: matched by position ({m['anchor_rows']:,} anchor rows)")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few human-readable lines."""
 
@@ -112,6 +127,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
         f"  drift before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}",
     ]
+    lines += ["  " + line for line in format_matching(report.get("matching") or {})]
     lineage = report.get("lineage") or {}
     if lineage:
         lines.append(

@@ -22,8 +22,8 @@ import numpy as np
 
 from . import linalg
 from .errors import InputError, UsageError
-from .executor import compute
-from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics, tree_reduce
+from .executor import compute, tree_reduce
+from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics
 from .version import SIDES, Side, Staging, Version, canonical_url, load, open_version, row_starts, write_block
 
 # Rows of the other side (spread over its whole table) that checked rows are

@@ -28,7 +28,7 @@ from dask.delayed import Delayed
 
 from . import ids as idm
 from .errors import InputError
-from .executor import compute
+from .executor import compute, tree_reduce
 from .linalg import qr_factor
 from .version import Side, Table, Version, load, row_starts
 
@@ -287,19 +287,6 @@ def _finish_by_id(
     if stats.first_nonfinite is None:  # the new version's own rows are reported first
         stats.first_nonfinite = ref_nonfinite
     return stats
-
-
-def tree_reduce(parts: list[Any], combine) -> Delayed:
-    """Pairwise merge ``parts`` into one delayed value (depth log2 n, n - 1 tasks)."""
-    if not parts:
-        raise ValueError("nothing to reduce")
-    level = list(parts)
-    while len(level) > 1:
-        nxt = [dask.delayed(combine, pure=True)(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
 
 
 # ----------------------------------------------------------------------------- graph builders

@@ -15,8 +15,7 @@ import numpy as np
 from scipy.stats import ortho_group
 
 from .errors import UsageError
-from .executor import compute
-from .stats import tree_reduce
+from .executor import run_all
 from .version import SIDES, ArrayTarget, Staging, Version, load, open_version, row_starts, write_block
 
 SIDE_CODE = {"items": 0, "users": 1}
@@ -40,10 +39,6 @@ def _model(dim: int, rank: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def _noop(*_: Any) -> int:
-    return 0
-
-
 def _synth_block(
     loadings: np.ndarray, mean: np.ndarray, seed: int, side: int, index: int, n_rows: int, dtype: str,
     target: ArrayTarget, ids_target: ArrayTarget, start: int, id_base: int,
@@ -55,22 +50,48 @@ def _synth_block(
     return 0
 
 
+def _shaped_noise(rng: np.random.Generator, x: np.ndarray, scale: float) -> np.ndarray:
+    """Noise shaped like the rows' own second moment, ``scale`` times as large in every direction.
+
+    Isotropic noise in the table's coordinates would depend on its basis: after
+    a few retrains whose bases compound, 1% of the overall size is far more
+    than 1% along the weak directions, and a chain of retrains drifts more each
+    day. Shaped noise is the same relative perturbation in any basis.
+    """
+    moment = x.T @ x / max(1, len(x))
+    jitter = 1e-12 * max(float(np.trace(moment)), 1e-300) / max(1, len(moment))
+    factor = np.linalg.cholesky(moment + jitter * np.eye(len(moment)))
+    return scale * rng.normal(size=x.shape) @ factor.T
+
+
 def _retrain_block(
     source: Any, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
-    target: ArrayTarget, start: int,
+    target: ArrayTarget, start: int, churn: float = 0.0, ids_source: Any = None, ids_target: ArrayTarget | None = None,
 ) -> int:  # fmt: skip
+    """One block of a retrain; with ``churn``, that share of its rows are new ids and the rows are shuffled."""
     block = load(source)
     x = block.astype(np.float64)
     if noise > 0:
-        rng = np.random.default_rng([seed, side, index, 1])
-        x = x + noise * np.sqrt(np.mean(x * x)) * rng.normal(size=x.shape)
+        x = x + _shaped_noise(np.random.default_rng([seed, side, index, 1]), x, noise)
+    if churn > 0:
+        ids = np.array(load(ids_source), dtype=np.int64)
+        rng = np.random.default_rng([seed, side, index, 2])
+        gone = np.flatnonzero(rng.random(len(x)) < churn)
+        # the rows that leave are replaced by new ones like the block's own (a random row of it, perturbed:
+        # the same distribution in any basis), with ids never used before
+        donors = rng.integers(0, len(x), size=len(gone))
+        x[gone] = x[donors] + _shaped_noise(rng, x, 0.1)[: len(gone)]
+        ids[gone] = (1 << 61) + (side << 60) + (seed << 36) + start + gone
+        order = rng.permutation(len(x))
+        x, ids = x[order], ids[order]
+        write_block(ids, ids_target, start)  # type: ignore[arg-type]
     write_block((x @ basis).astype(block.dtype), target, start)
     return 0
 
 
 def _finish(staging: Staging, tasks: list, attrs: dict[str, Any], progress: bool) -> None:
     try:
-        compute(tree_reduce(tasks, _noop), progress=progress)
+        run_all(tasks, progress=progress)
         staging.publish(attrs)
     except BaseException:
         staging.discard()
@@ -143,6 +164,7 @@ def synth_like(
     like: Version,
     *,
     noise: float = 0.0,
+    churn: float = 0.0,
     seed: int = 1,
     overwrite: bool = False,
     progress: bool = False,
@@ -150,9 +172,17 @@ def synth_like(
     """A "retrain" of ``like``: items ``(T + noise) G``, users ``(W + noise) G^-T`` for a random invertible ``G``.
 
     With ``noise=0`` every score is the same as in ``like``; only the basis moved.
+    ``noise`` is relative in every direction (shaped like the rows' second
+    moment), so chains of retrains do not compound it. With ``churn``, that share of each side's rows (drawn per block) leave and as
+    many new rows with new ids arrive, and the rows are reordered: whole blocks
+    are shuffled and the rows inside each block too (out of core, block by block).
     """
     if not noise >= 0:
         raise UsageError(f"--noise must be 0 or more, got {noise}")
+    if not 0 <= churn < 1:
+        raise UsageError(f"--churn must be in [0, 1), got {churn}")
+    if churn > 0 and (like.items.ids is None or like.users.ids is None):
+        raise UsageError("--churn needs a version with items/ids and users/ids (rows are replaced by id)")
     basis = random_basis(like.dim, seed)
     bases = {"items": basis, "users": np.linalg.inv(basis).T}
     inputs = [like.url] if like.url else []
@@ -162,13 +192,29 @@ def synth_like(
         table = like.table(side)
         target = staging.create_table(side, table, table.dim)
         chunks = table.row_chunks()
-        for index, (block, start) in enumerate(zip(table.blocks(chunks), row_starts(chunks))):
+        if churn == 0:
+            for index, (block, start) in enumerate(zip(table.blocks(chunks), row_starts(chunks))):
+                tasks.append(
+                    dask.delayed(_retrain_block, pure=True)(
+                        block, bases[side], float(noise), seed, SIDE_CODE[side], index, target, start
+                    )
+                )
+            tasks += staging.copy_ids(side, table)
+            continue
+        ids_target = staging.create_array(
+            f"{side}/ids", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),), dtype=np.dtype(np.int64)
+        )
+        blocks, id_blocks, starts = table.blocks(chunks), table.id_blocks(chunks), row_starts(chunks)
+        full = [i for i, n in enumerate(chunks) if n == chunks[0]]  # blocks of one size trade places
+        moved = dict(zip(full, np.random.default_rng([seed, SIDE_CODE[side], 3]).permutation(full).tolist()))
+        for index in range(len(chunks)):
+            src = moved.get(index, index)
             tasks.append(
                 dask.delayed(_retrain_block, pure=True)(
-                    block, bases[side], float(noise), seed, SIDE_CODE[side], index, target, start
+                    blocks[src], bases[side], float(noise), seed, SIDE_CODE[side], src, target, starts[index],
+                    float(churn), id_blocks[src], ids_target,  # type: ignore[index]
                 )
-            )
-        tasks += staging.copy_ids(side, table)
-    attrs = _base_attrs(like=like.url, noise=noise, seed=seed)
+            )  # fmt: skip
+    attrs = _base_attrs(like=like.url, noise=noise, churn=churn, seed=seed)
     _finish(staging, tasks, attrs, progress)
     return open_version(out)

@@ -11,6 +11,11 @@ already stabilized are skipped, so the script can run every night on the same
 directory, and a run that died is simply run again.
 
     python pipelines/nightly.py DIR [--scheduler ADDRESS] [--rank auto|K] [--anchor both]
+                                    [--anchor-min-count N] [--anchor-weights uniform|counts]
+
+Catalogues may churn from day to day (ids added, removed, reordered): rows are
+matched by id. `dstab log DIR/stable/LAST` shows the chain and
+`dstab report DIR/stable/LAST --base DIR/stable/FIRST` the drift accumulated over it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import dstab
 from dstab.cli import parse_rank, add_scheduler_options, scheduler_from_args
 from dstab.errors import DstabError, VersionNotFoundError
+from dstab.report import format_matching
 
 
 def pending(directory: Path) -> list[tuple[Path, Path]]:
@@ -35,7 +41,15 @@ def pending(directory: Path) -> list[tuple[Path, Path]]:
     return [(raw / name, directory / "stable" / name) for name in names]
 
 
-def run(directory: Path, *, rank: int | str = "auto", anchor: str = "both", progress: bool = False) -> list[dict]:
+def run(
+    directory: Path,
+    *,
+    rank: int | str = "auto",
+    anchor: str = "both",
+    anchor_min_count: float = 0.0,
+    anchor_weights: str = "uniform",
+    progress: bool = False,
+) -> list[dict]:
     reference = None
     done = []
     for raw_path, stable_path in pending(directory):
@@ -44,12 +58,17 @@ def run(directory: Path, *, rank: int | str = "auto", anchor: str = "both", prog
             print(f"{raw_path.name}: already stabilized, skipped", file=sys.stderr)
             continue
         started = time.perf_counter()
-        result = dstab.stabilize(dstab.open_version(raw_path), reference, rank=rank, anchor=anchor, progress=progress)
+        result = dstab.stabilize(
+            dstab.open_version(raw_path), reference, rank=rank, anchor=anchor,  # type: ignore[arg-type]
+            anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, progress=progress,  # type: ignore[arg-type]
+        )  # fmt: skip
         reference = result.to_zarr(stable_path, progress=progress)
         report = {"name": raw_path.name, "seconds": time.perf_counter() - started, **result.report}
         done.append(report)
         drift = "" if report["drift_after"] is None else f", drift {report['drift_before']:.4g} -> {report['drift_after']:.4g}"
         print(f"{raw_path.name}: rank {report['rank']}, score error {report['score_error']:.2e}{drift}, {report['seconds']:.1f} s")
+        for line in format_matching(report.get("matching") or {}):
+            print(f"  {line}")
     return done
 
 
@@ -58,12 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, metavar="DIR")
     parser.add_argument("--rank", type=parse_rank, default="auto")
     parser.add_argument("--anchor", choices=("items", "users", "both"), default="both")
+    parser.add_argument("--anchor-min-count", type=float, default=0.0, metavar="N")
+    parser.add_argument("--anchor-weights", choices=("uniform", "counts"), default="uniform")
     add_scheduler_options(parser)
     args = parser.parse_args(argv)
     try:
         todo = [p for p in pending(args.directory) if not p[1].exists()]
         with scheduler_from_args(args) if todo else contextlib.nullcontext():
-            run(args.directory, rank=args.rank, anchor=args.anchor, progress=not args.no_progress)
+            run(
+                args.directory, rank=args.rank, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
+                anchor_weights=args.anchor_weights, progress=not args.no_progress,
+            )  # fmt: skip
     except DstabError as exc:
         print(f"nightly: error: {exc}", file=sys.stderr)
         return 2

@@ -87,3 +87,18 @@ def test_scaling_quick_smoke(tmp_path: Path):
     image = matplotlib.image.imread(tmp_path / "scaling.png")
     assert image.ndim == 3 and image.shape[0] > 100 and np.ptp(image) > 0
     assert "speed-up from 1 to 2 workers" in proc.stdout
+
+
+@pytest.mark.slow
+def test_churn_smoke(tmp_path: Path):
+    out = tmp_path / "churn.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "churn.py"), "--items", "30000", "--users", "5000", "--repeat", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio by-id / positional: fit" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["matching"]["by"] == "id" and result["matching"]["common"] + result["matching"]["added"] == 30_000
+    assert result["drift_sampled"] == pytest.approx(result["drift_exact"])  # 30k rows: the sample is every common id

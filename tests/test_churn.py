@@ -271,3 +271,21 @@ def test_duplicates_are_refused_without_a_reference(tmp_path: Path, capsys: pyte
     assert code == 2 and found, err
     which, first, second = (int(g) for g in found.groups())
     assert first == which and second == which + 150  # one real duplicate, named with both its rows
+
+
+def test_synth_churn_replaces_and_reorders_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert run_cli(capsys, "synth", tmp_path / "a", "--items", "3000", "--users", "1000", "--dim", "6", "--chunk-rows", "256", *FAST)[0] == 0
+    code, _, err = run_cli(capsys, "synth", tmp_path / "b", "--like", tmp_path / "a", "--churn", "0.2", "--seed", "3", *FAST)
+    assert code == 0, err
+    a, b = zarr.open_group(str(tmp_path / "a")), zarr.open_group(str(tmp_path / "b"))
+    for side, n in (("items", 3000), ("users", 1000)):
+        old, new = a[f"{side}/ids"][...], b[f"{side}/ids"][...]
+        assert len(np.unique(new)) == n  # still unique
+        kept = np.isin(new, old).mean()
+        assert 0.75 < kept < 0.85 and not np.array_equal(new[np.isin(new, old)], old[np.isin(old, new)])
+    code, out, _ = run_cli(capsys, "stabilize", tmp_path / "a", "--out", tmp_path / "a-stable", *FAST)
+    code, out, err = run_cli(capsys, "stabilize", tmp_path / "b", "--reference", tmp_path / "a-stable", "--out", tmp_path / "b-stable", *FAST)
+    assert code == 0, err
+    assert re.search(r"items: matched by id: 2,\d{3} common, \d{3} added, \d{3} removed", out)
+    code, _, err = run_cli(capsys, "synth", tmp_path / "c", "--items", "10", "--users", "10", "--dim", "2", "--churn", "0.1", *FAST)
+    assert code == 2 and "--churn apply to --like retrains only" in err
