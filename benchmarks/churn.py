@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             # the exact join (every common id in the sample) once, for its drift and cost
             exact_bytes = 2 * args.items * args.dim * 4
             fit_exact, total_exact, result_exact = run_once(data["churned"], ref, directory / "out-exact", id_sample_bytes=exact_bytes)
-            drift_sampled = measure_drift(dstab.open_version(directory / "out-by-id"), ref)["items"]
-            drift_exact = measure_drift(dstab.open_version(directory / "out-exact"), ref)["items"]
+            drift_sampled = measure_drift(dstab.open_version(directory / "out-by-id"), ref, k=0)["items"]["frobenius"]
+            drift_exact = measure_drift(dstab.open_version(directory / "out-exact"), ref, k=0)["items"]["frobenius"]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The ``dstab`` command: stabilize, apply, report, log, import, export, synth.
+"""The ``dstab`` command: stabilize, apply, report, diagnose, log, import, export, synth.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the
 array, the row or id, and the fix), 1 unexpected failure (with a traceback).
@@ -23,9 +23,11 @@ from .errors import DstabError, UsageError
 from .executor import spilled_bytes
 from .linalg import ANCHORS
 from .apply import apply_table
+from .diagnose import diagnose, format_diagnosis, open_version_or_table
+from .plots import plot_diagnosis, plot_report
 from .interchange import Source, export_version, import_version, open_npy, open_parquet
 from .lineage import chain, format_chain
-from .report import describe, format_matching, format_report
+from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import METHODS, stabilize
 from .synth import synth, synth_like
 from .version import check_output, open_table, open_version
@@ -128,7 +130,8 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     with scheduler_from_args(args):
         result = stabilize(
             new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
-            anchor_weights=args.anchor_weights, method=args.method, progress=not args.no_progress,
+            anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
+            progress=not args.no_progress,
         )  # fmt: skip
         result.to_zarr(args.out, overwrite=args.overwrite, progress=not args.no_progress)
     r = result.report
@@ -137,7 +140,7 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     print(f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}")
     if r["drift_before"] is not None:
         print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
-    for line in format_matching(r.get("matching") or {}):
+    for line in format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}):
         print(line)
     return 0
 
@@ -149,10 +152,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
     with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
         report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
+    if args.plot:
+        plot_report(report, args.plot)
     if args.json:
         print(json.dumps(report))
     else:
         print(format_report(report))
+        if args.plot:
+            print(f"  plot: {args.plot}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    target = open_version_or_table(args.path)
+    if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
+        raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
+    with scheduler_from_args(args):
+        result = diagnose(target, rtol=args.rtol, progress=not args.no_progress and not args.json)
+    if args.plot:
+        plot_diagnosis(result, args.plot)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k in ("items", "users", "table", "interaction")}))
+    else:
+        print(format_diagnosis(result))
+        if args.plot:
+            print(f"  plot: {args.plot}")
     return 0
 
 
@@ -296,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how R is found: gram (float64 Gram, IO-bound), tsqr (Householder, compute-bound), "
         "auto (tsqr for float64 or ill-conditioned tables, else gram; the default)",
     )
+    p.add_argument(
+        "--neighbours", type=int, default=0, metavar="K",
+        help="also measure neighbour overlap@K with the reference before and after, for 1,000 sampled rows "
+        "(two more reads of NEW, one of REF; default 0: off)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_stabilize)
@@ -309,8 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure the drift accumulated since FIRST (e.g. the first version of the chain) and list the steps",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw spectra, drift per side and per dimension")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each side and of the interaction")
+    p.add_argument("path", metavar="PATH", help="a version, or a table (a Zarr group with vectors)")
+    p.add_argument("--json", action="store_true", help='print {"items": ..., "users": ..., "interaction": ...}')
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the spectra")
+    p.add_argument("--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)")
+    add_scheduler_options(p)
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("apply", help="map extra rows (a table) into a stabilized version's space with its saved transform")
     p.add_argument("version", metavar="VERSION", help="a version written by dstab stabilize")

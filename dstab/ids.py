@@ -153,6 +153,7 @@ class IdSample:
     ids: np.ndarray
     rows: np.ndarray
     weights: np.ndarray | None = None
+    hashes: np.ndarray | None = None  # of ids, to pick a consistent subset of pairs
 
     @classmethod
     def take(
@@ -165,6 +166,7 @@ class IdSample:
             ids=normalize_ids(ids)[keep],
             rows=np.ascontiguousarray(rows[keep]),
             weights=None if weights is None else weights[keep],
+            hashes=hashes[keep],
         )
 
 
@@ -172,7 +174,48 @@ def merge_samples(a: IdSample, b: IdSample) -> IdSample:
     weights = None
     if a.weights is not None or b.weights is not None:
         weights = np.concatenate([w if w is not None else np.ones(len(s.ids)) for s, w in ((a, a.weights), (b, b.weights))])
-    return IdSample(ids=np.concatenate([a.ids, b.ids]), rows=np.concatenate([a.rows, b.rows]), weights=weights)
+    hashes = None if a.hashes is None or b.hashes is None else np.concatenate([a.hashes, b.hashes])
+    return IdSample(
+        ids=np.concatenate([a.ids, b.ids]), rows=np.concatenate([a.rows, b.rows]), weights=weights, hashes=hashes
+    )
+
+
+# Row pairs (new, reference) kept for the row-level drift measures: mean row
+# cosine, neighbour overlap (as queries), score error between versions.
+PAIR_ROWS = 1024
+
+
+@dataclass
+class Pairs:
+    """Up to :data:`PAIR_ROWS` rows of the new table and the reference rows they match, with their keys.
+
+    The rows with the smallest key hashes: a random sample, the same in any
+    version and for any split into blocks. Keys are ids, or global row
+    positions for tables without ids.
+    """
+
+    new: np.ndarray
+    ref: np.ndarray
+    keys: np.ndarray
+    hashes: np.ndarray
+
+    @classmethod
+    def smallest(cls, new: np.ndarray, ref: np.ndarray, keys: np.ndarray, hashes: np.ndarray, n: int = PAIR_ROWS) -> Pairs:
+        if len(hashes) > n:
+            first = np.argpartition(hashes, n - 1)[:n]
+            order = first[np.argsort(hashes[first], kind="stable")]
+        else:
+            order = np.argsort(hashes, kind="stable")
+        return cls(new=new[order], ref=ref[order], keys=keys[order], hashes=hashes[order])
+
+
+def merge_pairs(a: Pairs | None, b: Pairs | None) -> Pairs | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return Pairs.smallest(
+        np.concatenate([a.new, b.new]), np.concatenate([a.ref, b.ref]),
+        np.concatenate([a.keys, b.keys]), np.concatenate([a.hashes, b.hashes]),
+    )  # fmt: skip
 
 
 @dataclass
@@ -183,12 +226,14 @@ class Matched:
     gram: np.ndarray  # X^T W X
     ref_sumsq: float  # sum of w |x_ref|^2
     n_rows: int  # rows matched
+    ref_col_sumsq: np.ndarray | None = None  # per column: sum of w x_ref^2
+    pairs: Pairs | None = None
 
 
 def match_samples(new: IdSample, ref: IdSample) -> Matched:
     """Join two samples on id and accumulate the anchor statistics in float64."""
     e, e_ref = new.rows.shape[1], ref.rows.shape[1]
-    out = Matched(cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0)
+    out = Matched(cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_col_sumsq=np.zeros(e_ref))
     if len(ref.ids) == 0 or len(new.ids) == 0:
         return out
     order = np.argsort(ref.ids, kind="stable")
@@ -205,8 +250,13 @@ def match_samples(new: IdSample, ref: IdSample) -> Matched:
         xw = x if w is None else x * w[:, None]
         out.cross += xw.T @ y
         out.gram += xw.T @ x
-        out.ref_sumsq += float(np.einsum("ij,ij->", y, y) if w is None else np.einsum("i,ij,ij->", w, y, y))
+        col = np.einsum("ij,ij->j", y, y) if w is None else np.einsum("i,ij,ij->j", w, y, y)
+        out.ref_col_sumsq += col
+        out.ref_sumsq += float(col.sum())
         out.n_rows += int(hit.size)
+        if new.hashes is not None:
+            found = Pairs.smallest(new.rows[part][hit], ref.rows[order[pos[hit]]], new.ids[part][hit], new.hashes[part][hit])
+            out.pairs = merge_pairs(out.pairs, found)
     return out
 
 

@@ -266,3 +266,24 @@ def squared_drift(
 def identity_drift(gram: np.ndarray, cross: np.ndarray, ref_sumsq: float) -> float:
     """``||pad(X) - pad(X_ref)||_F^2``: how far the raw table is from the reference."""
     return squared_drift(np.eye(gram.shape[0]), gram, cross, ref_sumsq)
+
+
+def column_drift(transform: np.ndarray, gram: np.ndarray, cross: np.ndarray, ref_col_sumsq: np.ndarray) -> np.ndarray:
+    """``||(X A)[:, j] - pad(X_ref)[:, j]||^2`` for every output column ``j``, from statistics alone.
+
+    The result has ``max(w, w_ref)`` entries; columns one side lacks count as zeros.
+    """
+    w, w_ref = transform.shape[1], len(ref_col_sumsq)
+    out = np.zeros(max(w, w_ref))
+    out[:w] += np.einsum("ij,ik,kj->j", transform, gram, transform)
+    common = min(w, w_ref)
+    out[:common] -= 2.0 * np.einsum("ij,ij->j", transform[:, :common], cross[:, :common])
+    out[:w_ref] += ref_col_sumsq
+    return np.clip(out, 0.0, None)
+
+
+def pad_vector(v: np.ndarray, width: int) -> np.ndarray:
+    """``v`` with zeros appended up to ``width``."""
+    out = np.zeros(width)
+    out[: len(v)] = v
+    return out

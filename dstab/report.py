@@ -23,21 +23,81 @@ REPORT_KEYS = (
 )  # fmt: skip
 
 
-def measure_drift(version: Version, reference: Version, *, progress: bool = False) -> dict[str, Any]:
-    """Relative Frobenius distance of each side to the reference, over the rows both hold.
+NEIGHBOURS_K = 10
+QUERY_ROWS = 1000
 
-    Rows pair as in :func:`dstab.stabilize` (by position, or by id when the ids
-    differ); widths that differ are zero-padded.
+
+def mean_row_cosine(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Mean cosine between paired rows (widths zero-padded: the dot runs over the common columns)."""
+    if len(x) == 0:
+        return None
+    w = min(x.shape[1], y.shape[1])
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    dots = np.einsum("ij,ij->i", x64[:, :w], y64[:, :w])
+    norms = np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1)
+    return float(np.mean(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)))
+
+
+def paired_score_error(items: tuple[np.ndarray, np.ndarray], users: tuple[np.ndarray, np.ndarray]) -> float | None:
+    """Relative Frobenius difference of the scores of sampled user x item pairs between two versions."""
+    (t_new, t_ref), (w_new, w_ref) = items, users
+    if min(len(t_new), len(w_new)) == 0:
+        return None
+    s_new = w_new.astype(np.float64) @ t_new.astype(np.float64).T
+    s_ref = w_ref.astype(np.float64) @ t_ref.astype(np.float64).T
+    scale = np.linalg.norm(s_ref)
+    return float(np.linalg.norm(s_new - s_ref) / scale) if scale > 0 else None
+
+
+def measure_drift(
+    version: Version,
+    reference: Version,
+    *,
+    k: int = NEIGHBOURS_K,
+    queries: int = QUERY_ROWS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """How far ``version`` is from ``reference``, over the rows both hold (paired as in :func:`dstab.stabilize`).
+
+    Per side: ``frobenius`` (relative, every common row; widths zero-padded),
+    ``mean_cosine`` (over a random sample of up to 1,024 common rows),
+    ``neighbour_overlap`` (the share of each of ``queries`` sampled rows' ``k``
+    nearest rows by cosine, in the whole table, that are the same in both
+    versions; one more pass over both tables, ``k=0`` skips it); and
+    ``total`` (Frobenius over both sides) and ``score_error`` (relative change
+    of the scores of sampled users x sampled items).
     """
+    from .neighbours import neighbour_keys, overlap, top_neighbours
+
     results = pass_statistics(version, reference, SIDES, progress=progress)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"k": k}
     total = scale = 0.0
+    searches = []
     for side in SIDES:
         s = results[side]
         d = linalg.identity_drift(s.gram_of_anchors, s.cross, s.ref_sumsq)
-        out[side] = float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None
+        pairs = s.pairs
+        out[side] = {
+            "frobenius": float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None,
+            "mean_cosine": mean_row_cosine(pairs.new, pairs.ref) if pairs is not None else None,
+            "pairs": 0 if pairs is None else len(pairs.keys),
+            "neighbour_overlap": None,
+            "queries": 0,
+        }
         total, scale = total + d, scale + s.ref_sumsq
+        if k > 0 and pairs is not None and len(pairs.keys):
+            q = slice(0, queries)
+            searches.append((side, pairs.keys[q], top_neighbours(version.table(side), pairs.new[q], k),
+                             top_neighbours(reference.table(side), pairs.ref[q], k)))  # fmt: skip
     out["total"] = float(np.sqrt(total / scale)) if scale > 0 else None
+    pi, pu = results["items"].pairs, results["users"].pairs
+    out["score_error"] = paired_score_error((pi.new, pi.ref), (pu.new, pu.ref)) if pi is not None and pu is not None else None
+    if searches:
+        found = compute(*(g for _, _, a, b in searches for g in (a, b)), progress=progress)
+        for i, (side, keys, _, _) in enumerate(searches):
+            here, there = neighbour_keys(found[2 * i], keys, k), neighbour_keys(found[2 * i + 1], keys, k)
+            out[side]["neighbour_overlap"] = overlap(here, there, k)
+            out[side]["queries"] = len(keys)
     return out
 
 
@@ -96,6 +156,40 @@ def describe(
     return report
 
 
+def _drift_lines(title: str, d: dict[str, Any]) -> list[str]:
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    lines = [f"  {title}: relative Frobenius {num(d['total'])}, score error {num(d['score_error'])}"]
+    for side in SIDES:
+        m = d[side]
+        lines.append(
+            f"    {side}: Frobenius {num(m['frobenius'])}, mean row cosine {num(m['mean_cosine'])} ({m['pairs']} rows), "
+            f"neighbour overlap@{d['k']} {num(m['neighbour_overlap'])} ({m['queries']} queries)"
+        )
+    return lines
+
+
+def format_side_drift(drift: dict[str, Any]) -> list[str]:
+    """One line per anchor side: drift, row cosine and neighbour overlap, before -> after stabilization."""
+
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    lines = []
+    for side, d in drift.items():
+        line = f"{side}: drift {num(d.get('before'))} -> {num(d.get('after'))}"
+        if "cosine_before" in d:
+            line += f", mean row cosine {num(d['cosine_before'])} -> {num(d['cosine_after'])}"
+        if "neighbour_overlap_before" in d:
+            line += (
+                f", neighbour overlap@{d['neighbours_k']} {num(d['neighbour_overlap_before'])} -> "
+                f"{num(d['neighbour_overlap_after'])}"
+            )
+        lines.append(line)
+    return lines
+
+
 def format_matching(matching: dict[str, Any]) -> list[str]:
     """One line per anchor side: how its rows were paired with the reference's."""
     lines = []
@@ -127,6 +221,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
         f"  drift before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}",
     ]
+    lines += ["  " + line for line in format_side_drift(report.get("drift") or {})]
     lines += ["  " + line for line in format_matching(report.get("matching") or {})]
     lineage = report.get("lineage") or {}
     if lineage:
@@ -135,17 +230,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"from {lineage.get('input') or lineage.get('params')} onto {lineage.get('reference')}"
         )
     if "drift_vs_reference" in report:
-        d = report["drift_vs_reference"]
-        lines.append(
-            f"  drift vs {report['reference_checked']}: items {num(d['items'])}  users {num(d['users'])}  "
-            f"total {num(d['total'])}"
-        )
+        lines += _drift_lines(f"drift vs {report['reference_checked']}", report["drift_vs_reference"])
     if "drift_vs_base" in report:
         d, c = report["drift_vs_base"], report["chain_to_base"]
-        lines.append(
-            f"  accumulated drift since {report['base_checked']}: items {num(d['items'])}  users {num(d['users'])}  "
-            f"total {num(d['total'])} (measured now, over the ids both hold)"
-        )
+        lines += _drift_lines(f"accumulated drift since {report['base_checked']} (measured now)", d)
         if c["base_in_chain"]:
             lines.append(
                 f"  over {len(c['steps'])} steps of stabilization; step drifts after alignment: "

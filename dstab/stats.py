@@ -81,6 +81,8 @@ class SideStats:
     cross: np.ndarray | None = None  # e x e_ref: X^T W X_ref
     anchor_gram: np.ndarray | None = None  # e x e: X^T W X (None: same as gram)
     ref_sumsq: float = 0.0  # sum of w ||x_ref||^2
+    ref_col_sumsq: np.ndarray | None = None  # e_ref: the same per column
+    pairs: idm.Pairs | None = None  # a random sample of matched row pairs
     n_anchor: int = 0  # anchor rows used (in the sample, when matched by id)
     matched_by: Match | None = None
     sample_fraction: float = 1.0  # share of common ids the id sample held
@@ -158,6 +160,7 @@ def _block_stats(
     ones = np.ones(step)
     if ref_block is not None:
         stats.cross = np.zeros((e, ref_block.shape[1]))
+        stats.ref_col_sumsq = np.zeros(ref_block.shape[1])
         y_buf = np.empty((step, ref_block.shape[1]))
         if weights is not None:
             stats.anchor_gram = np.zeros((e, e))
@@ -183,17 +186,20 @@ def _block_stats(
             np.copyto(y, ref_block[rows])
             if weights is None:
                 stats.cross += x.T @ y
-                flat = y.reshape(-1)
-                stats.ref_sumsq += float(flat @ flat)
+                stats.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
             else:
                 w = weights[rows]
                 xw = xw_buf[:n]
                 np.multiply(x, w[:, None], out=xw)
                 stats.cross += xw.T @ y
                 stats.anchor_gram += xw.T @ x
-                stats.ref_sumsq += float(np.einsum("i,ij,ij->", w, y, y))
+                stats.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
     if qr:
         stats.r = stack[:e].copy() if slices else np.zeros((e, e))
+    if ref_block is not None:
+        stats.ref_sumsq = float(stats.ref_col_sumsq.sum())
+        keys = idm.normalize_ids(ids) if ids is not None else np.arange(offset, offset + len(block), dtype=np.int64)
+        stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
     # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
     # float32 or float64 squares cannot overflow a float64 sum of this size), so
     # the full scan for the offending row runs only when there is one.
@@ -257,6 +263,8 @@ def _merge(a: SideStats, b: SideStats) -> SideStats:
         cross=_add(a.cross, b.cross),
         anchor_gram=_add(a.anchor_gram, b.anchor_gram),
         ref_sumsq=a.ref_sumsq + b.ref_sumsq,
+        ref_col_sumsq=_add(a.ref_col_sumsq, b.ref_col_sumsq),
+        pairs=idm.merge_pairs(a.pairs, b.pairs),
         n_anchor=a.n_anchor + b.n_anchor,
         first_nonfinite=_first(a.first_nonfinite, b.first_nonfinite),
         first_bad_count=_min_row(a.first_bad_count, b.first_bad_count),
@@ -283,6 +291,8 @@ def _finish_by_id(
     stats.cross = matched.cross / fraction
     stats.anchor_gram = matched.gram / fraction
     stats.ref_sumsq = matched.ref_sumsq / fraction
+    stats.ref_col_sumsq = matched.ref_col_sumsq / fraction  # type: ignore[operator]
+    stats.pairs = matched.pairs
     stats.n_anchor = matched.n_rows
     if stats.first_nonfinite is None:  # the new version's own rows are reported first
         stats.first_nonfinite = ref_nonfinite
