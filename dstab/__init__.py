@@ -15,8 +15,10 @@ from .errors import (
     VersionNotFoundError,
 )
 from .apply import apply_table
+from .diagnose import diagnose
 from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
+from .report import measure_drift
 from .stabilize import Stabilization, stabilize
 from .version import Table, Version, from_arrays, open_table, open_version
 
@@ -35,9 +37,11 @@ __all__ = [
     "__version__",
     "apply_table",
     "chain",
+    "diagnose",
     "export_version",
     "from_arrays",
     "import_version",
+    "measure_drift",
     "open_npy",
     "open_parquet",
     "open_table",

@@ -102,3 +102,16 @@ def test_churn_smoke(tmp_path: Path):
     result = json.loads(out.read_text())
     assert result["matching"]["by"] == "id" and result["matching"]["common"] + result["matching"]["added"] == 30_000
     assert result["drift_sampled"] == pytest.approx(result["drift_exact"])  # 30k rows: the sample is every common id
+
+
+@pytest.mark.slow
+def test_neighbours_smoke(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "neighbours.py"), "--items", "20000", "--users", "4000", "--repeat", "1",
+         "--queries", "200", "--json", str(tmp_path / "n.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "neighbour overlap@10 costs" in proc.stdout
+    result = json.loads((tmp_path / "n.json").read_text())["result"]
+    assert 0.0 <= result["items"]["neighbour_overlap"] <= 1.0 and result["items"]["queries"] == 200
