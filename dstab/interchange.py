@@ -17,7 +17,6 @@ import dataclasses
 import fnmatch
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -33,10 +32,12 @@ from .version import (
     Staging,
     Version,
     _same_or_nested,
+    _staging_name,
     canonical_url,
     is_local,
     local_path,
     open_version,
+    recover_local,
     row_starts,
     write_block,
 )
@@ -425,6 +426,8 @@ def export_version(
     if version.url and _same_or_nested(out, version.url):
         raise UsageError(f"output {out} is, contains, or lies inside the input {version.url}; choose another --out")
     fs, root = _fs(out, storage_options)
+    if is_local(out):
+        recover_local(local_path(out))
     if fs.exists(root):
         if not overwrite:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -433,7 +436,7 @@ def export_version(
     if local:
         final_path = local_path(out)
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        root = str(final_path.parent / f".{final_path.name}.dstab-tmp-{uuid.uuid4().hex[:12]}")
+        root = str(_staging_name(final_path, "tmp"))
     elif fs.exists(root):
         fs.rm(root, recursive=True)
     try:

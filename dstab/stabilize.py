@@ -23,6 +23,7 @@ import numpy as np
 from . import linalg
 from .errors import InputError, UsageError
 from .executor import compute, tree_reduce
+from .faults import failpoint
 from .report import mean_row_cosine
 from .spectrum import singular_values_from_gram
 from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics
@@ -288,6 +289,7 @@ def stabilize(
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
     stats = pass_statistics(new, reference, anchors, anchors=spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress)
     items_stats, users_stats = stats["items"], stats["users"]
+    failpoint("after-statistics")
 
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):

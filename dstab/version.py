@@ -14,7 +14,9 @@ This module is the I/O edge: the maths never sees a store.
 
 from __future__ import annotations
 
+import glob
 import os
+import platform
 import shutil
 import uuid
 import warnings
@@ -28,6 +30,7 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 
+from .faults import failpoint
 from .errors import IncompleteVersionError, InputError, OutputExistsError, UsageError, VersionNotFoundError
 
 FORMAT = 1
@@ -81,7 +84,9 @@ class Table:
         """Rows per task's block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
         row_bytes = max(1, self.dim * self.dtype.itemsize)
         per_chunk = self.chunk_rows * row_bytes
-        return self.chunk_rows * max(1, TARGET_BLOCK_BYTES // per_chunk)
+        # dask config "dstab.block-bytes" (env DASK_DSTAB__BLOCK_BYTES) overrides the default
+        target = int(dask.config.get("dstab.block-bytes", None) or TARGET_BLOCK_BYTES)
+        return self.chunk_rows * max(1, target // per_chunk)
 
     def row_chunks(self) -> tuple[int, ...]:
         """Rows of each block, in order (all :meth:`block_rows` but the last)."""
@@ -432,8 +437,72 @@ def check_output(
                 f"output {out} is, contains, or lies inside the input {source}; "
                 "dstab never writes over its inputs: choose another --out"
             )
-    if _exists(out, storage_options) and not overwrite:
+    if is_local(out):
+        recover_local(local_path(out))
+    if _exists(out, storage_options) and not overwrite and not _is_abandoned(out, storage_options):
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def _is_abandoned(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """An output a killed run left in place (object stores): a dstab group never marked complete."""
+    if is_local(url):
+        return False  # local outputs are staged aside; what is at OUT was published
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return False
+    meta = group.attrs.get("dstab")
+    return isinstance(meta, dict) and meta.get("complete") is False
+
+
+# Hidden siblings a local output is staged in (and an old version is moved to
+# while the new one takes its place): ``.NAME.dstab-tmp-HOST-PID-RANDOM``. The
+# host and process id tell a later run whether the writer is still alive.
+_STAGING_KINDS = ("tmp", "old")
+
+
+def _host() -> str:
+    return platform.node().replace("-", "_") or "host"
+
+
+def _staging_name(final: Path, kind: str) -> Path:
+    host = _host()
+    return final.parent / f".{final.name}.dstab-{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_local(final: Path) -> None:
+    """Clear what killed runs left beside ``final``, and put back an old version a killed publish had moved aside.
+
+    Only staging directories of processes on this host that are no longer
+    alive are touched; a run in progress (or on another host) is left alone.
+    """
+    if not final.parent.is_dir():
+        return
+    dead: dict[str, list[Path]] = {kind: [] for kind in _STAGING_KINDS}
+    for kind in _STAGING_KINDS:
+        for path in final.parent.glob(f".{glob.escape(final.name)}.dstab-{kind}-*"):
+            parts = path.name.rsplit("-", 3)
+            if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+                continue
+            if not _pid_alive(int(parts[2])):
+                dead[kind].append(path)
+    for path in dead["old"]:
+        if not final.exists():
+            os.rename(path, final)  # the publish died between its two renames: the old version comes back
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in dead["tmp"]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Staging:
@@ -460,7 +529,7 @@ class Staging:
             final = local_path(self.out)
             final.parent.mkdir(parents=True, exist_ok=True)
             self._final = final
-            self._tmp = final.parent / f".{final.name}.dstab-tmp-{uuid.uuid4().hex[:12]}"
+            self._tmp = _staging_name(final, "tmp")
             self.url = str(self._tmp)
             self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
         else:
@@ -532,12 +601,14 @@ class Staging:
 
     def publish(self, attrs: dict[str, Any]) -> None:
         """Mark complete (last write), then move into place."""
+        failpoint("after-write")
         self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
         if self.local:
             trash = None
             if self._final.exists():
-                trash = self._final.parent / f".{self._final.name}.dstab-old-{uuid.uuid4().hex[:12]}"
+                trash = _staging_name(self._final, "old")
                 os.rename(self._final, trash)
+                failpoint("publish-swap")
             os.rename(self._tmp, self._final)
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
