@@ -122,10 +122,11 @@ def parse_rank(value: str) -> int | str:
 
 
 def cmd_stabilize(args: argparse.Namespace) -> int:
-    new = open_version(args.new)
-    reference = open_version(args.reference) if args.reference else None
+    options = _storage_options(args)
+    new = open_version(args.new, options)
+    reference = open_version(args.reference, options) if args.reference else None
     inputs = [v.url for v in (new, reference) if v is not None and v.url]
-    check_output(args.out, inputs=inputs, overwrite=args.overwrite)
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
     started = time.perf_counter()
     with scheduler_from_args(args):
         result = stabilize(
@@ -133,7 +134,7 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
             anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
             progress=not args.no_progress,
         )  # fmt: skip
-        result.to_zarr(args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
     r = result.report
     print(f"wrote {args.out}: items {r['n_items']:,} x {r['dim_out']}, users {r['n_users']:,} x {r['dim_out']}, "
           f"rank {r['rank']} of {r['dim_in']}, {time.perf_counter() - started:.1f} s")  # fmt: skip
@@ -146,9 +147,10 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    version = open_version(args.version)
-    reference = open_version(args.reference) if args.reference else None
-    base = open_version(args.base) if args.base else None
+    options = _storage_options(args)
+    version = open_version(args.version, options)
+    reference = open_version(args.reference, options) if args.reference else None
+    base = open_version(args.base, options) if args.base else None
     needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
     with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
         report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
@@ -164,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    target = open_version_or_table(args.path)
+    target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
     with scheduler_from_args(args):
@@ -181,23 +183,31 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    version = open_version(args.version)
+    options = _storage_options(args)
+    version = open_version(args.version, options)
     side = "items" if args.items else "users"
-    table = open_table(args.items or args.users)
+    table = open_table(args.items or args.users, options)
     transform = version.saved_transform(side)  # fails early, before any cluster starts
-    check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite)
+    check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options)
     started = time.perf_counter()
     with scheduler_from_args(args):
-        apply_table(version, side, table, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
     print(f"wrote {args.out}: {table.n_rows:,} {side} rows x {transform.shape[1]} in the space of {args.version}, "
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     return 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    entries = chain(open_version(args.version))
+    entries = chain(open_version(args.version, _storage_options(args)))
     print(json.dumps(entries) if args.json else format_chain(entries))
     return 0
+
+
+def add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options", metavar="JSON",
+        help="fsspec options for remote versions (e.g. credentials, endpoint_url); never printed or stored",
+    )  # fmt: skip
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -327,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)
+    add_storage_option(p)
     p.set_defaults(func=cmd_stabilize)
 
     p = sub.add_parser("report", help="what is known of a version: sizes, spectrum, rank, drift, score error")
@@ -340,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="also draw spectra, drift per side and per dimension")
     add_scheduler_options(p)
+    add_storage_option(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each side and of the interaction")
@@ -348,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="also draw the spectra")
     p.add_argument("--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)")
     add_scheduler_options(p)
+    add_storage_option(p)
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("apply", help="map extra rows (a table) into a stabilized version's space with its saved transform")
@@ -358,11 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="TABLE_OUT", help="where to write the mapped table")
     p.add_argument("--overwrite", action="store_true", help="replace TABLE_OUT if it exists")
     add_scheduler_options(p)
+    add_storage_option(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("log", help="the chain of versions a stabilized version was aligned onto, back to the first")
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--json", action="store_true", help="print a JSON list, newest first")
+    add_storage_option(p)
     p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("import", help="write a version from .npy files or Parquet tables (files or directories)")
@@ -377,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="VERSION")
     p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk (default 131072)")
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote sources and output (never stored)")
+    add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace VERSION if it exists")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_import)
@@ -389,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", choices=("list", "columns"), default="list",
         help="vectors as one fixed-size list column 'vector' (default) or scalar columns v0..v{D-1}",
     )  # fmt: skip
-    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote versions and output (never stored)")
+    add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_export)
