@@ -7,7 +7,7 @@ from typing import Any
 from . import linalg
 from .executor import compute
 from .spectrum import COLLAPSE_EXPLANATION, COLLAPSE_FRACTION, singular_values_from_gram, spectrum_metrics
-from .stats import side_statistics
+from .stats import check_finite, side_statistics
 from .version import SIDES, Table, Version, _open_group, open_table, open_version
 
 
@@ -25,6 +25,8 @@ def diagnose(target: Version | Table, *, rtol: float | None = None, progress: bo
     first = next(iter(tables.values()))
     rtol_used = linalg.default_rtol(first.dtype, first.dim) if rtol is None else float(rtol)
     stats = dict(zip(tables, compute(*(side_statistics(t) for t in tables.values()), progress=progress)))
+    for name, s in stats.items():
+        check_finite(f"{name}/vectors" if name != "table" else f"{first.name}/vectors", s, tables[name])
     out: dict[str, Any] = {
         name: spectrum_metrics(singular_values_from_gram(s.gram), tables[name].dim, rtol_used) for name, s in stats.items()
     }

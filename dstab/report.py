@@ -13,7 +13,7 @@ import numpy as np
 
 from . import linalg
 from .executor import compute
-from .stats import pass_statistics, side_statistics
+from .stats import check_finite, pass_statistics, side_statistics
 from .lineage import chain
 from .version import SIDES, Version, canonical_url
 
@@ -128,6 +128,8 @@ def describe(
     else:
         graphs = [side_statistics(version.table(side)) for side in SIDES]
         items_stats, users_stats = compute(*graphs, progress=progress)
+        for side, s in zip(SIDES, (items_stats, users_stats)):
+            check_finite(f"{side}/vectors", s, version.table(side))
         rtol = linalg.default_rtol(version.dtype, version.dim)
         sv = linalg.core_svd(linalg.gram_factor(items_stats.gram), linalg.gram_factor(users_stats.gram))[1]
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)

@@ -500,17 +500,24 @@ def _name_repeat(table: Table, target: int) -> list[tuple[int, object]]:
     return rows
 
 
+def check_finite(label: str, stats: SideStats, table: Table) -> None:
+    """Raise :class:`InputError` naming the first non-finite row the pass found in ``table``."""
+    if stats.first_nonfinite is None:
+        return
+    row = stats.first_nonfinite[0]
+    raise InputError(
+        f"{label} row {row}{_id_at(table, row)} is not finite (NaN or Inf); "
+        "fix or drop that row upstream and write the version again"
+    )
+
+
 def raise_data_errors(side: Side, stats: SideStats, new: Version, reference: Version | None) -> None:
     """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
     table = new.table(side)
     if stats.first_nonfinite is not None:
         row, in_reference = stats.first_nonfinite
         where = table if not in_reference else reference.table(side)  # type: ignore[union-attr]
-        label = " of the reference" if in_reference else ""
-        raise InputError(
-            f"{side}/vectors{label} row {row}{_id_at(where, row)} is not finite (NaN or Inf); "
-            "fix or drop that row upstream and write the version again"
-        )
+        check_finite(f"{side}/vectors" + (" of the reference" if in_reference else ""), stats, where)
     if stats.first_bad_count is not None:
         row = stats.first_bad_count
         value = np.asarray(table.counts[row : row + 1])[0].item()  # type: ignore[index]

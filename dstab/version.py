@@ -317,6 +317,12 @@ def _open_group(
 def _member(group: zarr.Group, url: str, path: str, required: bool) -> zarr.Array | None:
     try:
         node = group[path]
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        # e.g. an object dtype with a pickle codec: zarr refuses the metadata, and so does dstab
+        raise InputError(
+            f"{url}/{path} has array metadata dstab cannot read ({exc}); store vectors as float32 or float64 "
+            "and ids as int64 or strings (object arrays are never read)"
+        ) from None
     except KeyError:
         if required:
             raise InputError(
