@@ -36,9 +36,12 @@ from .version import Side, Table, Version, load, row_starts
 # rows of every block): they probe the score error during the write pass and
 # break sign ties, at no extra read.
 SAMPLE_ROWS = 256
-# Bytes of rows per table that the id sample may hold (see dstab.ids): 512k
-# rows at width 64 in float32.
-ID_SAMPLE_BYTES = 128 * 2**20
+# Bytes of rows per table that the id sample may hold (see dstab.ids): 128k
+# rows at width 64 in float32. The sample is the largest thing a worker holds
+# when rows are matched by id (both tables' samples meet in the join), and a
+# rotation fitted on 128k common rows is as good as one on all of them
+# (benchmarks/churn.py).
+ID_SAMPLE_BYTES = 32 * 2**20
 # Id hashes per duplicate-check bucket (8 bytes each).
 ID_BUCKET_ROWS = 2**22
 

@@ -115,3 +115,17 @@ def test_neighbours_smoke(tmp_path: Path):
     assert "neighbour overlap@10 costs" in proc.stdout
     result = json.loads((tmp_path / "n.json").read_text())["result"]
     assert 0.0 <= result["items"]["neighbour_overlap"] <= 1.0 and result["items"]["queries"] == 200
+
+
+@pytest.mark.slow
+def test_nightly_memory_smoke(tmp_path: Path):
+    """Two nightly runs on tiny days: each version checked; the memory bound is claimed at full size only."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "nightly_memory.py"), "--runs", "2", "--items", "20000", "--users",
+         "5000", "--dim", "8", "--workers", "1", "--max-ratio", "2", "--json", str(tmp_path / "m.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert [r["run"] for r in result["series"]] == [1, 2] and result["bootstrap"]["run"] == 0
+    assert all(r["score_error"] < 1e-5 and r["peak_tree_rss_mib"] > 0 for r in result["series"])
