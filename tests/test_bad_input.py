@@ -12,12 +12,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import dask
+import dask.array as da
 import numpy as np
 import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dstab
 from dstab.cli import main
 
 FAST = ("--scheduler", "synchronous", "--no-progress")
@@ -151,3 +154,33 @@ def test_corrupt_inputs_are_refused_clearly(kind: str, side: str, seed: int, n: 
         assert not (tmp / "out").exists() and sorted(p.name for p in tmp.iterdir()) == ["v"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@st.composite
+def irregular_dask_versions(draw: st.DrawFn) -> tuple:
+    """In-memory Dask tables with irregular row chunks, zero-length chunks included."""
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    dim = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    tables = []
+    for _ in range(2):
+        sizes = draw(st.lists(st.integers(0, 9), min_size=1, max_size=6).filter(lambda s: sum(s) > 0))
+        data = (rng.normal(size=(sum(sizes), dim)) + 0.3).astype(dtype)
+        tables.append(da.from_array(data, chunks=(tuple(sizes), (dim,))))
+    return tables[0], tables[1], dtype
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=irregular_dask_versions())
+def test_irregular_and_empty_dask_chunks(case: tuple):
+    T, W, dtype = case
+    with dask.config.set(scheduler="synchronous"):
+        result = dstab.stabilize(dstab.from_arrays(T, W))
+        T_out, W_out = (x.compute().astype(np.float64) for x in (result.items, result.users))
+    T64, W64 = T.compute().astype(np.float64), W.compute().astype(np.float64)
+    S = W64 @ T64.T
+    tol = 50 * T.shape[1] * float(np.finfo(np.dtype(dtype)).eps)
+    assert result.items.dtype == np.dtype(dtype) and T_out.shape[0] == T.shape[0]
+    assert np.linalg.norm(W_out @ T_out.T - S) <= tol * np.linalg.norm(S)
+    sv = np.linalg.svd(S, compute_uv=False)
+    np.testing.assert_allclose(T_out.T @ T_out, W_out.T @ W_out, rtol=0, atol=tol * sv[0])
