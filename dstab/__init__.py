@@ -6,6 +6,8 @@ possible to yesterday's stabilized ones. See README.md and DESIGN notes.
 
 from __future__ import annotations
 
+from .apply import apply_table
+from .diagnose import diagnose
 from .errors import (
     DstabError,
     IncompleteVersionError,
@@ -14,8 +16,6 @@ from .errors import (
     UsageError,
     VersionNotFoundError,
 )
-from .apply import apply_table
-from .diagnose import diagnose
 from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
 from .report import measure_drift

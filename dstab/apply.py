@@ -19,7 +19,18 @@ import numpy as np
 
 from .errors import InputError
 from .executor import run_all
-from .version import Side, Staging, Table, Version, canonical_url, load, open_table, row_starts, write_block
+from .linalg import transform_rows
+from .version import (
+    Side,
+    Staging,
+    Table,
+    Version,
+    canonical_url,
+    load,
+    open_table,
+    row_starts,
+    write_block,
+)
 
 
 def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int, label: str) -> None:
@@ -28,7 +39,7 @@ def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int
     if not finite.all():
         row = start + int(np.flatnonzero(~finite)[0])
         raise InputError(f"{label}/vectors row {row} is not finite (NaN or Inf); fix or drop that row and run apply again")
-    write_block(block @ transform.astype(block.dtype, copy=False), target, start)
+    write_block(transform_rows(block, transform), target, start)
 
 
 def apply_table(

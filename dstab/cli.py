@@ -19,14 +19,14 @@ from typing import Any
 import dask
 
 from . import __version__
-from .errors import DstabError, UsageError
-from .executor import spilled_bytes
-from .linalg import ANCHORS
 from .apply import apply_table
 from .diagnose import diagnose, format_diagnosis, open_version_or_table
-from .plots import plot_diagnosis, plot_report
+from .errors import DstabError, UsageError
+from .executor import spilled_bytes
 from .interchange import Source, export_version, import_version, open_npy, open_parquet
+from .linalg import ANCHORS
 from .lineage import chain, format_chain
+from .plots import plot_diagnosis, plot_report
 from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import METHODS, stabilize
 from .synth import synth, synth_like

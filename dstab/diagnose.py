@@ -6,7 +6,12 @@ from typing import Any
 
 from . import linalg
 from .executor import compute
-from .spectrum import COLLAPSE_EXPLANATION, COLLAPSE_FRACTION, singular_values_from_gram, spectrum_metrics
+from .spectrum import (
+    COLLAPSE_EXPLANATION,
+    COLLAPSE_FRACTION,
+    singular_values_from_gram,
+    spectrum_metrics,
+)
 from .stats import check_finite, side_statistics
 from .version import SIDES, Table, Version, _open_group, open_table, open_version
 

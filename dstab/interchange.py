@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -36,6 +36,7 @@ from .version import (
     canonical_url,
     is_local,
     local_path,
+    move_into_place,
     open_version,
     recover_local,
     row_starts,
@@ -289,10 +290,6 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
     return vectors, ids
 
 
-def _write_piece(block: np.ndarray, target: Any, start: int) -> None:
-    write_block(block, target, start)
-
-
 # ----------------------------------------------------------------------------- import
 
 
@@ -309,7 +306,7 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
     ).rechunk((rows, source.dim))
     target = staging.create_array(f"{side}/vectors", shape=(source.n_rows, source.dim), chunks=(rows, source.dim), dtype=source.dtype)
     tasks = [
-        dask.delayed(_write_piece, pure=True)(block, target, start)
+        dask.delayed(write_block, pure=True)(block, target, start)
         for block, start in zip(vectors.to_delayed().ravel(), row_starts(vectors.chunks[0]))
     ]
     if source.has_ids:
@@ -322,7 +319,7 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
             f"{side}/ids", shape=(source.n_rows,), chunks=(rows,), dtype=np.dtype(np.int64) if meta_ids.kind == "i" else str
         )
         tasks += [
-            dask.delayed(_write_piece, pure=True)(block, id_target, start)
+            dask.delayed(write_block, pure=True)(block, id_target, start)
             for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
         ]
     return tasks
@@ -451,9 +448,7 @@ def export_version(
                 tasks.append(dask.delayed(_export_block, pure=True)(block, id_block, start, fs, path, layout))
         run_all(tasks, progress=progress)
         if local:
-            if final_path.exists():
-                shutil.rmtree(final_path)
-            os.rename(root, final_path)
+            move_into_place(Path(root), final_path)
         else:
             with fs.open(f"{root}/_SUCCESS", "wb") as handle:
                 handle.write(b"")

@@ -282,6 +282,11 @@ def column_drift(transform: np.ndarray, gram: np.ndarray, cross: np.ndarray, ref
     return np.clip(out, 0.0, None)
 
 
+def transform_rows(rows: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """``rows @ transform`` in the rows' own dtype (float32 stays float32): how every stabilized row is made."""
+    return rows @ transform.astype(rows.dtype, copy=False)
+
+
 def pad_vector(v: np.ndarray, width: int) -> np.ndarray:
     """``v`` with zeros appended up to ``width``."""
     out = np.zeros(width)

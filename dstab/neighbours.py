@@ -18,6 +18,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from .executor import tree_reduce
+from .linalg import transform_rows
 from .version import Table, load, row_starts
 
 # Rows scored against all queries at once: 1,000 queries x 8,192 rows of float32 scores is 32 MiB.
@@ -73,7 +74,7 @@ def _block_topk(
     for start in range(0, len(rows), SLICE_ROWS):
         part = rows[start : start + SLICE_ROWS]
         if transform is not None:
-            part = part @ transform.astype(part.dtype, copy=False)
+            part = transform_rows(part, transform)
         sims = queries @ unit_rows(part).T
         part_keys = keys[start : start + SLICE_ROWS]
         if best_s is None or best_s.shape[1] < k:
@@ -110,6 +111,22 @@ def top_neighbours(table: Table, queries: np.ndarray, k: int, *, transform: np.n
         for block, ids, start in zip(table.blocks(chunks), id_blocks, row_starts(chunks))
     ]
     return tree_reduce(parts, functools.partial(_merge_topk, k=k + 1))
+
+
+Search = tuple[Table, np.ndarray, "np.ndarray | None"]  # table, query rows in its space, transform applied to its rows
+
+
+def neighbour_sets(groups: list[list[Search]], keys: list[np.ndarray], k: int, *, progress: bool = False) -> list[list[list[set]]]:
+    """Run every search of every group in one pass over the tables; per group, per search, the queries' key sets.
+
+    All searches of a group share the query keys ``keys[group]`` (the same
+    sampled rows, seen in several tables or spaces), so their key sets compare.
+    """
+    from .executor import compute
+
+    graphs = [top_neighbours(table, rows, k, transform=transform) for group in groups for table, rows, transform in group]
+    found = iter(compute(*graphs, progress=progress)) if graphs else iter(())
+    return [[neighbour_keys(next(found), group_keys, k) for _ in group] for group, group_keys in zip(groups, keys)]
 
 
 def neighbour_keys(found: tuple[np.ndarray, np.ndarray], query_keys: np.ndarray, k: int) -> list[set]:

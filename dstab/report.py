@@ -13,8 +13,8 @@ import numpy as np
 
 from . import linalg
 from .executor import compute
-from .stats import check_finite, pass_statistics, side_statistics
 from .lineage import chain
+from .stats import check_finite, pass_statistics, side_statistics
 from .version import SIDES, Version, canonical_url
 
 REPORT_KEYS = (
@@ -67,12 +67,12 @@ def measure_drift(
     ``total`` (Frobenius over both sides) and ``score_error`` (relative change
     of the scores of sampled users x sampled items).
     """
-    from .neighbours import neighbour_keys, overlap, top_neighbours
+    from .neighbours import neighbour_sets, overlap
 
     results = pass_statistics(version, reference, SIDES, progress=progress)
     out: dict[str, Any] = {"k": k}
     total = scale = 0.0
-    searches = []
+    searched, groups, keys = [], [], []
     for side in SIDES:
         s = results[side]
         d = linalg.identity_drift(s.gram_of_anchors, s.cross, s.ref_sumsq)
@@ -87,17 +87,15 @@ def measure_drift(
         total, scale = total + d, scale + s.ref_sumsq
         if k > 0 and pairs is not None and len(pairs.keys):
             q = slice(0, queries)
-            searches.append((side, pairs.keys[q], top_neighbours(version.table(side), pairs.new[q], k),
-                             top_neighbours(reference.table(side), pairs.ref[q], k)))  # fmt: skip
+            searched.append(side)
+            groups.append([(version.table(side), pairs.new[q], None), (reference.table(side), pairs.ref[q], None)])
+            keys.append(pairs.keys[q])
     out["total"] = float(np.sqrt(total / scale)) if scale > 0 else None
     pi, pu = results["items"].pairs, results["users"].pairs
     out["score_error"] = paired_score_error((pi.new, pi.ref), (pu.new, pu.ref)) if pi is not None and pu is not None else None
-    if searches:
-        found = compute(*(g for _, _, a, b in searches for g in (a, b)), progress=progress)
-        for i, (side, keys, _, _) in enumerate(searches):
-            here, there = neighbour_keys(found[2 * i], keys, k), neighbour_keys(found[2 * i + 1], keys, k)
-            out[side]["neighbour_overlap"] = overlap(here, there, k)
-            out[side]["queries"] = len(keys)
+    for side, side_keys, (here, there) in zip(searched, keys, neighbour_sets(groups, keys, k, progress=progress)):
+        out[side]["neighbour_overlap"] = overlap(here, there, k)
+        out[side]["queries"] = len(side_keys)
     return out
 
 

@@ -26,8 +26,25 @@ from .executor import compute, tree_reduce
 from .faults import failpoint
 from .report import mean_row_cosine
 from .spectrum import singular_values_from_gram
-from .stats import ID_SAMPLE_BYTES, AnchorSpec, SideStats, pass_statistics, side_statistics
-from .version import SIDES, Side, Staging, Version, canonical_url, load, open_version, row_starts, write_block
+from .stats import (
+    ID_SAMPLE_BYTES,
+    AnchorSpec,
+    SideStats,
+    pass_statistics,
+    side_statistics,
+)
+from .version import (
+    SIDES,
+    Side,
+    Staging,
+    Version,
+    canonical_url,
+    checked_rows,
+    load,
+    open_version,
+    row_starts,
+    write_block,
+)
 
 # Rows of the other side (spread over its whole table) that checked rows are
 # scored against while writing.
@@ -55,11 +72,6 @@ def _version_string() -> str:
 # ----------------------------------------------------------------------------- per-block kernels
 
 
-def _apply_block(block: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Rows in stabilized coordinates, in the input's own dtype (float32 stays float32)."""
-    return block @ transform.astype(block.dtype, copy=False)
-
-
 def _apply_write_check(
     source: Any,
     transform: np.ndarray,
@@ -75,7 +87,7 @@ def _apply_write_check(
     since every block contributes) against the probe rows, in float64.
     """
     block = load(source)
-    out = _apply_block(block, transform)
+    out = linalg.transform_rows(block, transform)
     write_block(out, target, start)
     rows = slice(0, min(CHECK_ROWS, block.shape[0]))
     raw_scores = block[rows].astype(np.float64) @ probe_raw.T
@@ -133,10 +145,7 @@ class Stabilization:
 
     def transform(self, side: Side, rows: np.ndarray) -> np.ndarray:
         """Map raw rows of ``side`` (numpy, k x e) into the stabilized space."""
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.new.dim:
-            raise InputError(f"{side} rows must have shape (n, {self.new.dim}), got {rows.shape}")
-        return _apply_block(rows, self.transforms[side])
+        return linalg.transform_rows(checked_rows(side, rows, self.new.dim), self.transforms[side])
 
     def stabilized(self, side: Side) -> da.Array:
         """The stabilized table of ``side`` as a lazy Dask array (same row chunks as the read)."""
@@ -144,7 +153,7 @@ class Stabilization:
         x = table.read()
         w = self.dim_out
         return x.map_blocks(
-            _apply_block,
+            linalg.transform_rows,
             self.transforms[side],
             chunks=(x.chunks[0], (w,)),
             dtype=table.dtype,
@@ -187,7 +196,7 @@ class Stabilization:
                 target = staging.create_table(side, table, w)
                 probe_raw = self._probes[other]
                 probe_raw = probe_raw[:: max(1, len(probe_raw) // PROBE_ROWS)][:PROBE_ROWS]
-                probe_out = _apply_block(probe_raw.astype(table.dtype), self.transforms[other]).astype(np.float64)
+                probe_out = linalg.transform_rows(probe_raw.astype(table.dtype), self.transforms[other]).astype(np.float64)
                 chunks = table.row_chunks()
                 for block, start in zip(table.blocks(chunks), row_starts(chunks)):
                     checks.append(
@@ -392,23 +401,22 @@ def _measure_neighbours(
     progress: bool,
 ) -> None:
     """Neighbour overlap@k of sampled rows with the reference, before (raw) and after (stabilized)."""
-    from .neighbours import neighbour_keys, overlap, top_neighbours
+    from .neighbours import neighbour_sets, overlap
     from .report import QUERY_ROWS
 
-    searches = []
-    for side in anchors:
+    sides = [s for s in anchors if stats[s].pairs is not None and len(stats[s].pairs.keys)]  # type: ignore[union-attr]
+    q = slice(0, QUERY_ROWS)
+    groups, keys = [], []
+    for side in sides:
         pairs = stats[side].pairs
-        if pairs is None or not len(pairs.keys):
-            continue
-        q = slice(0, QUERY_ROWS)
-        searches.append(
-            (side, pairs.keys[q], top_neighbours(new.table(side), pairs.new[q], k),
-             top_neighbours(new.table(side), pairs.new[q] @ transforms[side], k, transform=transforms[side]),
-             top_neighbours(reference.table(side), pairs.ref[q], k))
-        )  # fmt: skip
-    found = compute(*(g for entry in searches for g in entry[2:]), progress=progress)
-    for i, (side, keys, *_) in enumerate(searches):
-        raw, out, ref = (neighbour_keys(found[3 * i + j], keys, k) for j in range(3))
+        assert pairs is not None
+        groups.append([
+            (new.table(side), pairs.new[q], None),  # before: raw rows
+            (new.table(side), pairs.new[q] @ transforms[side], transforms[side]),  # after: stabilized rows
+            (reference.table(side), pairs.ref[q], None),
+        ])  # fmt: skip
+        keys.append(pairs.keys[q])
+    for side, (raw, out, ref) in zip(sides, neighbour_sets(groups, keys, k, progress=progress)):
         drift[side]["neighbours_k"] = k
         drift[side]["neighbour_overlap_before"] = overlap(raw, ref, k)
         drift[side]["neighbour_overlap_after"] = overlap(out, ref, k)

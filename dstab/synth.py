@@ -16,7 +16,16 @@ from scipy.stats import ortho_group
 
 from .errors import UsageError
 from .executor import run_all
-from .version import SIDES, ArrayTarget, Staging, Version, load, open_version, row_starts, write_block
+from .version import (
+    SIDES,
+    ArrayTarget,
+    Staging,
+    Version,
+    load,
+    open_version,
+    row_starts,
+    write_block,
+)
 
 SIDE_CODE = {"items": 0, "users": 1}
 DEFAULT_CHUNK_ROWS = 131_072

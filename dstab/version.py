@@ -30,8 +30,15 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 
+from .errors import (
+    IncompleteVersionError,
+    InputError,
+    OutputExistsError,
+    UsageError,
+    VersionNotFoundError,
+)
 from .faults import failpoint
-from .errors import IncompleteVersionError, InputError, OutputExistsError, UsageError, VersionNotFoundError
+from .linalg import transform_rows
 
 FORMAT = 1
 Side = Literal["items", "users"]
@@ -172,14 +179,7 @@ class Version:
         as the raw row scored against the raw items.
         """
         transform = self.saved_transform(side)
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != transform.shape[0]:
-            raise InputError(
-                f"{side} rows must have shape (n, {transform.shape[0]}) (the raw model's width), got {rows.shape}"
-            )
-        if rows.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise InputError(f"{side} rows have dtype {rows.dtype}; pass float32 or float64 rows")
-        return rows @ transform.astype(rows.dtype, copy=False)
+        return transform_rows(checked_rows(side, rows, transform.shape[0]), transform)
 
     def saved_transform(self, side: Side) -> np.ndarray:
         if side not in self.transforms:
@@ -203,6 +203,16 @@ class Version:
             f"Version({where!s}, items={self.items.n_rows:,} x {self.items.dim}, "
             f"users={self.users.n_rows:,} x {self.users.dim}, dtype={self.dtype})"
         )
+
+
+def checked_rows(side: str, rows: Any, width: int) -> np.ndarray:
+    """Raw rows handed to a transform, as a float32/float64 numpy array of the raw model's width."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise InputError(f"{side} rows must have shape (n, {width}) (the raw model's width), got {rows.shape}")
+    if rows.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(f"{side} rows have dtype {rows.dtype}; pass float32 or float64 rows")
+    return rows
 
 
 def _check_vectors(name: str, arr: Any) -> None:
@@ -486,6 +496,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def move_into_place(staged: Path, final: Path) -> None:
+    """Rename a finished staging directory to ``final``, replacing what is there.
+
+    An existing ``final`` is first renamed aside (``.NAME.dstab-old-...``), so a
+    kill between the two renames loses nothing: :func:`recover_local` puts it back.
+    """
+    trash = None
+    if final.exists():
+        trash = _staging_name(final, "old")
+        os.rename(final, trash)
+        failpoint("publish-swap")
+    os.rename(staged, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def recover_local(final: Path) -> None:
     """Clear what killed runs left beside ``final``, and put back an old version a killed publish had moved aside.
 
@@ -610,14 +636,7 @@ class Staging:
         failpoint("after-write")
         self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
         if self.local:
-            trash = None
-            if self._final.exists():
-                trash = _staging_name(self._final, "old")
-                os.rename(self._final, trash)
-                failpoint("publish-swap")
-            os.rename(self._tmp, self._final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            move_into_place(self._tmp, self._final)
 
     def discard(self) -> None:
         """Remove what was staged (after a failure)."""
