@@ -146,7 +146,26 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot_path(args: argparse.Namespace) -> None:
+    """A --plot file goes into an existing directory: checked before any work starts."""
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise UsageError(f"--plot {args.plot}: the directory {os.path.dirname(os.path.abspath(args.plot))} does not exist")
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Any, plot: Any) -> None:
+    """Print ``data`` as JSON (--json) or ``text()``, and draw ``plot(path)`` when --plot is given."""
+    if args.plot:
+        plot(args.plot)
+    if args.json:
+        print(json.dumps(data))
+        return
+    print(text())
+    if args.plot:
+        print(f"  plot: {args.plot}")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    _check_plot_path(args)
     options = _storage_options(args)
     version = open_version(args.version, options)
     reference = open_version(args.reference, options) if args.reference else None
@@ -154,31 +173,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
     with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
         report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
-    if args.plot:
-        plot_report(report, args.plot)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-        if args.plot:
-            print(f"  plot: {args.plot}")
+    _emit(args, report, lambda: format_report(report), lambda path: plot_report(report, path))
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    _check_plot_path(args)
     target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
     with scheduler_from_args(args):
         result = diagnose(target, rtol=args.rtol, progress=not args.no_progress and not args.json)
-    if args.plot:
-        plot_diagnosis(result, args.plot)
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k in ("items", "users", "table", "interaction")}))
-    else:
-        print(format_diagnosis(result))
-        if args.plot:
-            print(f"  plot: {args.plot}")
+    measures = {k: v for k, v in result.items() if k in ("items", "users", "table", "interaction")}
+    _emit(args, measures, lambda: format_diagnosis(result), lambda path: plot_diagnosis(result, path))
     return 0
 
 

@@ -200,3 +200,12 @@ def test_stabilize_report_drift_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 0 and "neighbour overlap@10" in text
     image = matplotlib.image.imread(tmp_path / "r.png")
     assert image.ndim == 3 and image.shape[1] > 1000 and np.ptp(image) > 0
+
+
+def test_plot_into_a_missing_directory_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    T, W = random_tables(12, 50, 40, 4)
+    path = write_version(tmp_path / "v", T, W)
+    for command in ("diagnose", "report"):
+        code, _, err = run_cli(capsys, command, path, "--plot", tmp_path / "missing" / "p.png", *FAST)
+        assert code == 2 and "does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
