@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-FAILPOINTS = ("after-statistics", "after-write", "publish-swap")
+FAILPOINTS = ("during-statistics", "after-statistics", "after-write", "publish-swap")
 
 
 def failpoint(name: str) -> None:

@@ -29,6 +29,7 @@ from dask.delayed import Delayed
 from . import ids as idm
 from .errors import InputError
 from .executor import compute, tree_reduce
+from .faults import failpoint
 from .linalg import qr_factor
 from .version import Side, Table, Version, load, row_starts
 
@@ -140,6 +141,7 @@ def _block_stats(
     rows are matched by position. Returns the statistics, the block's id sample
     (when ``plan.sample``) and its id hashes by bucket (when it has ids).
     """
+    failpoint("during-statistics")  # in a worker, mid-pass: the kill takes the whole process group
     block, ref_block, counts, ids = (load(a) for a in (block, ref_block, counts_block, ids_block))
     e = block.shape[1]
     stats = SideStats(

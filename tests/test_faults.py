@@ -102,7 +102,7 @@ def undisturbed(versions: dict[str, str]) -> list[np.ndarray]:
     return tables(out)
 
 
-@pytest.mark.parametrize("where", ["after-statistics", "after-write", "mid-write", "publish-swap"])
+@pytest.mark.parametrize("where", ["during-statistics", "after-statistics", "mid-write", "after-write", "publish-swap"])
 def test_killed_run_leaves_nothing_and_reruns(versions: dict[str, str], undisturbed: list[np.ndarray], tmp_path: Path, where: str):
     out = tmp_path / "day2-stable"
     cmd = dstab_cmd("stabilize", versions["new"], "--reference", versions["ref"], "--out", out, "--workers", "2",
