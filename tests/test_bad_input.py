@@ -95,9 +95,13 @@ def test_odd_valid_inputs_are_right_or_refused_clearly(case: dict, capsys: pytes
         sv = np.linalg.svd(S, compute_uv=False)
         k = T_out.shape[1]
         G_t, G_w = T_out.T @ T_out, W_out.T @ W_out
-        np.testing.assert_allclose(G_t, G_w, rtol=0, atol=tol * sv[0])
-        np.testing.assert_allclose(np.diag(G_t), sv[:k], rtol=0, atol=tol * sv[0])
-        np.testing.assert_allclose(G_t - np.diag(np.diag(G_t)), 0.0, atol=tol * sv[0])
+        # Balance holds to rounding times the condition of the kept core (any backward-stable factorisation
+        # errs by eps * kappa); hypothesis found float64 tables with kappa ~ 700 where 50 * dim * eps alone
+        # was too tight by 10%.
+        balance = tol * sv[0] * max(1.0, sv[0] / sv[k - 1])
+        np.testing.assert_allclose(G_t, G_w, rtol=0, atol=balance)
+        np.testing.assert_allclose(np.diag(G_t), sv[:k], rtol=0, atol=balance)
+        np.testing.assert_allclose(G_t - np.diag(np.diag(G_t)), 0.0, atol=balance)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
