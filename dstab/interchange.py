@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 
 from .errors import InputError, OutputExistsError, UsageError
+from .ids import IdKind, id_kind
 from .executor import run_all
 from .version import (
     SIDES,
@@ -77,10 +78,7 @@ class Source:
     vector_column: str | None = None  # parquet: one list column
     vector_columns: list[str] = field(default_factory=list)  # parquet: D scalar columns
     storage_options: dict[str, Any] | None = None
-
-    @property
-    def has_ids(self) -> bool:
-        return self.ids_url is not None or self.id_column is not None
+    ids_kind: IdKind | None = None  # "integer" or "string" when the source has ids (found when it is opened)
 
 
 def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -119,6 +117,7 @@ def open_npy(path: str, *, ids: str | None = None, label: str = "items") -> Sour
     return Source(
         url=path, kind="npy", n_rows=n, dim=int(arr.shape[1]), dtype=np.dtype(arr.dtype), pieces=pieces,
         ids_url=str(local_path(ids)) if ids is not None else None,
+        ids_kind=None if ids is None else id_kind(id_arr.dtype),
     )  # fmt: skip
 
 
@@ -176,10 +175,12 @@ def open_parquet(
     names = schema.names
     if id_column is not None and id_column not in names:
         raise InputError(f"{label}: {url} has no column {id_column!r} (columns: {', '.join(names)}); pass --id-column NAME")
+    ids_kind: IdKind | None = None
     if id_column is not None:
         id_type = schema.field(id_column).type
         if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise InputError(f"{label}: column {id_column!r} is {id_type}; ids must be integers or strings")
+        ids_kind = "integer" if pa.types.is_integer(id_type) else "string"
     if isinstance(vector_columns, str):
         pattern = vector_columns
         vector_columns = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n != id_column]
@@ -215,7 +216,7 @@ def open_parquet(
     return Source(
         url=url, kind="parquet", n_rows=sum(p.n_rows for p in pieces), dim=int(dim), dtype=dtype, pieces=pieces,
         id_column=id_column, vector_column=None if vector_columns else vector_column,
-        vector_columns=list(vector_columns or []), storage_options=storage_options,
+        vector_columns=list(vector_columns or []), storage_options=storage_options, ids_kind=ids_kind,
     )  # fmt: skip
 
 
@@ -309,9 +310,9 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         dask.delayed(write_block, pure=True)(block, target, start)
         for block, start in zip(vectors.to_delayed().ravel(), row_starts(vectors.chunks[0]))
     ]
-    if source.has_ids:
+    if source.ids_kind is not None:
         # ids go out as int64 or Zarr v3's variable-length UTF-8 strings (a specified type)
-        meta_ids = _peek_ids_dtype(source)
+        meta_ids = np.dtype(np.int64) if source.ids_kind == "integer" else np.dtype(object)
         ids = da.concatenate(
             [da.from_delayed(p[1], shape=(piece.n_rows,), dtype=meta_ids) for p, piece in zip(parts, source.pieces)]
         ).rechunk((rows,))
@@ -324,18 +325,6 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         ]
     return tasks
 
-
-def _peek_ids_dtype(source: Source) -> np.dtype:
-    if source.kind == "npy":
-        dtype = np.load(source.ids_url, mmap_mode="r", allow_pickle=False).dtype  # type: ignore[arg-type]
-        return np.dtype(np.int64) if dtype.kind in "iu" else np.dtype(object)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, _ = _fs(source.url, source.storage_options)
-    with fs.open(source.pieces[0].path, "rb") as handle:
-        t = pq.ParquetFile(handle).schema_arrow.field(source.id_column).type
-    return np.dtype(np.int64) if pa.types.is_integer(t) else np.dtype(object)
 
 
 def import_version(

@@ -143,6 +143,10 @@ def _block_stats(
     """
     failpoint("during-statistics")  # in a worker, mid-pass: the kill takes the whole process group
     block, ref_block, counts, ids = (load(a) for a in (block, ref_block, counts_block, ids_block))
+    hashes = None
+    if ids is not None:
+        ids = idm.normalize_ids(ids)
+        hashes = idm.hash_ids(ids)  # once per block: the pairs, the buckets and the id sample all use them
     e = block.shape[1]
     stats = SideStats(
         n_rows=int(block.shape[0]),
@@ -203,8 +207,11 @@ def _block_stats(
         stats.r = stack[:e].copy() if slices else np.zeros((e, e))
     if ref_block is not None:
         stats.ref_sumsq = float(stats.ref_col_sumsq.sum())
-        keys = idm.normalize_ids(ids) if ids is not None else np.arange(offset, offset + len(block), dtype=np.int64)
-        stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
+        if ids is None:
+            keys = np.arange(offset, offset + len(block), dtype=np.int64)
+            stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
+        else:
+            stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), ids, hashes)
     # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
     # float32 or float64 squares cannot overflow a float64 sum of this size), so
     # the full scan for the offending row runs only when there is one.
@@ -220,7 +227,6 @@ def _block_stats(
     stats.first_nonfinite = first_nonfinite
     id_sample = buckets = None
     if ids is not None and plan is not None:
-        hashes = idm.hash_ids(ids)
         buckets = idm.buckets_of(hashes, plan.n_buckets)
         if plan.sample:
             id_sample = idm.IdSample.take(ids, hashes, block, weights, plan.threshold)
