@@ -74,7 +74,7 @@ def apply_table(
             for block, start in zip(table.blocks(chunks), row_starts(chunks))
         ]
         tasks += staging.copy_ids("", table)
-        run_all(tasks, progress=progress)
+        run_all(tasks, progress=progress, stage="applying the saved transform")
         staging.publish(
             {
                 "kind": "applied",

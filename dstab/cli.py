@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -28,9 +29,9 @@ from .linalg import ANCHORS
 from .lineage import chain, format_chain
 from .plots import plot_diagnosis, plot_report
 from .report import describe, format_matching, format_report, format_side_drift
-from .stabilize import METHODS, stabilize
+from .stabilize import METHODS, check_request, stabilize
 from .synth import synth, synth_like
-from .version import check_output, open_table, open_version
+from .version import Table, Version, check_output, open_table, open_version, output_error
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
@@ -47,10 +48,12 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
         "(JSON) written by `dask scheduler --scheduler-file`; also 'threads' or 'synchronous' to run "
         "in this process. Default: $DASK_SCHEDULER_ADDRESS if set, else a local cluster of worker processes",
     )
-    g.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: one per core)")
+    g.add_argument(
+        "--workers", type=parse_workers, metavar="N", help="local cluster: worker processes (default: one per core)"
+    )
     g.add_argument(
         "--memory-limit",
-        default="auto",
+        type=parse_memory_limit,
         metavar="SIZE",
         help="local cluster: memory limit per worker, e.g. 2GiB (default: auto, the machine's memory split evenly)",
     )
@@ -58,12 +61,85 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# What one worker process needs besides its blocks (the interpreter, numpy, Dask,
+# zarr and their buffers: about 200 MiB resident when idle, measured), and how
+# many blocks' worth of memory a task may hold at once (the block read, its
+# float64 slices, the transformed block and the compressed chunks).
+WORKER_BASE_BYTES = 256 * 2**20
+BLOCKS_IN_FLIGHT = 4
+
+
+def parse_workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of worker processes, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
+    return n
+
+
+def parse_memory_limit(value: str) -> str:
+    """``auto`` or a size Dask understands (2GiB, 500MB, 1e9); anything else is a usage error."""
+    if value == "auto":
+        return value
+    try:
+        size = dask.utils.parse_bytes(value)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"must be a size such as 2GiB, 512MiB or 4e9 (or auto), got {value!r}") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 2GiB, got {value!r}")
+    return value
+
+
+def _local_cluster_options(args: argparse.Namespace) -> list[str]:
+    return [flag for flag, value in (("--workers", args.workers), ("--memory-limit", args.memory_limit)) if value is not None]
+
+
+def _worker_need(tables: list[Table]) -> tuple[int, str]:
+    """Bytes one worker needs to run a task on the largest block of ``tables``, and that block in words."""
+    if not tables:
+        return WORKER_BASE_BYTES, "no table"
+    table = max(tables, key=lambda t: t.block_rows() * t.dim * t.dtype.itemsize)
+    block = min(table.block_rows(), table.n_rows) * table.dim * table.dtype.itemsize
+    words = f"blocks of {min(table.block_rows(), table.n_rows):,} rows x {table.dim} {table.dtype} ({dask.utils.format_bytes(block)})"
+    need = WORKER_BASE_BYTES + BLOCKS_IN_FLIGHT * block
+    return -(-need // (64 * 2**20)) * 64 * 2**20, words  # rounded up to 64 MiB: a figure to type
+
+
+def _check_memory_limit(limit: str, n_workers: int, tables: list[Table]) -> None:
+    """Refuse a per-worker memory limit that one block's working set cannot fit in, before any worker starts."""
+    import psutil
+
+    per_worker = psutil.virtual_memory().total // n_workers if limit == "auto" else dask.utils.parse_bytes(limit)
+    need, words = _worker_need(tables)
+    if per_worker >= need:
+        return
+    given = f"--memory-limit {limit}" if limit != "auto" else f"{n_workers} workers sharing this machine's memory"
+    raise UsageError(
+        f"{given} leaves {dask.utils.format_bytes(per_worker)} per worker, but a worker needs about "
+        f"{need // 2**20} MiB for {words}: pass --memory-limit {need // 2**20}MiB or more "
+        f"(or fewer --workers), or make blocks smaller with DASK_DSTAB__BLOCK_BYTES (down to one storage chunk)"
+    )
+
+
 @contextlib.contextmanager
-def scheduler_from_args(args: argparse.Namespace) -> Iterator[None]:
-    """Make the scheduler the command asked for active; close what this created."""
+def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = None) -> Iterator[None]:
+    """Make the scheduler the command asked for active; close what this created.
+
+    Every check that needs no cluster runs first: options that do nothing with
+    the chosen scheduler, and a memory limit too small for the blocks of ``tables``.
+    """
     from distributed import Client, LocalCluster
 
     address = args.scheduler or dask.config.get("scheduler-address", None)
+    if address and _local_cluster_options(args):
+        where = f"--scheduler {address}" if args.scheduler else f"DASK_SCHEDULER_ADDRESS={address}"
+        how = "runs in this process" if address in LOCAL_SCHEDULERS else "attaches to a cluster sized where it was started"
+        raise UsageError(
+            f"{' and '.join(_local_cluster_options(args))} size the local cluster dstab starts, but {where} {how}, "
+            "so they would be ignored: drop them"
+        )
     if address in LOCAL_SCHEDULERS:
         with dask.config.set(scheduler=address):
             yield
@@ -83,27 +159,45 @@ def scheduler_from_args(args: argparse.Namespace) -> Iterator[None]:
                 f"cannot reach the Dask scheduler at {address} ({exc}); check the address, or start one with "
                 "`dask scheduler` and `dask worker ADDRESS`"
             ) from None
-        with client:
+        with client, _killed_worker_as_error("the cluster's workers' memory limit"):
             print(f"dstab: attached to {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)", file=sys.stderr)
             yield
         return
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     n_workers = args.workers or os.cpu_count() or 1
+    memory_limit = args.memory_limit or "auto"
+    _check_memory_limit(memory_limit, n_workers, tables or [])
     # One thread per worker process: the kernels are BLAS and (de)compression,
     # which release the GIL but must not oversubscribe the cores.
     with LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,
         processes=True,
-        memory_limit=args.memory_limit,
+        memory_limit=memory_limit,
         dashboard_address=args.dashboard_address,
+        # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
+        # the workers' own logging of it would only repeat it as pages of log lines
+        silence_logs=logging.CRITICAL,
     ) as cluster, Client(cluster) as client:
-        print(f"dstab: local cluster of {n_workers} workers; dashboard at {client.dashboard_link}", file=sys.stderr)
-        yield
+        print(f"dstab: local cluster of {n_workers} worker{'s' if n_workers > 1 else ''}; dashboard at {client.dashboard_link}", file=sys.stderr)
+        with _killed_worker_as_error(f"--memory-limit {memory_limit}"):
+            yield
         spilled = spilled_bytes(client)
         if spilled:
             print(f"dstab: workers spilled {spilled / 2**20:,.0f} MiB to disk (raise --memory-limit to avoid it)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _killed_worker_as_error(limit: str) -> Iterator[None]:
+    """A task that kills its worker again and again (Dask gives up after a few): one line naming the memory limit."""
+    from distributed.scheduler import KilledWorker
+
+    try:
+        yield
+    except KilledWorker as exc:
+        raise UsageError(
+            f"a task killed its worker {exc.allowed_failures + 1} times ({exc.task!r}): the workers run out of memory at {limit}; raise the memory limit per worker "
+            "(--memory-limit 2GiB, or fewer --workers), or make blocks smaller with DASK_DSTAB__BLOCK_BYTES"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -127,8 +221,12 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     reference = open_version(args.reference, options) if args.reference else None
     inputs = [v.url for v in (new, reference) if v is not None and v.url]
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
+    check_request(
+        new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
+        anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
+    )  # fmt: skip
     started = time.perf_counter()
-    with scheduler_from_args(args):
+    with scheduler_from_args(args, _tables(new, reference)):
         result = stabilize(
             new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
             anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
@@ -143,7 +241,13 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
         print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
     for line in format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}):
         print(line)
+    for note in r.get("notes") or []:
+        print(f"note: {note}")
     return 0
+
+
+def _tables(*versions: Version | None) -> list[Table]:
+    return [v.table(side) for v in versions if v is not None for side in ("items", "users")]
 
 
 def _check_plot_path(args: argparse.Namespace) -> None:
@@ -171,7 +275,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     reference = open_version(args.reference, options) if args.reference else None
     base = open_version(args.base, options) if args.base else None
     needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
-    with scheduler_from_args(args) if needs_pass else contextlib.nullcontext():
+    with scheduler_from_args(args, _tables(version, reference, base)) if needs_pass else contextlib.nullcontext():
         report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
     _emit(args, report, lambda: format_report(report), lambda path: plot_report(report, path))
     return 0
@@ -182,7 +286,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
-    with scheduler_from_args(args):
+    with scheduler_from_args(args, _tables(target) if isinstance(target, Version) else [target]):
         result = diagnose(target, rtol=args.rtol, progress=not args.no_progress and not args.json)
     measures = {k: v for k, v in result.items() if k in ("items", "users", "table", "interaction")}
     _emit(args, measures, lambda: format_diagnosis(result), lambda path: plot_diagnosis(result, path))
@@ -197,7 +301,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     transform = version.saved_transform(side)  # fails early, before any cluster starts
     check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options)
     started = time.perf_counter()
-    with scheduler_from_args(args):
+    with scheduler_from_args(args, [table]):
         apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
     print(f"wrote {args.out}: {table.n_rows:,} {side} rows x {transform.shape[1]} in the space of {args.version}, "
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
@@ -263,7 +367,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     options = _storage_options(args)
     version = open_version(args.version, options)
-    with scheduler_from_args(args):
+    check_output(args.out, inputs=[version.url] if version.url else [], overwrite=args.overwrite, storage_options=options)
+    with scheduler_from_args(args, _tables(version)):
         written = export_version(
             version, args.out, layout=args.layout, overwrite=args.overwrite, storage_options=options,
             progress=not args.no_progress,
@@ -279,8 +384,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"--like copies the shape of a version; drop --{', --'.join(given)}")
         like = open_version(args.like)
+        if args.counts:
+            raise UsageError("--like retrains carry the counts of the version they copy; drop --counts")
         check_output(args.out, inputs=[args.like], overwrite=args.overwrite)
-        with scheduler_from_args(args):
+        with scheduler_from_args(args, _tables(like)):
             out = synth_like(
                 args.out, like, noise=args.noise, churn=args.churn, seed=args.seed, overwrite=args.overwrite, progress=progress
             )
@@ -294,7 +401,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         with scheduler_from_args(args):
             out = synth(
                 args.out, items=args.items, users=args.users, dim=args.dim, rank=args.rank, seed=args.seed,
-                dtype=args.dtype, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=progress,
+                dtype=args.dtype, chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite,
+                progress=progress,
             )  # fmt: skip
     print(f"wrote {args.out}: {out!r}")
     return 0
@@ -431,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")
+    p.add_argument(
+        "--counts", action="store_true",
+        help="also write items/counts and users/counts (synthetic interaction counts, 1 to 1,000; for --anchor-min-count)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)
     p.set_defaults(func=cmd_synth)
@@ -447,6 +559,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except DstabError as exc:
         print(f"dstab: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`dstab log V | head -1`): not an error; keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        error = output_error(getattr(args, "out", None) or "the output", exc)
+        if error is exc:
+            raise
+        print(f"dstab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dstab: interrupted", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""The two-field dot-product model of seed 000, small and in numpy: watch a low-cardinality field collapse the other.
+"""The two-field model of docs/design.md ("Dimension collapse"), in numpy: watch a low-cardinality field collapse the other.
 
 Field A has ``n_a`` values (users, say), field B ``n_b`` (gender: 2). The score
 of a pair is ``s(i, j) = <v_i, v_j>``, trained with binary cross-entropy and an
 L2 penalty ``λ/2 (||V_A||² + ||V_B||²)`` on labels drawn from a ground-truth
-model of the same form. The gradient (seed 000, eq. for ∂L/∂V_A)::
+model of the same form. The gradients (docs/design.md, "Dimension collapse")::
 
     ∂L/∂V_A = (σ(V_A V_B^T) - Y) ⊙ M V_B / |D| + λ V_A,   ∂L/∂V_B = ((σ - Y) ⊙ M)^T V_A / |D| + λ V_B
 
@@ -104,7 +104,7 @@ def train(
     record_every: int = 0,
     rtol: float = 1e-6,
 ) -> TwoFieldModel:
-    """Gradient descent on the note's loss: full batch, or mini-batches of ``batch`` observed pairs (SGD).
+    """Gradient descent on the loss above: full batch, or mini-batches of ``batch`` observed pairs (SGD).
 
     ``record_every`` > 0 keeps the spectrum of ``V_A`` every that many steps.
     """

@@ -29,7 +29,7 @@ def diagnose(target: Version | Table, *, rtol: float | None = None, progress: bo
     tables = {s: target.table(s) for s in SIDES} if isinstance(target, Version) else {"table": target}
     first = next(iter(tables.values()))
     rtol_used = linalg.default_rtol(first.dtype, first.dim) if rtol is None else float(rtol)
-    stats = dict(zip(tables, compute(*(side_statistics(t) for t in tables.values()), progress=progress)))
+    stats = dict(zip(tables, compute(*(side_statistics(t) for t in tables.values()), progress=progress, stage="statistics pass")))
     for name, s in stats.items():
         check_finite(f"{name}/vectors" if name != "table" else f"{first.name}/vectors", s, tables[name])
     out: dict[str, Any] = {

@@ -29,5 +29,17 @@ class OutputExistsError(DstabError, FileExistsError):
     """The output location already holds something and ``overwrite`` was not given."""
 
 
+class OutputBusyError(OutputExistsError):
+    """Another run is writing the output location now."""
+
+
+class OutputWriteError(DstabError, OSError):
+    """The machine refused a write to the output (disk full, read-only, no permission)."""
+
+
 class UsageError(DstabError, ValueError):
     """A parameter is out of range or two parameters contradict each other."""
+
+
+class StorageError(DstabError, OSError):
+    """An object store cannot be reached or refuses the request: the message names the URL, the cause and the fix."""

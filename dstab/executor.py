@@ -5,16 +5,23 @@ pick (a ``distributed.Client`` made default by the caller, ``dask.config``'s
 ``scheduler``, or the threaded default), pins BLAS to one thread for local
 schedulers (with Dask's threads, multi-threaded BLAS inside tasks was measured
 100x slower; distributed's nanny already sets ``OMP_NUM_THREADS=1`` and friends
-in its workers), and can show progress on stderr.
+in its workers), and can show progress on stderr: a bar on a terminal, and
+otherwise (a log file, a pipe) two plain lines per stage, when it starts (with
+its number of tasks) and when it ends (with its time), never a ``\\r``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
 import dask
+import dask.threaded
 from threadpoolctl import threadpool_limits
 
 
@@ -29,24 +36,147 @@ def active_client() -> Any | None:
     return owner if isinstance(owner, Client) else None
 
 
-def compute(*graphs: Any, progress: bool = False) -> tuple[Any, ...]:
-    """``dask.compute(*graphs)`` on the active scheduler, optionally with a progress bar."""
+DEFAULT_STAGE = "computing"
+
+
+def _on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (a log file, a pipe or a capture is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _say(line: str) -> None:
+    """One plain line on stderr."""
+    if sys.stderr is not None:
+        print(f"dstab: {line}", file=sys.stderr, flush=True)
+
+
+def _started(stage: str, n_tasks: int) -> None:
+    _say(f"{stage}: {n_tasks:,} task{'' if n_tasks == 1 else 's'} ...")
+
+
+@contextlib.contextmanager
+def _timed(stage: str) -> Iterator[None]:
+    """The closing plain line of a stage: its time, or that it stopped."""
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        _say(f"{stage}: stopped after {time.perf_counter() - started:.1f} s")
+        raise
+    _say(f"{stage}: done in {time.perf_counter() - started:.1f} s")
+
+
+def _local_lines(stage: str) -> contextlib.AbstractContextManager[Any]:
+    """Local schedulers: the opening line of a stage when the scheduler starts it (the graph's task count)."""
+    from dask.callbacks import Callback
+
+    class StartLine(Callback):
+        said = False
+
+        def _start(self, dsk: Any) -> None:
+            if not self.said:  # once: a task computing its own graph does not speak
+                self.said = True
+                _started(stage, len(dsk))
+
+    return StartLine()
+
+
+def _distributed_lines(futures: list[Any], stage: str) -> None:
+    """Distributed: the opening line once the scheduler reports the task count; returns when all are done."""
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    class StartLine(TextProgressBar):
+        said = False
+
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # "all": distributed passes it by name
+            if not self.said:
+                self.said = True
+                _started(stage, all)
+
+        def _draw_stop(self, **kwargs: Any) -> None:
+            pass
+
+    StartLine(futures, complete=True)
+
+
+def compute(*graphs: Any, progress: bool = False, stage: str = DEFAULT_STAGE) -> tuple[Any, ...]:
+    """``dask.compute(*graphs)`` on the active scheduler, optionally showing progress on stderr.
+
+    ``stage`` names the work in the progress output (``"statistics pass"``).
+    On a terminal progress is a bar; otherwise it is two plain lines,
+    ``dstab: STAGE: N tasks ...`` and ``dstab: STAGE: done in T s``.
+    """
+    terminal = progress and _on_terminal(sys.stderr)
+    plain = progress and not terminal
+    if terminal:
+        _say(stage)
     client = active_client()
     if client is not None:
-        futures = client.compute(list(graphs))
-        if progress:
-            from distributed import progress as show_progress
+        with _timed(stage) if plain else contextlib.nullcontext():
+            futures = client.compute(list(graphs))
+            if terminal:
+                from distributed import progress as show_progress
 
-            with contextlib.redirect_stdout(sys.stderr):
-                show_progress(futures)
-        return tuple(client.gather(futures))
+                with contextlib.redirect_stdout(sys.stderr):
+                    show_progress(futures)
+            try:
+                if terminal:
+                    from distributed import progress as show_progress
+
+                    with contextlib.redirect_stdout(sys.stderr):
+                        show_progress(futures)
+                elif plain:
+                    _distributed_lines(futures, stage)
+                return tuple(client.gather(futures))
+            except BaseException:
+                _settle(client, futures)
+                raise
     bar: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if progress:
+    if terminal:
         from dask.diagnostics import ProgressBar
 
         bar = ProgressBar(out=sys.stderr)
-    with threadpool_limits(limits=1, user_api="blas"), bar:
-        return dask.compute(*graphs)
+    elif plain:
+        bar = _local_lines(stage)
+    with _timed(stage) if plain else contextlib.nullcontext(), threadpool_limits(limits=1, user_api="blas"), bar:
+        if dask.base.get_scheduler() is not dask.threaded.get:
+            return dask.compute(*graphs)
+        # A pool of this compute's own, so that when a task fails the others still running are waited for:
+        # a block write finishing after the caller has cleaned up would put back what it removed.
+        pool = ThreadPoolExecutor(int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+        try:
+            return dask.compute(*graphs, scheduler="threads", pool=pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# How long a failed compute waits for its cancelled tasks to stop running on the workers.
+SETTLE_SECONDS = 120.0
+
+
+def _executing(dask_worker: Any) -> int:
+    state = dask_worker.state
+    return int(state.executing_count + len(state.long_running))
+
+
+def _settle(client: Any, futures: list[Any]) -> None:
+    """Cancel a failed compute's futures and wait until no worker still runs a task (cancelled ones included).
+
+    A worker cannot stop a task that has started, so after a failure the other
+    block writes of the same compute may still be running; the caller removes
+    its staging only once they have ended. Bounded: on a cluster shared with
+    other work it stops waiting after :data:`SETTLE_SECONDS`.
+    """
+    try:
+        client.cancel(futures, force=True)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while time.monotonic() < deadline and any(client.run(_executing).values()):
+            time.sleep(0.05)
+    except Exception:  # the cluster itself is going away: nothing left to wait for
+        pass
 
 
 def _spilled_by(dask_worker: Any) -> float:
@@ -76,7 +206,7 @@ def _nothing(*_: Any) -> None:
     return None
 
 
-def run_all(tasks: list[Any], *, progress: bool = False) -> None:
+def run_all(tasks: list[Any], *, progress: bool = False, stage: str = "writing") -> None:
     """Compute delayed tasks run for their effect (writes), joined by a tree so no task waits on thousands."""
     if tasks:
-        compute(tree_reduce(tasks, _nothing), progress=progress)
+        compute(tree_reduce(tasks, _nothing), progress=progress, stage=stage)

@@ -130,10 +130,34 @@ def merge_summaries(a: IdSummary, b: IdSummary) -> IdSummary:
     )
 
 
+def id_values(ids: np.ndarray) -> list[int | str]:
+    """Ids as Python ``int`` / ``str`` (to name them in messages).
+
+    ``tolist`` and not ``.item()`` per element: numpy's variable-width
+    ``StringDType`` (how zarr reads Zarr v3 string ids) yields ``str`` elements,
+    which have no ``.item()``.
+    """
+    return np.asarray(ids).tolist()
+
+
 def rows_with_hash(ids: np.ndarray, target: int, offset: int) -> list[tuple[int, object]]:
     """``(global row, id)`` of the ids in a block that hash to ``target`` (to name a duplicate)."""
+    ids = np.asarray(ids)
     rows = np.flatnonzero(hash_ids(ids) == np.uint64(target))
-    return [(offset + int(i), ids[i].item()) for i in rows]
+    return list(zip((offset + rows).tolist(), id_values(ids[rows])))
+
+
+def first_duplicate(rows: list[tuple[int, object]]) -> tuple[object, int, int] | None:
+    """``(id, first row, second row)`` of the first id that repeats in ``(row, id)`` pairs in row order.
+
+    The pairs share one hash; two different ids that collide are told apart here.
+    """
+    seen: dict[object, int] = {}
+    for row, value in rows:
+        if value in seen:
+            return value, seen[value], row
+        seen[value] = row
+    return None
 
 
 # ----------------------------------------------------------------------------- the sample and the join

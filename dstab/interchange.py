@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,21 +26,24 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .errors import InputError, OutputExistsError, UsageError
+from . import ids as idm
+from .errors import InputError, UsageError
+from .executor import compute, run_all, tree_reduce
 from .ids import IdKind, id_kind
-from .executor import run_all
+from .outputs import EXPORT_MARKER, Claim, check_replaceable, inspect_output
+from .stats import _n_buckets, check_repeat
 from .version import (
     SIDES,
     Staging,
+    Table,
     Version,
-    _same_or_nested,
     _staging_name,
     canonical_url,
+    check_output,
     is_local,
     local_path,
     move_into_place,
     open_version,
-    recover_local,
     row_starts,
     write_block,
 )
@@ -127,6 +131,11 @@ def _check_vector_dtype(dtype: np.dtype, label: str) -> None:
 
 
 def _parquet_files(url: str, storage_options: dict[str, Any] | None, label: str) -> tuple[Any, list[str]]:
+    if not is_local(url):
+        from .stores import probe
+
+        if not probe(url, storage_options, what=f"{label} source"):  # one line if the store cannot answer
+            raise InputError(f"{label}: nothing at {url}; give a Parquet file or a directory of them")
     fs, path = _fs(url, storage_options)
     if not fs.exists(path):
         raise InputError(f"{label}: nothing at {url}; give a Parquet file or a directory of them")
@@ -158,14 +167,13 @@ def open_parquet(
     list column of the schema is taken.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, files = _parquet_files(url, storage_options, label)
     pieces: list[Piece] = []
     schema = None
     for f in files:
         with fs.open(f, "rb") as handle:
-            meta = pq.ParquetFile(handle)
+            meta = _parquet_file(handle, f, label)
             if schema is None:
                 schema = meta.schema_arrow
             elif not meta.schema_arrow.equals(schema):
@@ -224,6 +232,29 @@ def _is_list(t: Any) -> bool:
     import pyarrow as pa
 
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _not_parquet(label: str, path: str, exc: Exception) -> InputError:
+    reason = " ".join(str(exc).split())  # one line, whatever pyarrow says
+    return InputError(
+        f"{label}: {path} is not a Parquet file ({reason}); expected a Parquet file or a directory of "
+        "*.parquet files (or a .npy file): convert the table to Parquet upstream"
+    )
+
+
+def _parquet_file(handle: Any, path: str, label: str) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of an open file; :class:`InputError` naming it when it is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(handle)
+    except pa.ArrowInvalid as exc:  # no magic bytes, too small: text, CSV, an empty file
+        raise _not_parquet(label, path, exc) from None
+    except OSError as exc:  # magic bytes but a footer that does not decode; other OSErrors are the store's
+        if "thrift" not in str(exc).lower():
+            raise
+        raise _not_parquet(label, path, exc) from None
 
 
 def _first_list_length(fs: Any, pieces: list[Piece], column: str) -> int:
@@ -294,8 +325,20 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
 # ----------------------------------------------------------------------------- import
 
 
-def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -> list[Any]:
-    """Tasks that read ``source`` piece by piece and write ``side/vectors`` (and ``side/ids``) in whole chunks."""
+def _write_ids(block: np.ndarray, target: Any, start: int, n_buckets: int) -> list[np.ndarray]:
+    """Write one block of ids and return their hashes by bucket: the duplicate check, on ids already in memory."""
+    write_block(block, target, start)
+    block = np.asarray(block)
+    return idm.buckets_of(idm.hash_ids(block.astype(str) if block.dtype == object else block), n_buckets)
+
+
+def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -> tuple[list[Any], Any | None]:
+    """Tasks that read ``source`` piece by piece and write ``side/vectors`` (and ``side/ids``) in whole chunks.
+
+    With ids, also a delayed :class:`dstab.ids.IdSummary` of them: the id
+    write tasks hash their blocks into buckets (8 bytes per row), one task per
+    bucket looks for a repeated hash, as :mod:`dstab.stats` does; no more reads.
+    """
     parts = []
     offsets = row_starts(tuple(p.n_rows for p in source.pieces))
     light = dataclasses.replace(source, pieces=[])  # each task needs its own piece, not the list of all
@@ -319,11 +362,40 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         id_target = staging.create_array(
             f"{side}/ids", shape=(source.n_rows,), chunks=(rows,), dtype=np.dtype(np.int64) if meta_ids.kind == "i" else str
         )
-        tasks += [
-            dask.delayed(write_block, pure=True)(block, id_target, start)
+        n_buckets = _n_buckets(source.n_rows)
+        hashed = [
+            dask.delayed(_write_ids, pure=True)(block, id_target, start, n_buckets)
             for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
         ]
-    return tasks
+        summaries = [dask.delayed(idm.bucket_summary, pure=True)([h[k] for h in hashed], None) for k in range(n_buckets)]
+        return tasks, tree_reduce(summaries, idm.merge_summaries)
+    return tasks, None
+
+
+def _done(*_: Any) -> None:
+    return None
+
+
+def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int, progress: bool) -> None:
+    """Write every side into ``staging``; :class:`InputError` naming a repeated id and its first two rows.
+
+    Runs before the version is published, so a refused import leaves nothing
+    behind. Naming a repeat reads the staged ids once more (ids only), and only
+    when there is one.
+    """
+    tasks, checks = [], {}
+    for side, source in sources.items():
+        side_tasks, check = _table_graph(source, side, staging, chunk_rows)
+        tasks += side_tasks
+        if check is not None:
+            checks[side] = check
+    _, *summaries = compute(tree_reduce(tasks, _done), *checks.values(), progress=progress, stage="import")
+    for side, summary in zip(checks, summaries):
+        source = sources[side]
+        ids = staging.group[f"{side}/ids"]
+        table = Table(side, vectors=staging.group[f"{side}/vectors"], ids=ids, chunk_rows=int(ids.chunks[0]))
+        where = source.ids_url if source.kind == "npy" else f"{source.url} (column {source.id_column!r})"
+        check_repeat(side, str(where), table, summary.repeat_new)
 
 
 
@@ -350,13 +422,26 @@ def import_version(
     out = os.fspath(out)
     staging = Staging(out, inputs=[items.url, users.url], overwrite=overwrite, storage_options=storage_options)
     try:
-        tasks = _table_graph(items, "items", staging, chunk_rows) + _table_graph(users, "users", staging, chunk_rows)
-        run_all(tasks, progress=progress)
+        _write_tables(staging, {"items": items, "users": users}, chunk_rows, progress)
+        from . import __version__
+
         staging.publish(
             {
                 "kind": "imported",
-                "sources": {"items": canonical_url(items.url), "users": canonical_url(users.url)},
+                "dstab_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                # where each side was read from, and how (never the storage options: they may hold credentials)
+                "sources": {
+                    side: {
+                        "url": canonical_url(src.url),
+                        "format": src.kind,
+                        "ids": canonical_url(src.ids_url) if src.ids_url else None,
+                        "id_column": src.id_column if src.kind == "parquet" else None,
+                        "vector_column": src.vector_column,
+                        "vector_columns": list(src.vector_columns),
+                    }
+                    for side, src in (("items", items), ("users", users))
+                },
             }
         )
     except BaseException:
@@ -409,23 +494,25 @@ def export_version(
     if layout not in ("list", "columns"):
         raise UsageError(f"layout must be 'list' or 'columns', got {layout!r}")
     out = os.fspath(out)
-    if version.url and _same_or_nested(out, version.url):
-        raise UsageError(f"output {out} is, contains, or lies inside the input {version.url}; choose another --out")
     fs, root = _fs(out, storage_options)
-    if is_local(out):
-        recover_local(local_path(out))
-    if fs.exists(root):
-        if not overwrite:
-            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, inputs=[version.url] if version.url else [], overwrite=overwrite, storage_options=storage_options)
     local = is_local(out)
     final = root
+    claim = None
     if local:
         final_path = local_path(out)
         final_path.parent.mkdir(parents=True, exist_ok=True)
         root = str(_staging_name(final_path, "tmp"))
-    elif fs.exists(root):
-        fs.rm(root, recursive=True)
+    else:
+        claim = Claim(out, storage_options)
+        claim.acquire()
+        if fs.exists(root):
+            check_replaceable(out, inspect_output(out, storage_options), overwrite=overwrite)
+            fs.rm(root, recursive=True)
     try:
+        # the marker says "a dstab output" (so --overwrite may replace it later); complete only at the end
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": False}).encode())
         tasks = []
         for side in SIDES:
             table = version.table(side)
@@ -435,16 +522,23 @@ def export_version(
             for i, (block, id_block, start) in enumerate(zip(table.blocks(chunks), ids, row_starts(chunks))):
                 path = f"{root}/{side}/part-{i:05d}.parquet"
                 tasks.append(dask.delayed(_export_block, pure=True)(block, id_block, start, fs, path, layout))
-        run_all(tasks, progress=progress)
+        run_all(tasks, progress=progress, stage="export to Parquet")
+        if claim is not None:
+            claim.verify()
+        fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": True}).encode())
         if local:
-            move_into_place(Path(root), final_path)
+            move_into_place(Path(root), final_path, replace=overwrite)
         else:
             with fs.open(f"{root}/_SUCCESS", "wb") as handle:
                 handle.write(b"")
     except BaseException:
         try:
-            fs.rm(root, recursive=True)
+            if claim is None or claim.verify() is None:
+                fs.rm(root, recursive=True)
         except (FileNotFoundError, OSError):
             pass
         raise
+    finally:
+        if claim is not None:
+            claim.release()
     return [f"{final}/{side}" for side in SIDES]

@@ -2,7 +2,7 @@
 
 Everything here works on e x e matrices (Gram and cross-Gram matrices of the
 tables, accumulated in float64 by :mod:`dstab.stats`). Notation follows
-DESIGN.md: items ``T`` (n x e), users ``W`` (m x e), scores ``S = W T^T``.
+docs/design.md: items ``T`` (n x e), users ``W`` (m x e), scores ``S = W T^T``.
 
 1. ``R`` is any square root of the Gram matrix (``R^T R = T^T T``); we take it
    from the symmetric eigendecomposition, which is rank revealing and never
@@ -103,7 +103,7 @@ def canonical_transforms(
     rank: int | Literal["auto"] = "auto",
     rtol: float,
 ) -> Canonical:
-    """Steps 2-3 of DESIGN.md from the two factors (``R^T R`` = Gram; any square root works)."""
+    """Steps 2-4 of docs/design.md ("The maths") from the two factors (``R^T R`` = Gram; any square root works)."""
     u, sv, vt = core_svd(r_items, r_users)
     k = choose_rank(sv, rank, rtol)
     if k == 0:

@@ -35,6 +35,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
             "drift_before": report.get("drift_before"),
             "drift_after": report.get("drift_after"),
             "params": attrs.get("params"),
+            "sources": attrs.get("sources"),
         }
         entries.append(entry)
         if url is not None:
@@ -53,20 +54,117 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
     return entries
 
 
+KIND_WORDS = {
+    "raw": "raw version",
+    "synthetic": "synthetic version",
+    "imported": "imported version",
+    "stabilized": "stabilized version",
+}
+
+
+def _words(value: Any) -> str:
+    """A recorded (JSON) value in words: no braces, quotes or None."""
+    if value is None:
+        return "not set"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_words(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{str(k).replace('_', ' ')} {_words(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _words(value)
+
+
+def made_words(entry: dict[str, Any]) -> str:
+    """When and by which dstab a version was written, in words ("made 2026-11-20 03:12:09 UTC by dstab 0.1.0")."""
+    created = entry.get("created")
+    if isinstance(created, str) and created:
+        when = f"made {created.replace('T', ' ').replace('+00:00', ' UTC')}"
+    else:
+        when = f"made {_words(created)}" if created else "made at an unrecorded time"
+    version = entry.get("dstab_version")
+    return f"{when} by dstab {_words(version)}" if version else f"{when} by an unrecorded version of dstab"
+
+
+def _source_words(side: str, source: Any) -> str:
+    """One imported table: its file or directory, and where its ids and vectors were read from."""
+    if not isinstance(source, dict):  # versions imported before the column options were recorded: the URL only
+        return f"{side} {_words(source)}"
+    details = []
+    if source.get("ids"):
+        details.append(f"ids from {source['ids']}")
+    if source.get("format") == "parquet":
+        details.append(f"id column {source['id_column']}" if source.get("id_column") else "no id column (row numbers)")
+        columns = source.get("vector_columns") or []
+        if columns:
+            shown = ", ".join(columns) if len(columns) <= 4 else f"{columns[0]} to {columns[-1]}"
+            details.append(f"vectors from {len(columns)} columns {shown}")
+        elif source.get("vector_column"):
+            details.append(f"vectors from list column {source['vector_column']}")
+    text = f"{side} {_words(source.get('url'))}"
+    return f"{text} ({'; '.join(details)})" if details else text
+
+
+def origin_words(entry: dict[str, Any]) -> str:
+    """How a version was made, in words, from its recorded lineage (an entry of :func:`chain`, or a report's)."""
+    kind = entry.get("kind") or "raw"
+    if kind == "raw":
+        return "not written by dstab: no lineage recorded"
+    params = entry.get("params")
+    params = params if isinstance(params, dict) else {}
+    if kind == "synthetic" and "like" in params:
+        noise, churn = params.get("noise") or 0.0, params.get("churn") or 0.0
+        churned = f"{churn:.1%}" if isinstance(churn, float) else _words(churn)
+        return (
+            f"a synthetic retrain of {_words(params['like'])}: the same scores in a new random basis, "
+            + (f"relative noise {_words(noise)}" if noise else "no noise")
+            + (f", {churned} of ids replaced and rows reordered" if churn else ", the same ids in the same order")
+            + f", seed {_words(params.get('seed'))}"
+        )
+    if kind == "synthetic" and {"items", "users", "dim"} <= params.keys():
+        return (
+            f"synthetic: {_count(params['items'])} items and {_count(params['users'])} users of width "
+            f"{_words(params['dim'])}, scores of rank {_words(params.get('rank'))}, seed {_words(params.get('seed'))}, "
+            f"{_words(params.get('dtype'))}"
+        )
+    if kind == "imported":
+        sources = entry.get("sources")
+        if not sources:
+            return "imported from sources that were not recorded"
+        if isinstance(sources, dict):
+            return "imported from " + " and ".join(_source_words(side, src) for side, src in sources.items())
+        return f"imported from {_words(sources)}"
+    if kind == "stabilized":
+        text = f"stabilized from {_words(entry.get('input') or 'an input that was not recorded')}"
+        if entry.get("reference"):
+            return f"{text} onto {_words(entry['reference'])}"
+        return f"{text}, with no reference: the first of the chain (deterministic signs)"
+    return f"{_words(kind)}" + (f" with {_words(params)}" if params else "")
+
+
 def format_chain(entries: list[dict[str, Any]]) -> str:
+    """The chain in words, newest first: what each version is, how and when it was made."""
+
     def num(value: Any) -> str:
         return "n/a" if value is None else f"{value:.4g}"
 
     lines = []
     for i, e in enumerate(entries):
-        head = f"{len(entries) - i:>3}. {e['url']}  ({e['kind']}, made {e['created'] or '?'} by dstab {e['dstab_version'] or '?'})"
-        lines.append(head)
-        if e["kind"] == "stabilized":
-            lines.append(f"     from {e['input']}, rank {e['rank']}, width {e['dim_out']}")
-            if e["reference"]:
-                lines.append(f"     onto {e['reference']}: drift {num(e['drift_before'])} -> {num(e['drift_after'])}")
-            else:
-                lines.append("     first of the chain (no reference: deterministic signs)")
+        kind = e.get("kind") or "raw"
+        head = f"{len(entries) - i:>3}. {e['url'] or 'a version in memory'}  ({KIND_WORDS.get(kind, kind)}"
+        lines.append(head + (")" if kind == "raw" else f", {made_words(e)})"))
+        lines.append(f"     {origin_words(e)}")
+        if kind == "stabilized":
+            drift = f"; drift onto the reference {num(e['drift_before'])} -> {num(e['drift_after'])}" if e["reference"] else ""
+            lines.append(f"     rank {_words(e['rank'])}, width {_words(e['dim_out'])}{drift}")
         if "missing" in e:
             lines.append(f"     chain ends here: {e['missing']}")
     return "\n".join(lines)

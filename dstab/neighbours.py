@@ -125,7 +125,7 @@ def neighbour_sets(groups: list[list[Search]], keys: list[np.ndarray], k: int, *
     from .executor import compute
 
     graphs = [top_neighbours(table, rows, k, transform=transform) for group in groups for table, rows, transform in group]
-    found = iter(compute(*graphs, progress=progress)) if graphs else iter(())
+    found = iter(compute(*graphs, progress=progress, stage="neighbour search")) if graphs else iter(())
     return [[neighbour_keys(next(found), group_keys, k) for _ in group] for group, group_keys in zip(groups, keys)]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import linalg
 from .executor import compute
-from .lineage import chain
+from .lineage import KIND_WORDS, chain, made_words, origin_words
 from .stats import check_finite, pass_statistics, side_statistics
 from .version import SIDES, Version, canonical_url
 
@@ -125,14 +125,14 @@ def describe(
         report.update(stored)
     else:
         graphs = [side_statistics(version.table(side)) for side in SIDES]
-        items_stats, users_stats = compute(*graphs, progress=progress)
+        items_stats, users_stats = compute(*graphs, progress=progress, stage="statistics pass")
         for side, s in zip(SIDES, (items_stats, users_stats)):
             check_finite(f"{side}/vectors", s, version.table(side))
         rtol = linalg.default_rtol(version.dtype, version.dim)
         sv = linalg.core_svd(linalg.gram_factor(items_stats.gram), linalg.gram_factor(users_stats.gram))[1]
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
-        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "params") if key in attrs
+        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "params", "sources") if key in attrs
     }
     if reference is not None:
         report["reference_checked"] = reference.url
@@ -206,29 +206,41 @@ def format_matching(matching: dict[str, Any]) -> list[str]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as a few human-readable lines."""
+    """The report as a few human-readable lines: what the version is, how it was made, what was measured."""
 
     def num(value: Any) -> str:
         return "n/a" if value is None else f"{value:.3g}"
 
+    kind = report.get("kind") or "raw"
     sv = report.get("singular_values") or []
+    top = ", ".join(f"{v:.4g}" for v in sv[:8]) + (" ..." if len(sv) > 8 else "")
+    lineage = {"kind": kind, **(report.get("lineage") or {})}
+    made = "" if kind == "raw" else f", {made_words(lineage)}"
     lines = [
-        f"{report.get('url')}  ({report.get('kind')}, {report.get('dtype')})",
-        f"  items {report['n_items']:,}  users {report['n_users']:,}  dim {report['dim_in']} -> {report['dim_out']}",
-        f"  rank kept {report.get('rank')} of {len(sv)}; top singular values "
-        + ", ".join(f"{v:.4g}" for v in sv[:8])
-        + (" ..." if len(sv) > 8 else ""),
-        f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
-        f"  drift before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}",
+        f"{report.get('url') or 'a version in memory'}  ({KIND_WORDS.get(kind, kind)}, {report.get('dtype')}{made})",
+        f"  {origin_words(lineage)}",
     ]
+    if kind == "stabilized":
+        lines += [
+            f"  items {report['n_items']:,}  users {report['n_users']:,}  width {report['dim_in']} -> {report['dim_out']}",
+            f"  rank kept {report.get('rank')} of {len(sv)}; top singular values {top}",
+            f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
+        ]
+        if report.get("drift_before") is None:
+            lines.append("  no drift recorded: stabilized without a reference")
+        else:
+            lines.append(f"  drift onto the reference: before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}")
+    else:
+        rtol = report.get("rtol")
+        above = f" (singular values above {rtol:.2g} x the largest)" if rtol is not None else ""
+        lines += [
+            f"  items {report['n_items']:,}  users {report['n_users']:,}  width {report['dim_in']}",
+            f"  spectrum measured now: rank {report.get('rank')} of {len(sv)}{above}; top singular values {top}",
+            "  not stabilized, so no score error or drift of its own"
+            + ("" if "drift_vs_reference" in report else " (`dstab stabilize` it; --reference measures drift now)"),
+        ]
     lines += ["  " + line for line in format_side_drift(report.get("drift") or {})]
     lines += ["  " + line for line in format_matching(report.get("matching") or {})]
-    lineage = report.get("lineage") or {}
-    if lineage:
-        lines.append(
-            f"  made {lineage.get('created', '?')} by dstab {lineage.get('dstab_version', '?')} "
-            f"from {lineage.get('input') or lineage.get('params')} onto {lineage.get('reference')}"
-        )
     if "drift_vs_reference" in report:
         lines += _drift_lines(f"drift vs {report['reference_checked']}", report["drift_vs_reference"])
     if "drift_vs_base" in report:

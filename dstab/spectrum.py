@@ -12,7 +12,7 @@ For singular values ``σ`` (descending) of a table or of the interaction core:
 Why a fraction of the width: a healthy trained embedding spreads its energy
 over most of its dimensions (a spectrum decaying like ``exp(-k / (dim / 4))``
 has an effective rank near 0.7 dim), while a table collapsed by a
-low-cardinality field (seed 000: rank at most ``n_B``) has an effective rank of
+low-cardinality field (docs/design.md, "Dimension collapse": rank at most ``n_B``) has an effective rank of
 a few dimensions whatever its width.
 """
 

@@ -205,7 +205,7 @@ class Stabilization:
                         )
                     )
                 checks += staging.copy_ids(side, table)
-            (totals,) = compute(tree_reduce(checks, _sum_checks), progress=progress)
+            (totals,) = compute(tree_reduce(checks, _sum_checks), progress=progress, stage="write pass")
             self.report["score_error"] = float(np.sqrt(totals[0] / totals[1])) if totals[1] > 0 else 0.0
             self.report["score_max_abs_error"] = float(totals[2])
             self.report["score_max_abs"] = float(totals[3])
@@ -233,6 +233,68 @@ class Stabilization:
 
 
 # ----------------------------------------------------------------------------- fitting
+
+
+def check_request(
+    new: Version,
+    reference: Version | None = None,
+    *,
+    rank: int | Literal["auto"] = "auto",
+    rtol: float | None = None,
+    anchor: str = "both",
+    anchor_min_count: float = 0.0,
+    anchor_weights: str = "uniform",
+    method: str = "auto",
+    neighbours: int = 0,
+) -> list[str]:
+    """Every check of a stabilization request that needs no data (metadata and options only).
+
+    Raises :class:`UsageError` or :class:`InputError` naming the option or
+    array and the fix; returns notes worth a line in the output (rows paired by
+    position because only one version has ids). The CLI calls it before any
+    cluster starts, so a request that cannot run is refused at once.
+    """
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if anchor not in ANCHOR_SIDES:
+        raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
+    if anchor_weights not in ANCHOR_WEIGHTS:
+        raise UsageError(f"anchor_weights must be one of {', '.join(ANCHOR_WEIGHTS)}; got {anchor_weights!r}")
+    if not (anchor_min_count >= 0):
+        raise UsageError(f"anchor_min_count must be >= 0, got {anchor_min_count}")
+    if rtol is not None and not (0.0 <= rtol < 1.0):
+        raise UsageError(f"rtol must be in [0, 1), got {rtol}")
+    if not (isinstance(neighbours, int) and neighbours >= 0):
+        raise UsageError(f"neighbours must be a whole number >= 0, got {neighbours!r}")
+    if rank != "auto":
+        linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
+    if reference is None:
+        if neighbours:
+            raise UsageError("--neighbours measures overlap with a reference; give --reference or drop --neighbours")
+        return []
+    anchors = ANCHOR_SIDES[anchor]
+    uses_counts = anchor_min_count > 0 or anchor_weights == "counts"
+    for side in anchors:
+        if uses_counts and new.table(side).counts is None:
+            raise InputError(
+                f"{side}/counts is missing from the new version{_at(new)}, so --anchor-min-count / count weights "
+                f"cannot apply to {side}; add a {side}/counts array (one count per row), drop those options, "
+                f"or anchor on the other side (--anchor)"
+            )
+    notes = []
+    for side in anchors:
+        a, b = new.table(side), reference.table(side)
+        if (a.ids is None) != (b.ids is None) and a.n_rows == b.n_rows:
+            has, lacks = ("the new version", "the reference") if a.ids is not None else ("the reference", "the new version")
+            notes.append(
+                f"{side}: only {has} has {side}/ids, so rows are matched by position (row i with row i); "
+                f"if {lacks}'s rows are in another order, give it {side}/ids to match them by id"
+            )
+    return notes
+
+
+def _at(version: Version) -> str:
+    return f" ({version.url})" if version.url else ""
 
 
 def stabilize(
@@ -280,18 +342,10 @@ def stabilize(
     sampled rows before and after, at the price of two more reads of the new
     tables and one of the reference's.
     """
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if anchor not in ANCHOR_SIDES:
-        raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
-    if anchor_weights not in ANCHOR_WEIGHTS:
-        raise UsageError(f"anchor_weights must be one of {', '.join(ANCHOR_WEIGHTS)}; got {anchor_weights!r}")
-    if not (anchor_min_count >= 0):
-        raise UsageError(f"anchor_min_count must be >= 0, got {anchor_min_count}")
-    if rtol is not None and not (0.0 <= rtol < 1.0):
-        raise UsageError(f"rtol must be in [0, 1), got {rtol}")
-    if rank != "auto":
-        linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
+    notes = check_request(
+        new, reference, rank=rank, rtol=rtol, anchor=anchor, anchor_min_count=anchor_min_count,
+        anchor_weights=anchor_weights, method=method, neighbours=neighbours,
+    )  # fmt: skip
     anchors = ANCHOR_SIDES[anchor] if reference is not None else ()
     spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
 
@@ -303,7 +357,7 @@ def stabilize(
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):
         method_used = "tsqr"
-        extra = compute(*(side_statistics(new.table(s), qr=True) for s in SIDES), progress=progress)
+        extra = compute(*(side_statistics(new.table(s), qr=True) for s in SIDES), progress=progress, stage="QR pass")
         for side, more in zip(SIDES, extra):
             stats[side].r = more.r
     factors = [stats[s].r if method_used == "tsqr" else linalg.gram_factor(stats[s].gram) for s in SIDES]
@@ -367,6 +421,7 @@ def stabilize(
         "side_spectra": {side: singular_values_from_gram(stats[side].gram).tolist() for side in SIDES},
         "anchor": anchor if reference is not None else None,
         "matching": {side: matching_report(stats[side], new, reference, side) for side in anchors},
+        "notes": notes,
         "score_error": None,
     }
     return Stabilization(

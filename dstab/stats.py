@@ -424,7 +424,7 @@ def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, pr
             modes[side] = "position"
     checks = [ids_identical(new.table(s), reference.table(s)) for s in candidates]
     lazy = [c for c in checks if isinstance(c, Delayed)]
-    answers = iter(compute(*lazy, progress=progress)) if lazy else iter(())
+    answers = iter(compute(*lazy, progress=progress, stage="comparing ids")) if lazy else iter(())
     for side, check in zip(candidates, checks):
         same = next(answers) if isinstance(check, Delayed) else check
         modes[side] = "position" if same else "id"
@@ -477,7 +477,7 @@ def pass_statistics(
                 qr=qr,
             )
         )
-    results = dict(zip(sides, compute(*graphs, progress=progress)))
+    results = dict(zip(sides, compute(*graphs, progress=progress, stage="statistics pass")))
     for side in sides:
         stats = results[side]
         if side in anchor_sides and stats.matched_by is None:
@@ -489,7 +489,7 @@ def pass_statistics(
 def _id_at(table: Table, row: int) -> str:
     if table.ids is None:
         return ""
-    return f" (id {np.asarray(table.ids[row : row + 1])[0].item()!r})"
+    return f" (id {idm.id_values(table.ids[row : row + 1])[0]!r})"
 
 
 def _rows_with_hash(ids_block: Any, target: int, offset: int) -> list[tuple[int, object]]:
@@ -509,6 +509,23 @@ def _name_repeat(table: Table, target: int) -> list[tuple[int, object]]:
     ]
     (rows,) = compute(tree_reduce(found, _concat_lists))
     return rows
+
+
+def check_repeat(side: str, label: str, table: Table, repeat: int | None) -> None:
+    """Raise :class:`InputError` naming the id that hashes to ``repeat`` and its first two rows, if it repeats.
+
+    Reads ``table``'s ids once more (the ids only), and only when the bucket
+    check found a repeated hash.
+    """
+    if repeat is None:
+        return
+    found = idm.first_duplicate(_name_repeat(table, repeat))
+    if found is not None:
+        value, first, second = found
+        raise InputError(
+            f"{side}/ids of {label} has the id {value!r} at rows {first} and {second}; "
+            "ids must be unique: drop or merge the duplicate rows upstream"
+        )
 
 
 def check_finite(label: str, stats: SideStats, table: Table) -> None:
@@ -538,16 +555,9 @@ def raise_data_errors(side: Side, stats: SideStats, new: Version, reference: Ver
     summary = stats.ids
     if summary is None:
         return
-    for repeat, which, label in ((summary.repeat_new, table, "the new version"), (summary.repeat_ref, None, "the reference")):
-        if repeat is None:
-            continue
-        source = which if which is not None else reference.table(side)  # type: ignore[union-attr]
-        rows = _name_repeat(source, repeat)
-        if len(rows) >= 2 and rows[0][1] == rows[1][1]:
-            raise InputError(
-                f"{side}/ids of {label} has the id {rows[0][1]!r} at rows {rows[0][0]} and {rows[1][0]}; "
-                "ids must be unique: drop or merge the duplicate rows upstream"
-            )
+    check_repeat(side, "the new version", table, summary.repeat_new)
+    if summary.repeat_ref is not None:
+        check_repeat(side, "the reference", reference.table(side), summary.repeat_ref)  # type: ignore[union-attr]
     if stats.matched_by == "id" and summary.n_common == 0:
         assert reference is not None
         raise InputError(

@@ -12,7 +12,6 @@ from typing import Any
 
 import dask
 import numpy as np
-from scipy.stats import ortho_group
 
 from .errors import UsageError
 from .executor import run_all
@@ -21,6 +20,7 @@ from .version import (
     ArrayTarget,
     Staging,
     Version,
+    canonical_url,
     load,
     open_version,
     row_starts,
@@ -48,14 +48,27 @@ def _model(dim: int, rank: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def counts_for_ids(ids: np.ndarray) -> np.ndarray:
+    """Synthetic interaction counts, a function of the id alone (a row keeps its popularity across retrains).
+
+    Log-uniform from 1 to 1,000: a long tail of rarely seen rows (about 43% below 20), as in real catalogues.
+    """
+    mixed = (np.asarray(ids, dtype=np.int64).view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    u = mixed.astype(np.float64) / float(1 << 53)
+    return np.floor(1000.0**u).astype(np.int64)
+
+
 def _synth_block(
     loadings: np.ndarray, mean: np.ndarray, seed: int, side: int, index: int, n_rows: int, dtype: str,
-    target: ArrayTarget, ids_target: ArrayTarget, start: int, id_base: int,
+    target: ArrayTarget, ids_target: ArrayTarget, start: int, id_base: int, counts_target: ArrayTarget | None = None,
 ) -> int:  # fmt: skip
     rng = np.random.default_rng([seed, side, index])
     latent = rng.normal(size=(n_rows, loadings.shape[0])) + mean
     write_block((latent @ loadings).astype(dtype), target, start)
-    write_block(np.arange(start, start + n_rows, dtype=np.int64) + id_base, ids_target, start)
+    ids = np.arange(start, start + n_rows, dtype=np.int64) + id_base
+    write_block(ids, ids_target, start)
+    if counts_target is not None:
+        write_block(counts_for_ids(ids), counts_target, start)
     return 0
 
 
@@ -76,6 +89,7 @@ def _shaped_noise(rng: np.random.Generator, x: np.ndarray, scale: float) -> np.n
 def _retrain_block(
     source: Any, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
     target: ArrayTarget, start: int, churn: float = 0.0, ids_source: Any = None, ids_target: ArrayTarget | None = None,
+    counts_target: ArrayTarget | None = None,
 ) -> int:  # fmt: skip
     """One block of a retrain; with ``churn``, that share of its rows are new ids and the rows are shuffled."""
     block = load(source)
@@ -94,13 +108,15 @@ def _retrain_block(
         order = rng.permutation(len(x))
         x, ids = x[order], ids[order]
         write_block(ids, ids_target, start)  # type: ignore[arg-type]
+        if counts_target is not None:
+            write_block(counts_for_ids(ids), counts_target, start)
     write_block((x @ basis).astype(block.dtype), target, start)
     return 0
 
 
 def _finish(staging: Staging, tasks: list, attrs: dict[str, Any], progress: bool) -> None:
     try:
-        run_all(tasks, progress=progress)
+        run_all(tasks, progress=progress, stage="writing the synthetic version")
         staging.publish(attrs)
     except BaseException:
         staging.discard()
@@ -128,10 +144,14 @@ def synth(
     seed: int = 0,
     dtype: str = "float32",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    counts: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Version:
-    """Write a synthetic version whose scores have rank ``rank`` (default ``dim``)."""
+    """Write a synthetic version whose scores have rank ``rank`` (default ``dim``).
+
+    With ``counts``, each side also gets ``SIDE/counts`` (:func:`counts_for_ids`), for the anchor options.
+    """
     rank = dim if rank is None else rank
     for name, value in (("items", items), ("users", users), ("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
         if value < 1:
@@ -147,21 +167,26 @@ def synth(
         rows = min(chunk_rows, n)
         target = staging.create_array(f"{side}/vectors", shape=(n, dim), chunks=(rows, dim), dtype=np.dtype(dtype))
         ids_target = staging.create_array(f"{side}/ids", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64))
+        counts_target = (
+            staging.create_array(f"{side}/counts", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64)) if counts else None
+        )
         id_base = 0 if side == "items" else 10**12  # item and user ids never collide
         for index, start in enumerate(range(0, n, rows)):
             tasks.append(
                 dask.delayed(_synth_block, pure=True)(
                     model[side], model["mean"], seed, SIDE_CODE[side], index, min(rows, n - start), dtype,
-                    target, ids_target, start, id_base,
+                    target, ids_target, start, id_base, counts_target,
                 )
             )  # fmt: skip
-    attrs = _base_attrs(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype)
+    attrs = _base_attrs(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, counts=counts)
     _finish(staging, tasks, attrs, progress)
     return open_version(out)
 
 
 def random_basis(dim: int, seed: int, condition: float = 10.0) -> np.ndarray:
     """A random invertible ``G`` with condition number ``condition``: rotation, scaling, rotation."""
+    from scipy.stats import ortho_group  # scipy.stats takes 0.3-1.4 s to import: only when a retrain is drawn
+
     rng = np.random.default_rng([seed, 7])
     q1 = ortho_group.rvs(dim, random_state=rng) if dim > 1 else np.ones((1, 1))
     q2 = ortho_group.rvs(dim, random_state=rng) if dim > 1 else np.ones((1, 1))
@@ -185,6 +210,7 @@ def synth_like(
     moment), so chains of retrains do not compound it. With ``churn``, that share of each side's rows (drawn per block) leave and as
     many new rows with new ids arrive, and the rows are reordered: whole blocks
     are shuffled and the rows inside each block too (out of core, block by block).
+    Counts, when ``like`` has them, follow the ids (:func:`counts_for_ids` for new ones).
     """
     if not noise >= 0:
         raise UsageError(f"--noise must be 0 or more, got {noise}")
@@ -213,6 +239,11 @@ def synth_like(
         ids_target = staging.create_array(
             f"{side}/ids", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),), dtype=np.dtype(np.int64)
         )
+        counts_target = None
+        if table.counts is not None:
+            counts_target = staging.create_array(
+                f"{side}/counts", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),), dtype=np.dtype(np.int64)
+            )
         blocks, id_blocks, starts = table.blocks(chunks), table.id_blocks(chunks), row_starts(chunks)
         full = [i for i, n in enumerate(chunks) if n == chunks[0]]  # blocks of one size trade places
         moved = dict(zip(full, np.random.default_rng([seed, SIDE_CODE[side], 3]).permutation(full).tolist()))
@@ -221,9 +252,9 @@ def synth_like(
             tasks.append(
                 dask.delayed(_retrain_block, pure=True)(
                     blocks[src], bases[side], float(noise), seed, SIDE_CODE[side], src, target, starts[index],
-                    float(churn), id_blocks[src], ids_target,  # type: ignore[index]
+                    float(churn), id_blocks[src], ids_target, counts_target,  # type: ignore[index]
                 )
             )  # fmt: skip
-    attrs = _base_attrs(like=like.url, noise=noise, churn=churn, seed=seed)
+    attrs = _base_attrs(like=canonical_url(like.url) if like.url else None, noise=noise, churn=churn, seed=seed)
     _finish(staging, tasks, attrs, progress)
     return open_version(out)

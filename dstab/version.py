@@ -14,6 +14,7 @@ This module is the I/O edge: the maths never sees a store.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import platform
@@ -31,7 +32,9 @@ import zarr
 from dask.delayed import Delayed
 
 from .errors import (
+    DstabError,
     IncompleteVersionError,
+    OutputWriteError,
     InputError,
     OutputExistsError,
     UsageError,
@@ -39,6 +42,7 @@ from .errors import (
 )
 from .faults import failpoint
 from .linalg import transform_rows
+from .outputs import Claim, check_replaceable, inspect_output, is_local, local_path
 
 FORMAT = 1
 Side = Literal["items", "users"]
@@ -46,14 +50,6 @@ SIDES: tuple[Side, Side] = ("items", "users")
 # Row blocks handed to one task are a whole number of storage chunks, grown
 # towards this many bytes so that per-task overhead stays small.
 TARGET_BLOCK_BYTES = 64 * 2**20
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> Path:
-    return Path(url.removeprefix("file://")).expanduser().resolve()
 
 
 def _same_or_nested(a: str, b: str) -> bool:
@@ -312,6 +308,12 @@ def _open_group(
 ) -> zarr.Group:
     if is_local(url) and not local_path(url).exists():
         raise VersionNotFoundError(f"no {what} at {url}: the path does not exist; check the path")
+    if not is_local(url):
+        from .stores import probe
+
+        # reachable, credentials accepted, bucket there: one line (URL, cause, fix) within seconds if not
+        if not probe(url, storage_options, what=what):
+            raise VersionNotFoundError(f"no {what} at {url}: nothing is stored there; check the URL")
     try:
         opts = None if is_local(url) else storage_options
         node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode="r", storage_options=opts)
@@ -319,6 +321,12 @@ def _open_group(
         raise VersionNotFoundError(
             f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a {what} is {layout}"
         ) from None
+    except Exception as exc:  # the store failed after the probe: one line all the same
+        from .stores import is_store_error, storage_error
+
+        if is_local(url) or not is_store_error(exc):
+            raise
+        raise storage_error(url, exc, storage_options, what=what) from None
     if not isinstance(node, zarr.Group):
         raise VersionNotFoundError(f"{url} is a Zarr array, not a group; a {what} is {layout}")
     return node
@@ -431,21 +439,12 @@ class ArrayTarget:
         return zarr.open_array(store=store, path=self.path, mode="r+", storage_options=opts)
 
 
-def _exists(url: str, storage_options: dict[str, Any] | None) -> bool:
-    if is_local(url):
-        return local_path(url).exists()
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return bool(fs.exists(path))
-
-
 def check_output(
     out: str, *, inputs: list[str], overwrite: bool, storage_options: dict[str, Any] | None = None
 ) -> None:
-    """Refuse an output that is (or nests with) an input, or exists without ``overwrite``.
+    """Refuse an output that is (or nests with) an input, that is not dstab's, or that exists without ``overwrite``.
 
-    Cheap; the CLI calls it before starting any cluster.
+    Cheap (metadata only); the CLI calls it before starting any cluster.
     """
     for source in inputs:
         if _same_or_nested(out, source):
@@ -455,20 +454,7 @@ def check_output(
             )
     if is_local(out):
         recover_local(local_path(out))
-    if _exists(out, storage_options) and not overwrite and not _is_abandoned(out, storage_options):
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-
-
-def _is_abandoned(url: str, storage_options: dict[str, Any] | None) -> bool:
-    """An output a killed run left in place (object stores): a dstab group never marked complete."""
-    if is_local(url):
-        return False  # local outputs are staged aside; what is at OUT was published
-    try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, KeyError, ValueError, TypeError):
-        return False
-    meta = group.attrs.get("dstab")
-    return isinstance(meta, dict) and meta.get("complete") is False
+    check_replaceable(out, inspect_output(out, storage_options), overwrite=overwrite)
 
 
 # Hidden siblings a local output is staged in (and an old version is moved to
@@ -496,18 +482,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def move_into_place(staged: Path, final: Path) -> None:
-    """Rename a finished staging directory to ``final``, replacing what is there.
+def move_into_place(staged: Path, final: Path, *, replace: bool) -> None:
+    """Rename a finished staging directory to ``final``.
 
-    An existing ``final`` is first renamed aside (``.NAME.dstab-old-...``), so a
-    kill between the two renames loses nothing: :func:`recover_local` puts it back.
+    Without ``replace`` the rename itself is the test that ``final`` is still
+    free (renaming a directory onto a non-empty one fails), so of two runs
+    racing for one new OUT exactly one publishes; the other learns it here. With
+    ``replace``, an existing ``final`` must be a dstab output: it is renamed
+    aside first (``.NAME.dstab-old-...``), so a kill between the two renames
+    loses nothing (:func:`recover_local` puts it back).
     """
     trash = None
-    if final.exists():
-        trash = _staging_name(final, "old")
-        os.rename(final, trash)
-        failpoint("publish-swap")
-    os.rename(staged, final)
+    if replace:
+        existing = inspect_output(str(final))
+        check_replaceable(str(final), existing, overwrite=True)
+        if existing.kind == "dstab":
+            trash = _staging_name(final, "old")
+            os.rename(final, trash)
+            failpoint("publish-swap")
+    try:
+        os.rename(staged, final)
+    except OSError as exc:
+        if trash is not None and not final.exists():
+            os.rename(trash, final)
+        if isinstance(exc, (FileExistsError, IsADirectoryError, NotADirectoryError)) or exc.errno in (
+            errno.ENOTEMPTY,
+            errno.EEXIST,
+            errno.ENOTDIR,
+            errno.EISDIR,
+        ):
+            raise OutputExistsError(
+                f"{final} appeared while this run was writing it (another run published there first); "
+                "this run's output was not published: check what is there, and rerun with --overwrite to replace it"
+            ) from None
+        raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -555,18 +563,32 @@ class Staging:
     ) -> None:
         self.out = os.fspath(out)
         self.storage_options = storage_options
+        self.overwrite = overwrite
         check_output(self.out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
         self.local = is_local(self.out)
+        self.claim: Claim | None = None
         if self.local:
             final = local_path(self.out)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._final = final
-            self._tmp = _staging_name(final, "tmp")
-            self.url = str(self._tmp)
-            self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._final = final
+                self._tmp = _staging_name(final, "tmp")
+                self.url = str(self._tmp)
+                self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
+            except OSError as exc:
+                shutil.rmtree(getattr(self, "_tmp", final.parent / ".nothing"), ignore_errors=True)
+                raise output_error(self.out, exc) from None
         else:
             self.url = self.out.rstrip("/")
-            self.group = zarr.open_group(self.url, mode="w", zarr_format=3, storage_options=storage_options)
+            # own OUT before touching it: a second run stops here, and only the owner publishes
+            self.claim = Claim(self.url, storage_options)
+            self.claim.acquire()
+            try:
+                check_replaceable(self.out, inspect_output(self.out, storage_options), overwrite=overwrite)
+                self.group = zarr.open_group(self.url, mode="w", zarr_format=3, storage_options=storage_options)
+            except BaseException:
+                self.claim.release()
+                raise
         self.group.attrs["dstab"] = {"format": FORMAT, "complete": False}
 
     def create_array(
@@ -632,24 +654,49 @@ class Staging:
         arr[...] = value
 
     def publish(self, attrs: dict[str, Any]) -> None:
-        """Mark complete (last write), then move into place."""
+        """Mark complete (last write), then move into place; only the run that owns OUT publishes."""
         failpoint("after-write")
+        if self.claim is not None:
+            self.claim.verify()
         self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
         if self.local:
-            move_into_place(self._tmp, self._final)
+            move_into_place(self._tmp, self._final, replace=self.overwrite)
+        elif self.claim is not None:
+            self.claim.release()
 
     def discard(self) -> None:
-        """Remove what was staged (after a failure)."""
+        """Remove what was staged (after a failure); an object-store output is removed only by its owner."""
         if self.local:
             shutil.rmtree(self._tmp, ignore_errors=True)
-        else:
-            try:
-                import fsspec
+            return
+        try:
+            if self.claim is not None:
+                self.claim.verify()
+            import fsspec
 
-                fs, path = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
-                fs.rm(path, recursive=True)
-            except (FileNotFoundError, OSError):
-                pass
+            fs, path = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+            fs.rm(path, recursive=True)
+        except (FileNotFoundError, OSError, OutputExistsError):
+            pass
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+
+def output_error(out: str, exc: OSError) -> DstabError | OSError:
+    """A write that the machine refused, as one line naming OUT, the cause and the fix (others stay as they are)."""
+    reasons = {
+        errno.ENOSPC: ("there is no space left on the device", "free space or choose another --out"),
+        errno.EDQUOT: ("the disk quota is exceeded", "free space or choose another --out"),
+        errno.EROFS: ("the file system is read-only", "choose an --out on a writable file system"),
+        errno.EACCES: ("permission was denied", "choose an --out in a directory you may write to"),
+        errno.EPERM: ("the operation is not permitted", "choose an --out in a directory you may write to"),
+        errno.EFBIG: ("a file grew past the size this process may write", "raise the file size limit (ulimit -f)"),
+    }
+    if exc.errno not in reasons:
+        return exc
+    cause, fix = reasons[exc.errno]
+    return OutputWriteError(f"cannot write {out}: {cause} ({exc.strerror}); nothing was published: {fix}")
 
 
 def _join(prefix: str, name: str) -> str:

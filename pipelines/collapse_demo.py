@@ -1,4 +1,4 @@
-"""Dimension collapse, seen and handled: the two-field model of seed 000 with a 2-valued field.
+"""Dimension collapse, seen and handled: the two-field model of docs/design.md with a 2-valued field.
 
     python pipelines/collapse_demo.py [--dir DIR] [--n-a 2000] [--d 16] [--steps 2000] [--plot spectra.png]
 

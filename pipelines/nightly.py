@@ -8,7 +8,8 @@
 The first version is stabilized without a reference (deterministic signs);
 each later one is aligned to the stabilized version before it. Versions
 already stabilized are skipped, so the script can run every night on the same
-directory, and a run that died is simply run again.
+directory, and a run that died is simply run again. Progress goes to stderr: a
+bar per pass on a terminal, a few plain lines in a log file, none with --no-progress.
 
     python pipelines/nightly.py DIR [--scheduler ADDRESS] [--rank auto|K] [--anchor both]
                                     [--anchor-min-count N] [--anchor-weights uniform|counts]
@@ -57,6 +58,9 @@ def run(
             reference = dstab.open_version(stable_path)  # complete by construction, or this raises
             print(f"{raw_path.name}: already stabilized, skipped", file=sys.stderr)
             continue
+        if progress:
+            onto = f"onto {reference.url}" if reference is not None and reference.url else "first: no reference"
+            print(f"{raw_path.name}: stabilizing ({onto})", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = dstab.stabilize(
             dstab.open_version(raw_path), reference, rank=rank, anchor=anchor,  # type: ignore[arg-type]

@@ -53,7 +53,7 @@ def test_synth_stabilize_report_chain(tmp_path: Path, capsys: pytest.CaptureFixt
     code, out, _ = run_cli(capsys, "report", s1, "--reference", s0, "--json", *FAST)
     assert code == 0 and json.loads(out)["drift_vs_reference"]["total"] < 1e-4
     code, out, _ = run_cli(capsys, "report", v0, *FAST)
-    assert code == 0 and "rank kept 16 of 16" in out
+    assert code == 0 and "rank 16 of 16" in out
 
 
 def test_synth_rank_and_float64(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -143,7 +143,7 @@ def test_refuses_to_write_over_inputs_or_existing_output(tmp_path: Path, capsys:
     out = tmp_path / "out"
     assert run_cli(capsys, "stabilize", new, "--out", str(out), *FAST)[0] == 0
     code, _, err = run_cli(capsys, "stabilize", new, "--out", str(out), *FAST)
-    assert code == 2 and "already exists; pass --overwrite" in err
+    assert code == 2 and "already holds a dstab version; pass --overwrite" in err
     assert run_cli(capsys, "stabilize", new, "--out", str(out), "--overwrite", "--rank", "3", *FAST)[0] == 0
     assert read_tables(str(out))[0].shape == (300, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "ref"]

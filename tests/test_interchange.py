@@ -118,7 +118,7 @@ def test_export_import_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[
         np.testing.assert_array_equal(a[key], b[key])
     assert b["items/vectors"].dtype == np.float64
     code, _, err = run_cli(capsys, "export", src, "--out", tmp_path / "pq", *FAST)
-    assert code == 2 and "already exists" in err
+    assert code == 2 and "already holds a dstab Parquet export; pass --overwrite" in err
 
 
 def test_fsspec_parquet_source_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
