@@ -40,8 +40,8 @@ from distributed import Client, LocalCluster
 import dstab
 from dstab import linalg
 from dstab.executor import tree_reduce
+from dstab.store import SIDES, Staging, Version, copy_block, load, row_starts
 from dstab.synth import synth, synth_like
-from dstab.version import SIDES, Staging, Version, copy_block, load, row_starts
 
 # ----------------------------------------------------------------------------- data
 

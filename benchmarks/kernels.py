@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from dstab.stabilize import _apply_block, _apply_write_check
 from dstab.stats import _block_stats
-from dstab.version import ArrayTarget, write_block
+from dstab.store import ArrayTarget, write_block
 
 
 def best_ms(fn: Callable[[], object], repeat: int) -> float:

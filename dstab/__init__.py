@@ -20,7 +20,7 @@ from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
 from .report import measure_drift
 from .stabilize import Stabilization, stabilize
-from .version import Table, Version, from_arrays, open_table, open_version
+from .store import Table, Version, from_arrays, open_table, open_version
 
 __version__ = "0.1.0"
 

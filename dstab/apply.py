@@ -20,7 +20,7 @@ import numpy as np
 from .errors import InputError
 from .executor import run_all
 from .linalg import transform_rows
-from .version import (
+from .store import (
     Side,
     Staging,
     Table,

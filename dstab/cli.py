@@ -30,8 +30,8 @@ from .lineage import chain, format_chain
 from .plots import plot_diagnosis, plot_report
 from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import METHODS, check_request, stabilize
+from .store import Table, Version, check_output, open_table, open_version, output_error
 from .synth import synth, synth_like
-from .version import Table, Version, check_output, open_table, open_version, output_error
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 

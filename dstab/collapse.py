@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .spectrum import effective_rank
-from .version import Staging, Version, open_version
+from .store import Staging, Version, open_version
 
 
 @dataclass

@@ -13,12 +13,12 @@ from .spectrum import (
     spectrum_metrics,
 )
 from .stats import check_finite, side_statistics
-from .version import SIDES, Table, Version, _open_group, open_table, open_version
+from .store import SIDES, Table, Version, open_group, open_table, open_version
 
 
 def open_version_or_table(path: str, storage_options: dict[str, Any] | None = None) -> Version | Table:
     """A loose table if ``path`` holds a ``vectors`` array at its top, else a version."""
-    group = _open_group(path, storage_options, what="version or table", layout="a Zarr group with items/ and users/, or with vectors")
+    group = open_group(path, storage_options, what="version or table", layout="a Zarr group with items/ and users/, or with vectors")
     if "vectors" in group:
         return open_table(path, storage_options)
     return open_version(path, storage_options)

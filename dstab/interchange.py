@@ -30,21 +30,24 @@ from . import ids as idm
 from .errors import InputError, UsageError
 from .executor import compute, run_all, tree_reduce
 from .ids import IdKind, id_kind
-from .outputs import EXPORT_MARKER, Claim, check_replaceable, inspect_output
 from .stats import _n_buckets, check_repeat
-from .version import (
+from .store import (
+    EXPORT_MARKER,
     SIDES,
+    Claim,
     Staging,
     Table,
     Version,
-    _staging_name,
     canonical_url,
     check_output,
+    check_replaceable,
+    inspect_output,
     is_local,
     local_path,
     move_into_place,
     open_version,
     row_starts,
+    staging_name,
     write_block,
 )
 
@@ -132,7 +135,7 @@ def _check_vector_dtype(dtype: np.dtype, label: str) -> None:
 
 def _parquet_files(url: str, storage_options: dict[str, Any] | None, label: str) -> tuple[Any, list[str]]:
     if not is_local(url):
-        from .stores import probe
+        from .store.remote import probe
 
         if not probe(url, storage_options, what=f"{label} source"):  # one line if the store cannot answer
             raise InputError(f"{label}: nothing at {url}; give a Parquet file or a directory of them")
@@ -457,7 +460,7 @@ def _export_block(source: Any, ids_source: Any, start: int, fs: Any, path: str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .version import load
+    from .store import load
 
     vectors = load(source)
     ids = load(ids_source) if ids_source is not None else np.arange(start, start + len(vectors), dtype=np.int64)
@@ -502,7 +505,7 @@ def export_version(
     if local:
         final_path = local_path(out)
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        root = str(_staging_name(final_path, "tmp"))
+        root = str(staging_name(final_path, "tmp"))
     else:
         claim = Claim(out, storage_options)
         claim.acquire()

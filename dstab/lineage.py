@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import DstabError
-from .version import Version, canonical_url, open_version
+from .store import Version, canonical_url, open_version
 
 
 def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:

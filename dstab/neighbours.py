@@ -19,7 +19,7 @@ from dask.delayed import Delayed
 
 from .executor import tree_reduce
 from .linalg import transform_rows
-from .version import Table, load, row_starts
+from .store import Table, load, row_starts
 
 # Rows scored against all queries at once: 1,000 queries x 8,192 rows of float32 scores is 32 MiB.
 SLICE_ROWS = 8192

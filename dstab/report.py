@@ -15,7 +15,7 @@ from . import linalg
 from .executor import compute
 from .lineage import KIND_WORDS, chain, made_words, origin_words
 from .stats import check_finite, pass_statistics, side_statistics
-from .version import SIDES, Version, canonical_url
+from .store import SIDES, Version, canonical_url
 
 REPORT_KEYS = (
     "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",

@@ -33,7 +33,7 @@ from .stats import (
     pass_statistics,
     side_statistics,
 )
-from .version import (
+from .store import (
     SIDES,
     Side,
     Staging,

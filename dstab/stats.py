@@ -31,7 +31,7 @@ from .errors import InputError
 from .executor import compute, tree_reduce
 from .faults import failpoint
 from .linalg import qr_factor
-from .version import Side, Table, Version, load, row_starts
+from .store import Side, Table, Version, load, row_starts
 
 # Rows of each table kept as a sample spread over the whole table (the first
 # rows of every block): they probe the score error during the write pass and
@@ -136,7 +136,7 @@ def _block_stats(
 ) -> tuple[SideStats, idm.IdSample | None, list[np.ndarray] | None]:
     """Statistics of one row block; ``offset`` is the block's first global row.
 
-    The arguments are block sources (see :func:`dstab.version.load`): the task
+    The arguments are block sources (see :func:`dstab.store.load`): the task
     reads its own rows. ``ref_block`` (the reference's same rows) is given when
     rows are matched by position. Returns the statistics, the block's id sample
     (when ``plan.sample``) and its id hashes by bucket (when it has ids).

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UsageError
 from .executor import run_all
-from .version import (
+from .store import (
     SIDES,
     ArrayTarget,
     Staging,
@@ -185,7 +185,9 @@ def synth(
 
 def random_basis(dim: int, seed: int, condition: float = 10.0) -> np.ndarray:
     """A random invertible ``G`` with condition number ``condition``: rotation, scaling, rotation."""
-    from scipy.stats import ortho_group  # scipy.stats takes 0.3-1.4 s to import: only when a retrain is drawn
+    from scipy.stats import (
+        ortho_group,  # scipy.stats takes 0.3-1.4 s to import: only when a retrain is drawn
+    )
 
     rng = np.random.default_rng([seed, 7])
     q1 = ortho_group.rvs(dim, random_state=rng) if dim > 1 else np.ones((1, 1))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import dstab
-from dstab.cli import parse_rank, add_scheduler_options, scheduler_from_args
+from dstab.cli import add_scheduler_options, parse_rank, scheduler_from_args
 from dstab.errors import DstabError, VersionNotFoundError
 from dstab.report import format_matching
 

@@ -21,7 +21,6 @@ from distributed import Client, LocalCluster
 import dstab
 from dstab.synth import synth, synth_like
 
-
 MARKER = ".dstab-quickstart"
 
 

@@ -44,7 +44,7 @@ def test_blas_is_pinned_to_one_thread_in_distributed_workers(local_cluster):
 def test_each_task_holds_one_block_of_each_input(tmp_path: Path):
     """No task reads more than its own rows of the new table and of the reference."""
     from dstab.stats import side_statistics
-    from dstab.version import RowBlock
+    from dstab.store import RowBlock
 
     T, W = random_tables(3, 5000, 100, 8, "float32")
     new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 import dstab
 from dstab import ids as idm
 from dstab.cli import main
-from tests.conftest import random_basis, random_tables, read_tables, reference_stabilize, relative_score_error, write_version
+from tests.conftest import (
+    random_basis,
+    random_tables,
+    read_tables,
+    reference_stabilize,
+    relative_score_error,
+    write_version,
+)
 
 FAST = ("--scheduler", "synchronous", "--no-progress")
 

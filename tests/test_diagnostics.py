@@ -153,7 +153,7 @@ def numpy_overlap(X: np.ndarray, keys: np.ndarray, Y: np.ndarray, ref_keys: np.n
 def test_drift_measures_against_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str):
     new, ref, (T, W, ids, uids), (T2, W2, ids2, uids2) = churned_pair(tmp_path)
     # many blocks and slices, so that the out-of-core merges do the work
-    monkeypatch.setattr(dstab.version, "TARGET_BLOCK_BYTES", 3200)
+    monkeypatch.setattr(dstab.store.model, "TARGET_BLOCK_BYTES", 3200)
     monkeypatch.setattr(neighbours, "SLICE_ROWS", 37)
     assert len(new.items.row_chunks()) == 15
     d = measure_drift(new, ref, k=10, queries=60)

@@ -22,8 +22,8 @@ import pytest
 import zarr
 
 import dstab
-from dstab.synth import synth, synth_like
 from dstab.errors import DstabError
+from dstab.synth import synth, synth_like
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_basis, random_tables, reference_stabilize, relative_score_error
+from conftest import (
+    random_basis,
+    random_tables,
+    reference_stabilize,
+    relative_score_error,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

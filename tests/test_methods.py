@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_tables, read_tables, reference_stabilize, relative_score_error, write_version
+from conftest import (
+    random_tables,
+    read_tables,
+    reference_stabilize,
+    relative_score_error,
+    write_version,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -315,7 +315,7 @@ def test_store_failures_are_one_line_within_30_s(
 
 
 def test_probe_defaults_lie_under_the_users_options_and_reach_no_one_else() -> None:
-    from dstab.stores import S3_PROBE_CONFIG, probe_options
+    from dstab.store.remote import S3_PROBE_CONFIG, probe_options
 
     user = {"key": KEY, "secret": SECRET, "config_kwargs": {"read_timeout": 60, "retries": {"mode": "adaptive"}}}
     merged = probe_options("s3://b/v", user)

@@ -9,11 +9,18 @@ import dask
 import numpy as np
 import pytest
 import zarr
-from conftest import random_basis, random_tables, read_tables, reference_stabilize, relative_score_error, write_version
+from conftest import (
+    random_basis,
+    random_tables,
+    read_tables,
+    reference_stabilize,
+    relative_score_error,
+    write_version,
+)
 
 import dstab
 from dstab.stats import side_statistics
-from dstab.version import RowBlock
+from dstab.store import RowBlock
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])

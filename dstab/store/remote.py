@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import dask
 
-from .errors import StorageError
+from ..errors import StorageError
 
 T = TypeVar("T")
 

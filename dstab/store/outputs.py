@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import dask
 
-from .errors import OutputBusyError, OutputExistsError
+from ..errors import OutputBusyError, OutputExistsError
 
 Kind = Literal["absent", "empty", "abandoned", "dstab", "foreign"]
 EXPORT_MARKER = "_dstab.json"
@@ -116,7 +116,7 @@ def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> E
         return _classify(names, read, remote=False)
     import fsspec
 
-    from .stores import probe
+    from .remote import probe
 
     if not probe(url, storage_options, output=True):  # one line within seconds if the store cannot answer
         return Existing("absent")
@@ -161,7 +161,7 @@ def _host() -> str:
     return platform.node() or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -207,7 +207,7 @@ class Claim:
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") == _host() and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
+            return not pid_alive(holder["pid"])
         beat = holder.get("heartbeat")
         return not isinstance(beat, (int, float)) or time.time() - float(beat) > claim_lease()
 

@@ -1,0 +1,279 @@
+"""The data model: tables and versions as opened (Zarr, numpy or Dask behind them), their blocks, their invariants.
+
+A version is a set of tables with row vectors (and optional ids and counts);
+a task reads one block of rows of one table. Nothing here touches a store
+beyond the arrays it is given: opening is :mod:`dstab.store.read`, writing
+:mod:`dstab.store.write`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from ..errors import InputError
+from ..linalg import transform_rows
+
+Side = Literal["items", "users"]
+
+
+SIDES: tuple[Side, Side] = ("items", "users")
+
+
+# Row blocks handed to one task are a whole number of storage chunks, grown
+# towards this many bytes so that per-task overhead stays small.
+TARGET_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Table:
+    """One side of a version: row vectors and, optionally, their ids."""
+
+    name: str  # "items" or "users", or a caller's label for a loose table
+    vectors: Any  # zarr.Array, numpy or dask array, (n, e)
+    ids: Any | None  # same kinds, (n,)
+    chunk_rows: int  # rows per storage chunk (the unit every task's block is made of)
+    counts: Any | None = None  # same kinds, (n,): how often each row was seen (anchor filter / weights)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.vectors.dtype)
+
+    def block_rows(self) -> int:
+        """Rows per task's block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
+        row_bytes = max(1, self.dim * self.dtype.itemsize)
+        per_chunk = self.chunk_rows * row_bytes
+        # dask config "dstab.block-bytes" (env DASK_DSTAB__BLOCK_BYTES) overrides the default
+        target = int(dask.config.get("dstab.block-bytes", None) or TARGET_BLOCK_BYTES)
+        return self.chunk_rows * max(1, target // per_chunk)
+
+    def row_chunks(self) -> tuple[int, ...]:
+        """Rows of each block, in order (all :meth:`block_rows` but the last)."""
+        step = self.block_rows()
+        return tuple(min(step, self.n_rows - start) for start in range(0, self.n_rows, step))
+
+    def blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any]:
+        """One source per block of rows: read it with :func:`load` inside the task that uses it.
+
+        Zarr-backed tables give :class:`RowBlock` handles, so each task reads its
+        own rows (no separate read task, no block sent between workers); in-memory
+        and Dask tables give Dask's delayed blocks.
+        """
+        return block_sources(self.vectors, row_chunks or self.row_chunks())
+
+    def id_blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any] | None:
+        if self.ids is None:
+            return None
+        return block_sources(self.ids, row_chunks or self.row_chunks())
+
+    def count_blocks(self, row_chunks: tuple[int, ...] | None = None) -> list[Any] | None:
+        if self.counts is None:
+            return None
+        return block_sources(self.counts, row_chunks or self.row_chunks())
+
+    def read(self, row_chunks: int | tuple[int, ...] | None = None) -> da.Array:
+        """The vectors as a lazy Dask array, full width, one block per ``row_chunks``."""
+        return as_dask(self.vectors, (row_chunks or self.row_chunks(), self.dim))
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[start, stop)`` of a Zarr array, read by the task that uses them. Picklable."""
+
+    array: zarr.Array
+    start: int
+    stop: int
+
+    def load(self) -> np.ndarray:
+        return self.array[self.start : self.stop]
+
+
+def load(source: Any) -> Any:
+    """The numpy rows behind a block source (``None`` stays ``None``)."""
+    return source.load() if isinstance(source, RowBlock) else source
+
+
+def block_sources(source: Any, row_chunks: tuple[int, ...]) -> list[Any]:
+    if isinstance(source, zarr.Array):
+        return [RowBlock(source, start, start + n) for start, n in zip(row_starts(row_chunks), row_chunks)]
+    chunks = (row_chunks,) + tuple((d,) for d in source.shape[1:])
+    blocks = as_dask(source, chunks).to_delayed(optimize_graph=True)
+    return list(blocks.reshape(len(row_chunks)))
+
+
+def as_dask(source: Any, chunks: tuple) -> da.Array:
+    if isinstance(source, da.Array):
+        return source.rechunk(chunks)
+    if isinstance(source, zarr.Array):
+        return da.from_zarr(source, chunks=chunks)
+    return da.from_array(np.asarray(source), chunks=chunks)
+
+
+@dataclass(frozen=True)
+class Version:
+    """An opened, validated version. Open one with :func:`open_version`."""
+
+    items: Table
+    users: Table
+    url: str | None = None
+    storage_options: dict[str, Any] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)  # attrs["dstab"], empty for raw inputs
+    # the e x w matrices that made a stabilized version (raw rows -> its rows), empty otherwise
+    transforms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def table(self, side: Side) -> Table:
+        return self.items if side == "items" else self.users
+
+    def transform(self, side: Side, rows: Any) -> np.ndarray:
+        """Map raw rows of ``side`` (numpy, n x e, in the raw model's basis) into this version's space.
+
+        An extra user row mapped this way scores against this version's items
+        as the raw row scored against the raw items.
+        """
+        transform = self.saved_transform(side)
+        return transform_rows(checked_rows(side, rows, transform.shape[0]), transform)
+
+    def saved_transform(self, side: Side) -> np.ndarray:
+        if side not in self.transforms:
+            raise InputError(
+                f"{self.url or 'this version'} has no transform/{side}: only versions written by "
+                "`dstab stabilize` keep the transforms that map new rows into them"
+            )
+        return self.transforms[side]
+
+    @property
+    def dim(self) -> int:
+        return self.items.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.items.dtype
+
+    def __repr__(self) -> str:
+        where = self.url or "<in memory>"
+        return (
+            f"Version({where!s}, items={self.items.n_rows:,} x {self.items.dim}, "
+            f"users={self.users.n_rows:,} x {self.users.dim}, dtype={self.dtype})"
+        )
+
+
+def checked_rows(side: str, rows: Any, width: int) -> np.ndarray:
+    """Raw rows handed to a transform, as a float32/float64 numpy array of the raw model's width."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise InputError(f"{side} rows must have shape (n, {width}) (the raw model's width), got {rows.shape}")
+    if rows.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(f"{side} rows have dtype {rows.dtype}; pass float32 or float64 rows")
+    return rows
+
+
+def check_vectors(name: str, arr: Any) -> None:
+    if arr.ndim != 2:
+        raise InputError(
+            f"{name} must be 2-D [rows, dim], got shape {tuple(arr.shape)}; store one row per vector"
+        )
+    dtype = np.dtype(arr.dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(
+            f"{name} has dtype {dtype}; dstab needs float32 or float64 vectors: cast the table, "
+            f"e.g. arr.astype('float32'), and write it again"
+        )
+    if arr.shape[0] == 0:
+        raise InputError(f"{name} is empty (0 rows); a version needs at least one row on each side")
+    if arr.shape[1] == 0:
+        raise InputError(f"{name} has width 0; embeddings need at least one dimension")
+
+
+def check_ids(name: str, ids: Any, n_rows: int) -> None:
+    if ids.ndim != 1:
+        raise InputError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.shape[0] != n_rows:
+        raise InputError(
+            f"{name} has {ids.shape[0]:,} ids for {n_rows:,} vector rows; write exactly one id per row"
+        )
+    dtype = np.dtype(ids.dtype)
+    if dtype.kind not in "iuUT":
+        raise InputError(
+            f"{name} has dtype {dtype}; ids must be integers or strings (object arrays are never read)"
+        )
+
+
+def check_counts(name: str, counts: Any, n_rows: int) -> None:
+    if counts.ndim != 1 or counts.shape[0] != n_rows:
+        raise InputError(
+            f"{name} has shape {tuple(counts.shape)} for {n_rows:,} vector rows; write exactly one count per row"
+        )
+    if np.dtype(counts.dtype).kind not in "iuf":
+        raise InputError(f"{name} has dtype {counts.dtype}; counts must be integers or floats")
+
+
+def check_tables(items: Table, users: Table) -> None:
+    """Validate what can be checked without reading the data."""
+    for table in (items, users):
+        check_vectors(f"{table.name}/vectors", table.vectors)
+        if table.ids is not None:
+            check_ids(f"{table.name}/ids", table.ids, table.n_rows)
+        if table.counts is not None:
+            check_counts(f"{table.name}/counts", table.counts, table.n_rows)
+    if items.dim != users.dim:
+        raise InputError(
+            f"items/vectors has width {items.dim} but users/vectors has width {users.dim}; "
+            "both sides of a version must come from the same model"
+        )
+    if items.dtype != users.dtype:
+        raise InputError(
+            f"items/vectors is {items.dtype} but users/vectors is {users.dtype}; store both sides in one dtype"
+        )
+
+
+def from_arrays(
+    items: Any,
+    users: Any,
+    *,
+    item_ids: Any | None = None,
+    user_ids: Any | None = None,
+    item_counts: Any | None = None,
+    user_counts: Any | None = None,
+    chunk_rows: int | None = None,
+) -> Version:
+    """A version from in-memory numpy or Dask arrays (for tests, notebooks and small tables)."""
+    tables = []
+    for name, vectors, ids, counts in (("items", items, item_ids, item_counts), ("users", users, user_ids, user_counts)):
+        if isinstance(vectors, da.Array):
+            rows = int(vectors.chunks[0][0]) if vectors.ndim else 1
+        elif isinstance(vectors, zarr.Array):
+            rows = unit_rows(vectors)
+        else:
+            vectors = np.asarray(vectors)
+            rows = int(vectors.shape[0]) if vectors.ndim else 1
+        if ids is not None and not isinstance(ids, (da.Array, zarr.Array)):
+            ids = np.asarray(ids)
+        if counts is not None and not isinstance(counts, (da.Array, zarr.Array)):
+            counts = np.asarray(counts)
+        tables.append(Table(name=name, vectors=vectors, ids=ids, chunk_rows=max(1, chunk_rows or rows), counts=counts))
+    check_tables(*tables)
+    return Version(items=tables[0], users=tables[1])
+
+
+def unit_rows(arr: zarr.Array) -> int:
+    """Rows of the smallest unit two tasks may not share: the shard if sharded, else the chunk."""
+    shards = getattr(arr, "shards", None)
+    return int((shards or arr.chunks)[0])
+
+
+def row_starts(chunks: tuple[int, ...]) -> list[int]:
+    """First global row of each block."""
+    return np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(int).tolist()

@@ -1,0 +1,149 @@
+"""Opening versions and tables (local paths or fsspec URLs) and validating them, from metadata only.
+
+A version is a Zarr v3 group::
+
+    VERSION/                 attrs["dstab"]: format, complete flag, lineage, report
+    VERSION/items/vectors    [n_items, dim] float32|float64, chunked along rows
+    VERSION/items/ids        [n_items] int64 or string, optional on input
+    VERSION/users/vectors
+    VERSION/users/ids
+    VERSION/transform/...    outputs only: the e x w matrices that made it
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..errors import IncompleteVersionError, InputError, VersionNotFoundError
+from .model import (
+    SIDES,
+    Table,
+    Version,
+    check_counts,
+    check_ids,
+    check_tables,
+    check_vectors,
+    unit_rows,
+)
+from .outputs import is_local, local_path
+
+
+def open_group(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    *,
+    what: str = "version",
+    layout: str = "a Zarr group with items/vectors and users/vectors arrays",
+) -> zarr.Group:
+    if is_local(url) and not local_path(url).exists():
+        raise VersionNotFoundError(f"no {what} at {url}: the path does not exist; check the path")
+    if not is_local(url):
+        from .remote import probe
+
+        # reachable, credentials accepted, bucket there: one line (URL, cause, fix) within seconds if not
+        if not probe(url, storage_options, what=what):
+            raise VersionNotFoundError(f"no {what} at {url}: nothing is stored there; check the URL")
+    try:
+        opts = None if is_local(url) else storage_options
+        node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode="r", storage_options=opts)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise VersionNotFoundError(
+            f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a {what} is {layout}"
+        ) from None
+    except Exception as exc:  # the store failed after the probe: one line all the same
+        from .remote import is_store_error, storage_error
+
+        if is_local(url) or not is_store_error(exc):
+            raise
+        raise storage_error(url, exc, storage_options, what=what) from None
+    if not isinstance(node, zarr.Group):
+        raise VersionNotFoundError(f"{url} is a Zarr array, not a group; a {what} is {layout}")
+    return node
+
+
+def _member(group: zarr.Group, url: str, path: str, required: bool) -> zarr.Array | None:
+    try:
+        node = group[path]
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        # e.g. an object dtype with a pickle codec: zarr refuses the metadata, and so does dstab
+        raise InputError(
+            f"{url}/{path} has array metadata dstab cannot read ({exc}); store vectors as float32 or float64 "
+            "and ids as int64 or strings (object arrays are never read)"
+        ) from None
+    except KeyError:
+        if required:
+            raise InputError(
+                f"{url} has no {path} array; a version needs items/vectors and users/vectors, a table "
+                "needs vectors (see the layout in the README)"
+            ) from None
+        return None
+    if not isinstance(node, zarr.Array):
+        raise InputError(f"{url}/{path} is a group, not an array")
+    return node
+
+
+def read_attrs(group: zarr.Group) -> dict[str, Any]:
+    meta = group.attrs.get("dstab", {})
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Version:
+    """Open and validate the version at ``url`` (local path or fsspec URL). Reads metadata only.
+
+    Raises :class:`VersionNotFoundError` if nothing is there, :class:`IncompleteVersionError`
+    if a run died while writing it, and :class:`InputError` if it is malformed.
+    """
+    url = os.fspath(url)
+    group = open_group(url, storage_options)
+    attrs = read_attrs(group)
+    if attrs and not attrs.get("complete", False):
+        raise IncompleteVersionError(
+            f"{url} is an incomplete dstab version (a run stopped while writing it); "
+            "run the command that makes it again, with --overwrite"
+        )
+    tables = []
+    for side in SIDES:
+        vectors = _member(group, url, f"{side}/vectors", required=True)
+        ids = _member(group, url, f"{side}/ids", required=False)
+        counts = _member(group, url, f"{side}/counts", required=False)
+        check_vectors(f"{side}/vectors", vectors)
+        tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts))
+    check_tables(*tables)
+    transforms = {}
+    for side in SIDES:
+        saved = _member(group, url, f"transform/{side}", required=False)
+        if saved is not None:
+            transforms[side] = np.asarray(saved[...], dtype=np.float64)
+    return Version(
+        items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs, transforms=transforms
+    )
+
+
+def open_table(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, name: str = "table") -> Table:
+    """Open a loose table: a Zarr group with ``vectors`` and optional ``ids`` / ``counts``."""
+    url = os.fspath(url)
+    group = open_group(url, storage_options, what="table", layout="a Zarr group with a vectors array and optional ids")
+    attrs = read_attrs(group)
+    if attrs and not attrs.get("complete", False):
+        raise IncompleteVersionError(
+            f"{url} is an incomplete dstab table (a run stopped while writing it); run the command again, with --overwrite"
+        )
+    vectors = _member(group, url, "vectors", required=True)
+    ids = _member(group, url, "ids", required=False)
+    counts = _member(group, url, "counts", required=False)
+    check_vectors(f"{url}/vectors", vectors)
+    table = Table(name=url, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts)
+    if ids is not None:
+        check_ids(f"{url}/ids", ids, table.n_rows)
+    if counts is not None:
+        check_counts(f"{url}/counts", counts, table.n_rows)
+    return table
+
+
+def canonical_url(url: str) -> str:
+    """What lineage records: an absolute path for local versions, the URL otherwise."""
+    return str(local_path(url)) if is_local(url) else url

@@ -1,0 +1,325 @@
+"""Writing outputs safely: staged out of sight, published whole, never over anything that is not dstab's.
+
+Local outputs are written to a hidden sibling and renamed into place; object
+stores are claimed, written in place and marked complete last
+(:mod:`dstab.store.outputs` decides what may be replaced and owns the claims).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import platform
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+from dask.delayed import Delayed
+
+from ..errors import DstabError, OutputExistsError, OutputWriteError, UsageError
+from ..faults import failpoint
+from .model import Table, block_sources, load, row_starts
+from .outputs import (
+    Claim,
+    check_replaceable,
+    inspect_output,
+    is_local,
+    local_path,
+    pid_alive,
+)
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ArrayTarget:
+    """Where a task writes: picklable, so it travels to distributed workers."""
+
+    store: str
+    path: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self) -> zarr.Array:
+        opts = None if is_local(self.store) else self.storage_options
+        store = str(local_path(self.store)) if is_local(self.store) else self.store
+        return zarr.open_array(store=store, path=self.path, mode="r+", storage_options=opts)
+
+
+def same_or_nested(a: str, b: str) -> bool:
+    """True when one location is, or lies inside, the other."""
+    if is_local(a) and is_local(b):
+        pa, pb = local_path(a), local_path(b)
+        return pa == pb or pa in pb.parents or pb in pa.parents
+    na, nb = a.rstrip("/"), b.rstrip("/")
+    return na == nb or na.startswith(nb + "/") or nb.startswith(na + "/")
+
+
+def check_output(
+    out: str, *, inputs: list[str], overwrite: bool, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Refuse an output that is (or nests with) an input, that is not dstab's, or that exists without ``overwrite``.
+
+    Cheap (metadata only); the CLI calls it before starting any cluster.
+    """
+    for source in inputs:
+        if same_or_nested(out, source):
+            raise UsageError(
+                f"output {out} is, contains, or lies inside the input {source}; "
+                "dstab never writes over its inputs: choose another --out"
+            )
+    if is_local(out):
+        recover_local(local_path(out))
+    check_replaceable(out, inspect_output(out, storage_options), overwrite=overwrite)
+
+
+# Hidden siblings a local output is staged in (and an old version is moved to
+# while the new one takes its place): ``.NAME.dstab-tmp-HOST-PID-RANDOM``. The
+# host and process id tell a later run whether the writer is still alive.
+_STAGING_KINDS = ("tmp", "old")
+
+
+def _host() -> str:
+    return platform.node().replace("-", "_") or "host"
+
+
+def staging_name(final: Path, kind: str) -> Path:
+    host = _host()
+    return final.parent / f".{final.name}.dstab-{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def move_into_place(staged: Path, final: Path, *, replace: bool) -> None:
+    """Rename a finished staging directory to ``final``.
+
+    Without ``replace`` the rename itself is the test that ``final`` is still
+    free (renaming a directory onto a non-empty one fails), so of two runs
+    racing for one new OUT exactly one publishes; the other learns it here. With
+    ``replace``, an existing ``final`` must be a dstab output: it is renamed
+    aside first (``.NAME.dstab-old-...``), so a kill between the two renames
+    loses nothing (:func:`recover_local` puts it back).
+    """
+    trash = None
+    if replace:
+        existing = inspect_output(str(final))
+        check_replaceable(str(final), existing, overwrite=True)
+        if existing.kind == "dstab":
+            trash = staging_name(final, "old")
+            os.rename(final, trash)
+            failpoint("publish-swap")
+    try:
+        os.rename(staged, final)
+    except OSError as exc:
+        if trash is not None and not final.exists():
+            os.rename(trash, final)
+        if isinstance(exc, (FileExistsError, IsADirectoryError, NotADirectoryError)) or exc.errno in (
+            errno.ENOTEMPTY,
+            errno.EEXIST,
+            errno.ENOTDIR,
+            errno.EISDIR,
+        ):
+            raise OutputExistsError(
+                f"{final} appeared while this run was writing it (another run published there first); "
+                "this run's output was not published: check what is there, and rerun with --overwrite to replace it"
+            ) from None
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_local(final: Path) -> None:
+    """Clear what killed runs left beside ``final``, and put back an old version a killed publish had moved aside.
+
+    Only staging directories of processes on this host that are no longer
+    alive are touched; a run in progress (or on another host) is left alone.
+    """
+    if not final.parent.is_dir():
+        return
+    dead: dict[str, list[Path]] = {kind: [] for kind in _STAGING_KINDS}
+    for kind in _STAGING_KINDS:
+        for path in final.parent.glob(f".{glob.escape(final.name)}.dstab-{kind}-*"):
+            parts = path.name.rsplit("-", 3)
+            if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+                continue
+            if not pid_alive(int(parts[2])):
+                dead[kind].append(path)
+    for path in dead["old"]:
+        if not final.exists():
+            os.rename(path, final)  # the publish died between its two renames: the old version comes back
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in dead["tmp"]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Staging:
+    """A version being written: invisible (local) or marked incomplete (fsspec) until :meth:`publish`.
+
+    Local outputs are written to a hidden sibling directory and renamed into
+    place at the end; other stores are written in place and the complete flag
+    is set last, so a reader never sees a half-written version as complete.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        *,
+        inputs: list[str],
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.out = os.fspath(out)
+        self.storage_options = storage_options
+        self.overwrite = overwrite
+        check_output(self.out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
+        self.local = is_local(self.out)
+        self.claim: Claim | None = None
+        if self.local:
+            final = local_path(self.out)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._final = final
+                self._tmp = staging_name(final, "tmp")
+                self.url = str(self._tmp)
+                self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
+            except OSError as exc:
+                shutil.rmtree(getattr(self, "_tmp", final.parent / ".nothing"), ignore_errors=True)
+                raise output_error(self.out, exc) from None
+        else:
+            self.url = self.out.rstrip("/")
+            # own OUT before touching it: a second run stops here, and only the owner publishes
+            self.claim = Claim(self.url, storage_options)
+            self.claim.acquire()
+            try:
+                check_replaceable(self.out, inspect_output(self.out, storage_options), overwrite=overwrite)
+                self.group = zarr.open_group(self.url, mode="w", zarr_format=3, storage_options=storage_options)
+            except BaseException:
+                self.claim.release()
+                raise
+        self.group.attrs["dstab"] = {"format": FORMAT, "complete": False}
+
+    def create_array(
+        self,
+        path: str,
+        *,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: np.dtype,
+        like: Any | None = None,
+    ) -> ArrayTarget:
+        """An empty array in the staging group; ``like`` lends its compressors when it is a Zarr array."""
+        kwargs: dict[str, Any] = {}
+        if isinstance(like, zarr.Array) and like.metadata.zarr_format == 3:
+            kwargs["compressors"] = like.compressors
+        with warnings.catch_warnings():
+            # Fixed-width string ids have no Zarr v3 spec yet; zarr-python warns
+            # on creation but stores and reads them fine. Input ids of that
+            # dtype are copied as they are.
+            warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+            self.group.create_array(path, shape=shape, chunks=chunks, dtype=dtype, **kwargs)
+        return ArrayTarget(self.url, path, self.storage_options)
+
+    def create_table(self, side: str, like: Table, width: int) -> ArrayTarget:
+        """The ``side/vectors`` array for a table of ``like``'s rows and storage chunks, ``width`` wide.
+
+        ``side=""`` writes a loose table (``vectors``, ``ids`` at the group's top).
+
+        The ids of ``like`` (if any) are copied by the returned tasks of
+        :meth:`copy_ids`; the vectors are the caller's to write.
+        """
+        return self.create_array(
+            _join(side, "vectors"),
+            shape=(like.n_rows, width),
+            chunks=(min(like.chunk_rows, like.n_rows), width),
+            dtype=like.dtype,
+            like=like.vectors,
+        )
+
+    def copy_ids(self, side: str, like: Table) -> list[Delayed]:
+        """Tasks that copy ``like``'s ids and counts, block by block, into ``side/ids`` and ``side/counts``."""
+        tasks = []
+        chunks = like.row_chunks()
+        for name, column in (("ids", like.ids), ("counts", like.counts)):
+            if column is None:
+                continue
+            target = self.create_array(
+                _join(side, name),
+                shape=(like.n_rows,),
+                chunks=(min(like.chunk_rows, like.n_rows),),
+                dtype=np.dtype(column.dtype),
+                like=column,
+            )
+            tasks += [
+                dask.delayed(copy_block, pure=True)(block, target, start)
+                for block, start in zip(block_sources(column, chunks), row_starts(chunks))
+            ]
+        return tasks
+
+    def write_small(self, path: str, value: np.ndarray) -> None:
+        """A small array written at once (transforms, spectra)."""
+        arr = self.group.create_array(path, shape=value.shape, chunks=value.shape or None, dtype=value.dtype)
+        arr[...] = value
+
+    def publish(self, attrs: dict[str, Any]) -> None:
+        """Mark complete (last write), then move into place; only the run that owns OUT publishes."""
+        failpoint("after-write")
+        if self.claim is not None:
+            self.claim.verify()
+        self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
+        if self.local:
+            move_into_place(self._tmp, self._final, replace=self.overwrite)
+        elif self.claim is not None:
+            self.claim.release()
+
+    def discard(self) -> None:
+        """Remove what was staged (after a failure); an object-store output is removed only by its owner."""
+        if self.local:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:
+            if self.claim is not None:
+                self.claim.verify()
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+            fs.rm(path, recursive=True)
+        except (FileNotFoundError, OSError, OutputExistsError):
+            pass
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+
+def output_error(out: str, exc: OSError) -> DstabError | OSError:
+    """A write that the machine refused, as one line naming OUT, the cause and the fix (others stay as they are)."""
+    reasons = {
+        errno.ENOSPC: ("there is no space left on the device", "free space or choose another --out"),
+        errno.EDQUOT: ("the disk quota is exceeded", "free space or choose another --out"),
+        errno.EROFS: ("the file system is read-only", "choose an --out on a writable file system"),
+        errno.EACCES: ("permission was denied", "choose an --out in a directory you may write to"),
+        errno.EPERM: ("the operation is not permitted", "choose an --out in a directory you may write to"),
+        errno.EFBIG: ("a file grew past the size this process may write", "raise the file size limit (ulimit -f)"),
+    }
+    if exc.errno not in reasons:
+        return exc
+    cause, fix = reasons[exc.errno]
+    return OutputWriteError(f"cannot write {out}: {cause} ({exc.strerror}); nothing was published: {fix}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def write_block(block: np.ndarray, target: ArrayTarget, start: int) -> None:
+    """Write one row block at ``start``: whole storage chunks, so no two tasks share one."""
+    target.open()[start : start + block.shape[0]] = block
+
+
+def copy_block(source: Any, target: ArrayTarget, start: int) -> None:
+    """Read a block source and write it unchanged."""
+    write_block(load(source), target, start)
