@@ -69,14 +69,18 @@ WORKER_BASE_BYTES = 256 * 2**20
 BLOCKS_IN_FLIGHT = 4
 
 
-def parse_workers(value: str) -> int:
+def _positive_int(value: str, wording: str) -> int:
     try:
-        n = int(value)
+        number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of worker processes, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
-    return n
+        raise argparse.ArgumentTypeError(f"must be {wording}, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be {wording}, got {value!r}")
+    return number
+
+
+def parse_workers(value: str) -> int:
+    return _positive_int(value, "a whole number of worker processes, at least 1")
 
 
 def parse_memory_limit(value: str) -> str:
@@ -204,15 +208,7 @@ def _killed_worker_as_error(limit: str) -> Iterator[None]:
 
 
 def parse_rank(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        rank = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}") from None
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
-    return rank
+    return value if value == "auto" else _positive_int(value, "'auto' or a positive integer")
 
 
 def cmd_stabilize(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -36,10 +37,20 @@ def s3() -> Iterator[dict]:
     """A moto S3 server on 127.0.0.1 and a bucket; yields the fsspec storage options."""
     import s3fs  # the test extra installs it (and moto[server])
 
+    with moto_server() as endpoint:
+        options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("dstab-test")
+        yield options
+
+
+@contextlib.contextmanager
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, up and answering; yields its endpoint URL."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -49,10 +60,7 @@ def s3() -> Iterator[dict]:
                 break
             except OSError:
                 time.sleep(0.1)
-        options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-        fs = s3fs.S3FileSystem(**options)
-        fs.mkdir("dstab-test")
-        yield options
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -195,21 +203,8 @@ def s3_auth() -> Iterator[dict]:
     import boto3
     import s3fs
 
-    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"}  # the IAM calls below; every later request is checked
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server(env) as endpoint:
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
         keys = {}
         for user, policy in (("writer", {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}), ("nobody", None)):
@@ -220,9 +215,6 @@ def s3_auth() -> Iterator[dict]:
             keys[user] = {"key": access["AccessKeyId"], "secret": access["SecretAccessKey"], "endpoint_url": endpoint}
         s3fs.S3FileSystem(**keys["writer"], skip_instance_cache=True).mkdir("dstab-auth")
         yield keys
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
