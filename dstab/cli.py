@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import dask
 
@@ -31,7 +31,7 @@ from .plots import plot_diagnosis, plot_report
 from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import METHODS, check_request, stabilize
 from .store import Table, Version, check_output, open_table, open_version, output_error
-from .synth import synth, synth_like
+from .synth import check_retrain, check_synth, synth, synth_like
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
@@ -158,10 +158,11 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             kwargs = {"address": address}
         try:
             client = Client(timeout="10s", **kwargs)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError, TypeError, AssertionError, KeyError) as exc:
+            # a bad address (ValueError), a scheduler file that is not one (JSON or key errors), nobody listening
             raise UsageError(
-                f"cannot reach the Dask scheduler at {address} ({exc}); check the address, or start one with "
-                "`dask scheduler` and `dask worker ADDRESS`"
+                f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}: {exc}); check the address "
+                "(tcp://HOST:PORT) or the scheduler file, or start one with `dask scheduler` and `dask worker ADDRESS`"
             ) from None
         with client, _killed_worker_as_error("the cluster's workers' memory limit"):
             print(f"dstab: attached to {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)", file=sys.stderr)
@@ -172,16 +173,23 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
     _check_memory_limit(memory_limit, n_workers, tables or [])
     # One thread per worker process: the kernels are BLAS and (de)compression,
     # which release the GIL but must not oversubscribe the cores.
-    with LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=args.dashboard_address,
-        # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
-        # the workers' own logging of it would only repeat it as pages of log lines
-        silence_logs=logging.CRITICAL,
-    ) as cluster, Client(cluster) as client:
+    try:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=args.dashboard_address,
+            # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
+            # the workers' own logging of it would only repeat it as pages of log lines
+            silence_logs=logging.CRITICAL,
+        )
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise UsageError(
+            f"the local cluster could not start ({exc}); check --dashboard-address {args.dashboard_address} "
+            "(HOST:PORT or :PORT, e.g. :0 for any free port)"
+        ) from None
+    with cluster, Client(cluster) as client:
         print(f"dstab: local cluster of {n_workers} worker{'s' if n_workers > 1 else ''}; dashboard at {client.dashboard_link}", file=sys.stderr)
         with _killed_worker_as_error(f"--memory-limit {memory_limit}"):
             yield
@@ -247,9 +255,25 @@ def _tables(*versions: Version | None) -> list[Table]:
 
 
 def _check_plot_path(args: argparse.Namespace) -> None:
-    """A --plot file goes into an existing directory: checked before any work starts."""
-    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
-        raise UsageError(f"--plot {args.plot}: the directory {os.path.dirname(os.path.abspath(args.plot))} does not exist")
+    """A --plot file is a .png in an existing directory, outside every input, and not anyone else's file.
+
+    Checked before any work starts; replacing a plot dstab drew earlier is fine.
+    """
+    if not args.plot:
+        return
+    from .plots import check_plot_target
+    from .store import same_or_nested
+
+    plot = os.fspath(args.plot)
+    if os.path.splitext(plot)[1].lower() != ".png":
+        raise UsageError(f"--plot needs a .png file name, got {plot}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
+        raise UsageError(f"--plot {plot}: the directory {os.path.dirname(os.path.abspath(plot))} does not exist")
+    for name in ("version", "reference", "base", "path"):
+        source = getattr(args, name, None)
+        if source and same_or_nested(plot, os.fspath(source)):
+            raise UsageError(f"--plot {plot} is or lies inside the input {source}; dstab never writes into its inputs")
+    check_plot_target(plot)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Any, plot: Any) -> None:
@@ -382,6 +406,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         like = open_version(args.like)
         if args.counts:
             raise UsageError("--like retrains carry the counts of the version they copy; drop --counts")
+        check_retrain(like, noise=args.noise, churn=args.churn, seed=args.seed)
         check_output(args.out, inputs=[args.like], overwrite=args.overwrite)
         with scheduler_from_args(args, _tables(like)):
             out = synth_like(
@@ -393,6 +418,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise UsageError(f"synth needs --items, --users and --dim (or --like VERSION); missing --{', --'.join(missing)}")
         if args.noise or args.churn:
             raise UsageError("--noise and --churn apply to --like retrains only")
+        check_synth(
+            items=args.items, users=args.users, dim=args.dim, rank=args.rank, seed=args.seed, dtype=args.dtype,
+            chunk_rows=args.chunk_rows,
+        )  # fmt: skip
         check_output(args.out, inputs=[], overwrite=args.overwrite)
         with scheduler_from_args(args):
             out = synth(
@@ -404,8 +433,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong, and where the options are), exit 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dstab",
         description="Stabilize recommender embeddings across retrains: every user-item score kept, "
         "coordinates aligned to yesterday's.",
@@ -467,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each side and of the interaction")
     p.add_argument("path", metavar="PATH", help="a version, or a table (a Zarr group with vectors)")
-    p.add_argument("--json", action="store_true", help='print {"items": ..., "users": ..., "interaction": ...}')
+    p.add_argument("--json", action="store_true", help='print {"items": ..., "users": ..., "interaction": ...} ({"table": ...} for a table)')
     p.add_argument("--plot", metavar="FILE.png", help="also draw the spectra")
     p.add_argument("--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)")
     add_scheduler_options(p)

@@ -192,18 +192,34 @@ def open_parquet(
         if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise InputError(f"{label}: column {id_column!r} is {id_type}; ids must be integers or strings")
         ids_kind = "integer" if pa.types.is_integer(id_type) else "string"
+    if vector_column is not None and vector_columns:
+        raise UsageError(
+            "give either --vector-column NAME (one list column) or --vector-columns COLS (scalar columns), not both"
+        )
     if isinstance(vector_columns, str):
         pattern = vector_columns
-        vector_columns = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n != id_column]
-        if not vector_columns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern) and n != id_column]
+        if not matched:
             raise InputError(f"{label}: no column of {url} matches {pattern!r} (columns: {', '.join(names)})")
+        # a glob selects numeric scalar columns only: a list column (or a string one) it also matches is skipped
+        vector_columns = [n for n in matched if _is_number(schema.field(n).type)]
+        if not vector_columns:
+            _refuse_vector_column(label, url, matched[0], schema.field(matched[0]).type, f"matched by {pattern!r}")
     if vector_columns:
         missing = [c for c in vector_columns if c not in names]
         if missing:
             raise InputError(f"{label}: {url} has no column {missing[0]!r} (columns: {', '.join(names)})")
+        for c in vector_columns:
+            if not _is_number(schema.field(c).type):
+                _refuse_vector_column(label, url, c, schema.field(c).type, "given in --vector-columns")
         types = {schema.field(c).type for c in vector_columns}
         if len(types) != 1:
-            raise InputError(f"{label}: the vector columns have several types ({', '.join(map(str, types))}); use one float type")
+            first = schema.field(vector_columns[0]).type
+            other = next(c for c in vector_columns if schema.field(c).type != first)
+            raise InputError(
+                f"{label}: the vector columns have several types (column {vector_columns[0]!r} is {first}, column "
+                f"{other!r} is {schema.field(other).type}); cast them to one float type upstream"
+            )
         dtype = np.dtype(types.pop().to_pandas_dtype())
         _check_vector_dtype(dtype, f"{label}: columns {vector_columns[0]}..")
         dim = len(vector_columns)
@@ -235,6 +251,21 @@ def _is_list(t: Any) -> bool:
     import pyarrow as pa
 
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_number(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _refuse_vector_column(label: str, url: str, name: str, vtype: Any, how: str) -> None:
+    """--vector-columns names scalar float columns: one line on a column that is not one."""
+    if _is_list(vtype):
+        fix = f"it is a list column: import it with --vector-column {name} instead of --vector-columns"
+    else:
+        fix = "--vector-columns takes float32 or float64 scalar columns: cast or drop it upstream"
+    raise InputError(f"{label}: column {name!r} of {url} ({how}) is {vtype}, not a scalar float column; {fix}")
 
 
 def _not_parquet(label: str, path: str, exc: Exception) -> InputError:
@@ -311,7 +342,16 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
                     f"{where}: the vector at row {offset + int(bad[0])} has {int(lengths[bad[0]])} values, not "
                     f"{source.dim}; every vector must have the same length"
                 )
-        values = col.flatten().to_numpy(zero_copy_only=False)
+        flat = col.flatten()
+        if flat.null_count:  # a null inside a vector (e.g. [None, 1.0, ...]) would read as NaN
+            import pyarrow.compute as pc
+
+            first = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
+            row = offset + int(pc.list_parent_indices(col)[first].as_py())
+            raise InputError(
+                f"{where}: column {source.vector_column!r} has a null element at row {row}; fill or drop that row upstream"
+            )
+        values = flat.to_numpy(zero_copy_only=False)
         if len(values) != table.num_rows * source.dim:
             raise InputError(f"{where}: vectors hold null values; fill or drop those rows upstream")
         vectors = values.reshape(table.num_rows, source.dim).astype(source.dtype, copy=False)

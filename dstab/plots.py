@@ -3,11 +3,81 @@
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import numpy as np
 
 from .errors import UsageError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SOFTWARE_PREFIX = "dstab "  # the PNG tEXt "Software" value of every plot dstab draws: "dstab <version>"
+
+
+def _software() -> str:
+    from . import __version__
+
+    return SOFTWARE_PREFIX + __version__
+
+
+def png_text(path: str | os.PathLike[str], *, limit: int = 1 << 16) -> dict[str, str] | None:
+    """The tEXt chunks of a PNG file (keyword -> text), or None when the file is not a readable PNG.
+
+    Pure Python; reads chunk headers only and skips image data, stopping at the first IDAT or IEND
+    (matplotlib writes its text chunks before the image data) or after ``limit`` bytes of text.
+    """
+    text: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            read = 0
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND"):
+                    return text
+                if kind == b"tEXt":
+                    read += length
+                    if read > limit:
+                        return text
+                    data = f.read(length)
+                    if len(data) < length:
+                        return None
+                    key, sep, value = data.partition(b"\0")
+                    if sep:
+                        text[key.decode("latin-1")] = value.decode("latin-1")
+                    f.seek(4, os.SEEK_CUR)  # CRC
+                else:
+                    f.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def is_dstab_plot(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a PNG file that dstab drew (its tEXt "Software" names dstab)."""
+    text = png_text(path)
+    return bool(text) and text.get("Software", "").startswith(SOFTWARE_PREFIX)
+
+
+def check_plot_target(path: str | os.PathLike[str]) -> None:
+    """Refuse a --plot path without a .png suffix, or that holds something other than dstab's own earlier plot."""
+    name = os.fspath(path)
+    if os.path.splitext(name)[1].lower() != ".png":
+        raise UsageError(f"--plot needs a .png file name, got {name}")
+    if os.path.isdir(name):
+        raise UsageError(f"--plot {name} is a directory: give a .png file name")
+    if os.path.lexists(name) and not (os.path.isfile(name) and is_dstab_plot(name)):
+        raise UsageError(
+            f"--plot {name} exists and is not a plot dstab drew; dstab never overwrites other files: "
+            "choose another name or remove it"
+        )
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> None:
+    fig.savefig(os.fspath(path), dpi=100, format="png", metadata={"Software": _software()})
 
 
 def _pyplot() -> Any:
@@ -81,7 +151,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         f"{report.get('url')}: rank {report.get('rank')}, score error {'n/a' if error is None else f'{error:.2g}'}", fontsize=9
     )
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -102,5 +172,5 @@ def plot_diagnosis(diagnosis: dict[str, Any], path: str | os.PathLike[str]) -> N
     ax.set_title(f"spectra of {diagnosis.get('url')}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=100)
+    _save(fig, path)
     plt.close(fig)

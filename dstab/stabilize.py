@@ -30,6 +30,7 @@ from .stats import (
     ID_SAMPLE_BYTES,
     AnchorSpec,
     SideStats,
+    check_pairable,
     pass_statistics,
     side_statistics,
 )
@@ -268,12 +269,27 @@ def check_request(
         raise UsageError(f"neighbours must be a whole number >= 0, got {neighbours!r}")
     if rank != "auto":
         linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
+        if rtol is not None:
+            raise UsageError(f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one")
+    uses_counts = anchor_min_count > 0 or anchor_weights == "counts"
     if reference is None:
         if neighbours:
             raise UsageError("--neighbours measures overlap with a reference; give --reference or drop --neighbours")
+        if uses_counts or anchor != "both":
+            raise UsageError(
+                "--anchor, --anchor-min-count and --anchor-weights choose the rows that fit the rotation onto a "
+                "reference; without --reference there is none: give --reference or drop them"
+            )
         return []
     anchors = ANCHOR_SIDES[anchor]
-    uses_counts = anchor_min_count > 0 or anchor_weights == "counts"
+    check_pairable(new, reference, anchors)
+    if neighbours:
+        fewest = min(min(new.table(s).n_rows, reference.table(s).n_rows) for s in anchors)
+        if neighbours >= fewest:
+            raise UsageError(
+                f"--neighbours {neighbours} asks for as many neighbours as a table has rows ({fewest:,}); "
+                f"choose K below {fewest:,} (10 is usual)"
+            )
     for side in anchors:
         if uses_counts and new.table(side).counts is None:
             raise InputError(
@@ -282,6 +298,12 @@ def check_request(
                 f"or anchor on the other side (--anchor)"
             )
     notes = []
+    if reference.attrs.get("kind") != "stabilized":
+        where = f" ({reference.url})" if reference.url else ""
+        notes.append(
+            f"the reference{where} was never stabilized: today's version is aligned onto its raw basis; "
+            "align onto yesterday's stabilized output (dstab stabilize YESTERDAY --out YESTERDAY-stable) instead"
+        )
     for side in anchors:
         a, b = new.table(side), reference.table(side)
         if (a.ids is None) != (b.ids is None) and a.n_rows == b.n_rows:

@@ -394,14 +394,11 @@ def _n_buckets(n_rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / ID_BUCKET_ROWS)))
 
 
-def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, progress: bool = False) -> dict[Side, Match]:
-    """How each side's rows pair with the reference's: by position when that is exact, else by id.
+def check_pairable(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
+    """Raise :class:`InputError` when rows of ``sides`` cannot be paired (metadata only: no data is read).
 
-    Raises :class:`InputError` when they cannot be paired (no ids and different
-    lengths; ids of different kinds).
+    Ids of different kinds never match; without ids on both, rows pair by position and the counts must agree.
     """
-    modes: dict[Side, Match] = {}
-    candidates: list[Side] = []
     for side in sides:
         a, b = new.table(side), reference.table(side)
         if a.ids is not None and b.ids is not None:
@@ -412,7 +409,6 @@ def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, pr
                     f"({b.ids.dtype}); ids only match ids of the same kind: write both versions' ids as "
                     "int64 or both as strings"
                 )
-            candidates.append(side)
         elif a.n_rows != b.n_rows:
             which = "the new version" if a.ids is None else "the reference"
             raise InputError(
@@ -420,6 +416,20 @@ def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, pr
                 f"has no {side}/ids; rows without ids are matched by position, so give both versions "
                 f"{side}/ids (int64 or strings) to match rows by id"
             )
+
+
+def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, progress: bool = False) -> dict[Side, Match]:
+    """How each side's rows pair with the reference's: by position when that is exact, else by id.
+
+    Raises :class:`InputError` when they cannot be paired (no ids and different
+    lengths; ids of different kinds).
+    """
+    check_pairable(new, reference, sides)
+    modes: dict[Side, Match] = {}
+    candidates: list[Side] = []
+    for side in sides:
+        if new.table(side).ids is not None and reference.table(side).ids is not None:
+            candidates.append(side)
         else:
             modes[side] = "position"
     checks = [ids_identical(new.table(s), reference.table(s)) for s in candidates]

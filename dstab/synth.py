@@ -134,6 +134,32 @@ def _base_attrs(**params: Any) -> dict[str, Any]:
     }
 
 
+def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int) -> None:
+    """The parameters of :func:`synth`, checked before anything starts."""
+    rank = dim if rank is None else rank
+    for name, value in (("items", items), ("users", users), ("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if rank > dim:
+        raise UsageError(f"--rank {rank} is larger than --dim {dim}; pass --rank {dim} or less")
+    if seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {seed}")
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise UsageError(f"dtype must be float32 or float64, got {dtype}")
+
+
+def check_retrain(like: Version, *, noise: float, churn: float, seed: int) -> None:
+    """The parameters of :func:`synth_like`, checked before anything starts."""
+    if not noise >= 0:
+        raise UsageError(f"--noise must be 0 or more, got {noise}")
+    if not 0 <= churn < 1:
+        raise UsageError(f"--churn must be in [0, 1), got {churn}")
+    if seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {seed}")
+    if churn > 0 and (like.items.ids is None or like.users.ids is None):
+        raise UsageError("--churn needs a version with items/ids and users/ids (rows are replaced by id)")
+
+
 def synth(
     out: str | os.PathLike[str],
     *,
@@ -153,13 +179,7 @@ def synth(
     With ``counts``, each side also gets ``SIDE/counts`` (:func:`counts_for_ids`), for the anchor options.
     """
     rank = dim if rank is None else rank
-    for name, value in (("items", items), ("users", users), ("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if rank > dim:
-        raise UsageError(f"--rank {rank} is larger than --dim {dim}; pass --rank {dim} or less")
-    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise UsageError(f"dtype must be float32 or float64, got {dtype}")
+    check_synth(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
     model = _model(dim, rank, seed)
     staging = Staging(os.fspath(out), inputs=[], overwrite=overwrite)
     tasks = []
@@ -214,12 +234,7 @@ def synth_like(
     are shuffled and the rows inside each block too (out of core, block by block).
     Counts, when ``like`` has them, follow the ids (:func:`counts_for_ids` for new ones).
     """
-    if not noise >= 0:
-        raise UsageError(f"--noise must be 0 or more, got {noise}")
-    if not 0 <= churn < 1:
-        raise UsageError(f"--churn must be in [0, 1), got {churn}")
-    if churn > 0 and (like.items.ids is None or like.users.ids is None):
-        raise UsageError("--churn needs a version with items/ids and users/ids (rows are replaced by id)")
+    check_retrain(like, noise=noise, churn=churn, seed=seed)
     basis = random_basis(like.dim, seed)
     bases = {"items": basis, "users": np.linalg.inv(basis).T}
     inputs = [like.url] if like.url else []

@@ -21,14 +21,18 @@ matched by id. `dstab log DIR/stable/LAST` shows the chain and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
 from pathlib import Path
 
 import dstab
-from dstab.cli import add_scheduler_options, parse_rank, scheduler_from_args
+from dstab.cli import (
+    OneLineParser,
+    add_scheduler_options,
+    parse_rank,
+    scheduler_from_args,
+)
 from dstab.errors import DstabError, VersionNotFoundError
 from dstab.report import format_matching
 
@@ -62,9 +66,11 @@ def run(
             onto = f"onto {reference.url}" if reference is not None and reference.url else "first: no reference"
             print(f"{raw_path.name}: stabilizing ({onto})", file=sys.stderr, flush=True)
         started = time.perf_counter()
+        # the anchor options choose rows that fit the rotation onto a reference: the first day has none
+        anchoring = {"anchor": anchor, "anchor_min_count": anchor_min_count, "anchor_weights": anchor_weights}
         result = dstab.stabilize(
-            dstab.open_version(raw_path), reference, rank=rank, anchor=anchor,  # type: ignore[arg-type]
-            anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, progress=progress,  # type: ignore[arg-type]
+            dstab.open_version(raw_path), reference, rank=rank, progress=progress,  # type: ignore[arg-type]
+            **(anchoring if reference is not None else {}),  # type: ignore[arg-type]
         )  # fmt: skip
         reference = result.to_zarr(stable_path, progress=progress)
         report = {"name": raw_path.name, "seconds": time.perf_counter() - started, **result.report}
@@ -77,7 +83,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, metavar="DIR")
     parser.add_argument("--rank", type=parse_rank, default="auto")
     parser.add_argument("--anchor", choices=("items", "users", "both"), default="both")

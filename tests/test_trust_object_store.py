@@ -87,3 +87,17 @@ def test_two_runs_racing_for_one_new_s3_out_publish_once(s3: dict, source: dict[
     assert np.linalg.norm(w_out @ t_out.T - w @ t.T) <= 1e-5 * np.linalg.norm(w @ t.T)
     fs = s3fs.S3FileSystem(**s3)
     assert not fs.exists("dstab-test/.race-out.dstab-claim")  # released by the winner
+
+
+def test_user_objects_inside_an_s3_version_are_kept(s3: dict, source: dict[str, str], capsys) -> None:  # noqa: F811
+    import s3fs
+
+    out = "s3://dstab-test/with-notes"
+    opts = ("--storage-options", json.dumps(s3), *FAST)
+    assert run(capsys, "stabilize", source["a"], "--out", out, *opts)[0] == 0
+    fs = s3fs.S3FileSystem(**s3)
+    fs.pipe("dstab-test/with-notes/NOTES.txt", b"mine")
+    code, _, err = run(capsys, "stabilize", source["a"], "--out", out, "--overwrite", *opts)
+    assert code == 2 and "with files dstab did not write in it (NOTES.txt)" in err, err
+    assert fs.cat("dstab-test/with-notes/NOTES.txt") == b"mine"
+    assert dstab.open_version(out, s3).attrs["complete"] is True

@@ -137,6 +137,23 @@ def test_overwrite_replaces_a_dstab_version_and_an_export(days: dict[str, str], 
     assert hidden_litter(tmp_path) == []
 
 
+@pytest.mark.parametrize("inside", ["NOTES.txt", "extra/d.bin", "items/mine.parquet", "items/vectors/c/mine"])
+@pytest.mark.parametrize("command", ["stabilize", "export"])
+def test_overwrite_keeps_user_files_inside_a_dstab_output(days: dict[str, str], tmp_path: Path, capsys, inside: str, command: str) -> None:
+    out = tmp_path / "out"
+    args = ["stabilize", days["day2"], "--out", out] if command == "stabilize" else ["export", days["day1-stable"], "--out", out]
+    assert run(capsys, *args, *FAST)[0] == 0
+    (out / inside).parent.mkdir(parents=True, exist_ok=True)
+    (out / inside).write_text("mine")
+    before = tree(out)
+    code, _, err = run(capsys, *args, "--overwrite", *FAST)
+    assert code == 2, err
+    assert f"with files dstab did not write in it ({inside})" in one_line(err)
+    assert tree(out) == before and hidden_litter(tmp_path) == []
+    (out / inside).unlink()
+    assert run(capsys, *args, "--overwrite", *FAST)[0] == 0  # its own output alone is replaced
+
+
 # ----------------------------------------------------------------------------- 2. two runs, one new OUT
 
 
@@ -249,9 +266,15 @@ def test_read_only_output_directory(tmp_path: Path, days: dict[str, str]) -> Non
         (["--workers", "0"], ["--workers", "at least 1"]),
         (["--rank", "99"], ["99"]),
         (["--neighbours", "5"], ["--neighbours", "--reference"]),
+        (["--neighbours", "1500", "--reference", "REF"], ["--neighbours 1500", "choose K below 1,500"]),
+        (["--rank", "3", "--rtol", "1e-3"], ["--rtol", "--rank 3", "drop one"]),
+        (["--anchor-min-count", "3"], ["--anchor-min-count", "without --reference"]),
+        (["--scheduler", "banana"], ["cannot reach the Dask scheduler at banana"]),
+        (["--rank", "0"], ["--rank", "see dstab stabilize --help"]),
     ],
     ids=["min-count-no-counts", "weights-no-counts", "workers-threads", "memory-synchronous", "memory-too-small",
-         "memory-banana", "workers-zero", "rank-too-large", "neighbours-no-reference"],
+         "memory-banana", "workers-zero", "rank-too-large", "neighbours-no-reference", "neighbours-too-many",
+         "rtol-with-rank", "anchor-without-reference", "scheduler-banana", "one-line-usage"],
 )  # fmt: skip
 def test_usage_errors_answer_before_any_cluster(days: dict[str, str], tmp_path: Path, extra: list[str], words: list[str]) -> None:
     args = [days["day1-stable"] if a == "REF" else a for a in extra]
@@ -259,11 +282,39 @@ def test_usage_errors_answer_before_any_cluster(days: dict[str, str], tmp_path: 
         dstab_cmd("stabilize", days["day2"], "--out", tmp_path / "out", *args), env=ENV, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, argparse's usage errors included
     text = proc.stderr.strip().splitlines()[-1]
     for word in words:
         assert word in text, text
     assert "dstab: local cluster of" not in proc.stderr  # no cluster was started
     assert not (tmp_path / "out").exists() and hidden_litter(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["synth", "OUT", "--items", "10", "--users", "10", "--dim", "4", "--seed", "-1"], {}, ["--seed must be 0 or more"]),
+        (["synth", "OUT", "--like", "DAY1", "--churn", "1.5"], {}, ["--churn must be in [0, 1)"]),
+        (["stabilize", "DAY2", "--out", "OUT", "--dashboard-address", "banana"], {}, ["--dashboard-address banana"]),
+        (["stabilize", "DAY2", "--out", "OUT", "--scheduler", "threads"], {"DASK_DSTAB__BLOCK_BYTES": "banana"},
+         ["DASK_DSTAB__BLOCK_BYTES", "banana"]),
+    ],
+    ids=["synth-seed", "synth-churn", "dashboard-banana", "block-bytes-banana"],
+)  # fmt: skip
+def test_bad_settings_are_one_line(days: dict[str, str], tmp_path: Path, args: list[str], env: dict, words: list[str]) -> None:
+    places = {"OUT": str(tmp_path / "out"), "DAY1": days["day1"], "DAY2": days["day2"]}
+    proc = subprocess.run(dstab_cmd(*[places.get(a, a) for a in args]), env={**ENV, **env}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert all(word in line for word in words), line
+    assert not (tmp_path / "out").exists() and hidden_litter(tmp_path) == []
+
+
+def test_a_raw_reference_is_said(days: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "stabilize", days["day2"], "--reference", days["day1"], "--out", tmp_path / "o", *FAST)
+    assert code == 0, err
+    assert f"note: the reference ({days['day1']}) was never stabilized" in out
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..linalg import transform_rows
 
 Side = Literal["items", "users"]
@@ -28,6 +28,20 @@ SIDES: tuple[Side, Side] = ("items", "users")
 # Row blocks handed to one task are a whole number of storage chunks, grown
 # towards this many bytes so that per-task overhead stays small.
 TARGET_BLOCK_BYTES = 64 * 2**20
+
+
+def block_bytes() -> int:
+    """The target bytes of one task's block: dask config ``dstab.block-bytes`` (DASK_DSTAB__BLOCK_BYTES), else the default."""
+    value = dask.config.get("dstab.block-bytes", None)
+    if value is None:
+        return TARGET_BLOCK_BYTES
+    try:
+        size = int(dask.utils.parse_bytes(value) if isinstance(value, str) else value)
+    except (ValueError, TypeError):
+        size = 0
+    if size < 1:
+        raise UsageError(f"dstab.block-bytes (DASK_DSTAB__BLOCK_BYTES) must be a size such as 64MiB, got {value!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class Table:
         row_bytes = max(1, self.dim * self.dtype.itemsize)
         per_chunk = self.chunk_rows * row_bytes
         # dask config "dstab.block-bytes" (env DASK_DSTAB__BLOCK_BYTES) overrides the default
-        target = int(dask.config.get("dstab.block-bytes", None) or TARGET_BLOCK_BYTES)
+        target = block_bytes()
         return self.chunk_rows * max(1, target // per_chunk)
 
     def row_chunks(self) -> tuple[int, ...]:

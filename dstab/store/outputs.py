@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import threading
 import time
 import uuid
@@ -81,31 +82,63 @@ def _listing(names: list[str]) -> str:
     return shown + more
 
 
-def _classify(names: list[str], read: Any, remote: bool) -> Existing:
-    """Decide from the top-level entry names and a reader of small files (``read(name) -> bytes | None``)."""
-    if not names:
+_CHUNK_KEY = re.compile(r"^(?P<array>(?:[^/]+/)*?)c(?:/\d+)+$")
+_EXPORT_FILE = re.compile(r"^(?:_dstab\.json|_SUCCESS|(?:items|users)/part-\d+\.parquet)$")
+
+
+def _foreign(files: list[str], export: bool) -> list[str]:
+    """Files under a dstab output that dstab does not write there (a user's notes, another tool's output)."""
+    if export:
+        return [f for f in files if not _EXPORT_FILE.match(f)]
+    nodes = {f[: -len("zarr.json")] for f in files if f == "zarr.json" or f.endswith("/zarr.json")}
+    foreign = []
+    for f in files:
+        if f == "zarr.json" or f.endswith("/zarr.json"):
+            continue
+        chunk = _CHUNK_KEY.match(f)
+        if chunk is None or chunk.group("array") not in nodes:
+            foreign.append(f)
+    return foreign
+
+
+def _classify(files: list[str], read: Any, remote: bool) -> Existing:
+    """Decide from every file's path under OUT (relative, ``/``-separated) and a reader of small files."""
+    if not files:
         return Existing("empty")
-    if "zarr.json" in names:
+    names = sorted({f.split("/", 1)[0] for f in files})
+    if "zarr.json" in files:
         attrs = _dstab_attrs(read("zarr.json"))
         if attrs is None:
             return Existing("foreign", "a Zarr group or array that dstab did not write")
-        if remote and attrs.get("complete") is False:
-            return Existing("abandoned", "an incomplete dstab version")
-        return Existing("dstab", "a dstab version")
-    if EXPORT_MARKER in names:
-        return Existing("dstab", "a dstab Parquet export")
-    return Existing("foreign", f"a directory that is not a dstab output (it holds {_listing(names)})")
+        kind = Existing("abandoned", "an incomplete dstab version") if remote and attrs.get("complete") is False else None
+        what, export = "a dstab version", False
+    elif EXPORT_MARKER in files:
+        kind, what, export = None, "a dstab Parquet export", True
+    else:
+        return Existing("foreign", f"a directory that is not a dstab output (it holds {_listing(names)})")
+    foreign = _foreign(files, export)
+    if foreign:
+        return Existing("foreign", f"{what} with files dstab did not write in it ({_listing(foreign)})")
+    return kind or Existing("dstab", what)
+
+
+def _local_files(path: Path) -> list[str]:
+    files = []
+    for folder, dirs, names in os.walk(path):  # symlinks are listed, never followed
+        rel = Path(folder).relative_to(path)
+        files += [str((rel / n).as_posix()) for n in names]
+        files += [str((rel / d).as_posix()) for d in dirs if (Path(folder) / d).is_symlink()]
+    return [f.removeprefix("./") for f in files]
 
 
 def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> Existing:
-    """Look at what ``url`` holds now (metadata only)."""
+    """Look at what ``url`` holds now (metadata and file names only)."""
     if is_local(url):
         path = local_path(url)
         if not path.exists() and not path.is_symlink():
             return Existing("absent")
         if path.is_symlink() or not path.is_dir():
             return Existing("foreign", "a file, not a directory" if path.is_file() else "not a directory")
-        names = [p.name for p in path.iterdir()]
 
         def read(name: str) -> bytes | None:
             try:
@@ -113,7 +146,7 @@ def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> E
             except OSError:
                 return None
 
-        return _classify(names, read, remote=False)
+        return _classify(_local_files(path), read, remote=False)
     import fsspec
 
     from .remote import probe
@@ -122,15 +155,13 @@ def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> E
         return Existing("absent")
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
+    if fs.isfile(root):
+        return Existing("foreign", "a file, not a directory")
     try:
-        entries = fs.ls(root, detail=False, refresh=True)
+        found = fs.find(root, withdirs=False)
     except FileNotFoundError:
         return Existing("absent")
-    except NotADirectoryError:
-        return Existing("foreign", "a file, not a directory")
-    names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
-    if names == [root.rsplit("/", 1)[-1]] and fs.isfile(root):
-        return Existing("foreign", "a file, not a directory")
+    files = [str(f)[len(root) + 1 :] for f in found if str(f).startswith(root + "/")]
 
     def read_remote(name: str) -> bytes | None:
         try:
@@ -138,7 +169,7 @@ def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> E
         except (FileNotFoundError, OSError):
             return None
 
-    return _classify(names, read_remote, remote=True)
+    return _classify(files, read_remote, remote=True)
 
 
 def check_replaceable(out: str, existing: Existing, *, overwrite: bool) -> None:

@@ -30,6 +30,7 @@ from .model import (
     unit_rows,
 )
 from .outputs import is_local, local_path
+from .write import recover_local
 
 
 def open_group(
@@ -39,6 +40,8 @@ def open_group(
     what: str = "version",
     layout: str = "a Zarr group with items/vectors and users/vectors arrays",
 ) -> zarr.Group:
+    if is_local(url) and not local_path(url).exists():
+        recover_local(local_path(url), restore_only=True)  # a publish killed between its renames: the old version is back
     if is_local(url) and not local_path(url).exists():
         raise VersionNotFoundError(f"no {what} at {url}: the path does not exist; check the path")
     if not is_local(url):

@@ -76,7 +76,25 @@ def check_output(
             )
     if is_local(out):
         recover_local(local_path(out))
+        _check_writable(out)
     check_replaceable(out, inspect_output(out, storage_options), overwrite=overwrite)
+
+
+def _check_writable(out: str) -> None:
+    """Create and remove a hidden directory beside OUT, so a read-only or full place is refused before any work."""
+    final = local_path(out)
+    parent = final.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # OUT's missing parents are made at write time: the nearest existing one decides
+    probe = parent / f".{final.name}.dstab-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        error = output_error(out, exc)
+        if error is exc:
+            raise
+        raise error from None
 
 
 # Hidden siblings a local output is staged in (and an old version is moved to
@@ -132,7 +150,7 @@ def move_into_place(staged: Path, final: Path, *, replace: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def recover_local(final: Path) -> None:
+def recover_local(final: Path, *, restore_only: bool = False) -> None:
     """Clear what killed runs left beside ``final``, and put back an old version a killed publish had moved aside.
 
     Only staging directories of processes on this host that are no longer
@@ -153,6 +171,8 @@ def recover_local(final: Path) -> None:
             os.rename(path, final)  # the publish died between its two renames: the old version comes back
         else:
             shutil.rmtree(path, ignore_errors=True)
+    if restore_only:  # a reader: put the old version back, leave the clearing to the next writer
+        return
     for path in dead["tmp"]:
         shutil.rmtree(path, ignore_errors=True)
 
