@@ -188,8 +188,9 @@ def check_replaceable(out: str, existing: Existing, *, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- claims (object stores)
 
 
-def _host() -> str:
-    return platform.node() or "host"
+def host() -> str:
+    """This machine's name as dstab records it (staging names, claims): ``-`` becomes ``_`` so names split on ``-``."""
+    return platform.node().replace("-", "_") or "host"
 
 
 def pid_alive(pid: int) -> bool:
@@ -223,7 +224,7 @@ class Claim:
 
     def _body(self) -> bytes:
         return json.dumps(
-            {"token": self.token, "host": _host(), "pid": os.getpid(), "started": self.started, "heartbeat": time.time()}
+            {"token": self.token, "host": host(), "pid": os.getpid(), "started": self.started, "heartbeat": time.time()}
         ).encode()
 
     def _read(self) -> dict[str, Any] | None:
@@ -237,7 +238,7 @@ class Claim:
         return data if isinstance(data, dict) else {}
 
     def _stale(self, holder: dict[str, Any]) -> bool:
-        if holder.get("host") == _host() and isinstance(holder.get("pid"), int):
+        if holder.get("host") == host() and isinstance(holder.get("pid"), int):
             return not pid_alive(holder["pid"])
         beat = holder.get("heartbeat")
         return not isinstance(beat, (int, float)) or time.time() - float(beat) > claim_lease()

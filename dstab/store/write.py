@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import platform
 import shutil
 import uuid
 import warnings
@@ -29,6 +28,7 @@ from .model import Table, block_sources, load, row_starts
 from .outputs import (
     Claim,
     check_replaceable,
+    host,
     inspect_output,
     is_local,
     local_path,
@@ -103,13 +103,8 @@ def _check_writable(out: str) -> None:
 _STAGING_KINDS = ("tmp", "old")
 
 
-def _host() -> str:
-    return platform.node().replace("-", "_") or "host"
-
-
 def staging_name(final: Path, kind: str) -> Path:
-    host = _host()
-    return final.parent / f".{final.name}.dstab-{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return final.parent / f".{final.name}.dstab-{kind}-{host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def move_into_place(staged: Path, final: Path, *, replace: bool) -> None:
@@ -162,7 +157,7 @@ def recover_local(final: Path, *, restore_only: bool = False) -> None:
     for kind in _STAGING_KINDS:
         for path in final.parent.glob(f".{glob.escape(final.name)}.dstab-{kind}-*"):
             parts = path.name.rsplit("-", 3)
-            if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+            if len(parts) != 4 or parts[1] != host() or not parts[2].isdigit():
                 continue
             if not pid_alive(int(parts[2])):
                 dead[kind].append(path)
@@ -200,15 +195,14 @@ class Staging:
         self.local = is_local(self.out)
         self.claim: Claim | None = None
         if self.local:
-            final = local_path(self.out)
+            self._final = local_path(self.out)
+            self._tmp = staging_name(self._final, "tmp")
+            self.url = str(self._tmp)
             try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self._final = final
-                self._tmp = staging_name(final, "tmp")
-                self.url = str(self._tmp)
+                self._final.parent.mkdir(parents=True, exist_ok=True)
                 self.group = zarr.open_group(self.url, mode="w-", zarr_format=3)
             except OSError as exc:
-                shutil.rmtree(getattr(self, "_tmp", final.parent / ".nothing"), ignore_errors=True)
+                shutil.rmtree(self._tmp, ignore_errors=True)
                 raise output_error(self.out, exc) from None
         else:
             self.url = self.out.rstrip("/")
