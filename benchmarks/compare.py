@@ -73,15 +73,25 @@ def _sum(a: int, b: int) -> int:
 def io_floor(new: Version, ref: Version, out: Path) -> None:
     """Read new and ref (pass 1), then read new and write it (pass 2): the same blocks, tasks that read
     their own rows as dstab's do, the same chunks, codec and writer; no arithmetic at all."""
+    io_floor_read(new, ref)
+    io_floor_write(new, out)
+
+
+def io_floor_read(new: Version, ref: Version) -> None:
+    """The floor's first pass: read every block of every table of new and of ref, nothing else."""
     reads = []
-    for side in SIDES:
+    for side in new.names:
         chunks = new.table(side).row_chunks()
         for table in (new.table(side), ref.table(side)):
             reads += [dask.delayed(_touch)(b) for b in table.blocks(chunks)]
     dstab.executor.compute(tree_reduce(reads, _sum))
+
+
+def io_floor_write(new: Version, out: Path) -> None:
+    """The floor's second pass: read every block of new and write it (vectors and ids) as a version at out."""
     staging = Staging(str(out), inputs=[])
     writes = []
-    for side in SIDES:
+    for side in new.names:
         table = new.table(side)
         target = staging.create_table(side, table, table.dim)
         chunks = table.row_chunks()
@@ -97,7 +107,7 @@ def run_dstab(new: Version, ref: Version, out: Path) -> None:
 
 def _finish_from_factors(r_items, r_users, cross_items, cross_users, ref_dim, probes):
     canonical = linalg.canonical_transforms(r_items, r_users, rtol=1e-6)
-    omega = linalg.alignment(canonical, cross_items, cross_users, ref_dim, probes)
+    omega = linalg.alignment(canonical, [cross_items, cross_users], ref_dim, probes)
     return canonical.m_items @ omega, canonical.m_users @ omega
 
 

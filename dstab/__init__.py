@@ -1,7 +1,8 @@
 """dstab: stabilize recommender embeddings across retrains, out of core with Dask and Zarr.
 
-Scores ``<user, item>`` are kept exactly; today's vectors are rotated as close as
-possible to yesterday's stabilized ones. See README.md and DESIGN notes.
+Every score the model defines is kept exactly (users against items, several tables per
+side, or every table against every other); today's vectors are rotated as close as
+possible to yesterday's stabilized ones. See README.md and docs/design.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
 from .report import measure_drift
 from .stabilize import Stabilization, stabilize
-from .store import Table, Version, from_arrays, open_table, open_version
+from .store import Table, Version, from_arrays, from_tables, open_table, open_version
+from .structure import Structure
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "InputError",
     "OutputExistsError",
     "Stabilization",
+    "Structure",
     "Table",
     "UsageError",
     "Version",
@@ -40,6 +43,7 @@ __all__ = [
     "diagnose",
     "export_version",
     "from_arrays",
+    "from_tables",
     "import_version",
     "measure_drift",
     "open_npy",

@@ -1,7 +1,7 @@
 """Saved transforms at work: map extra rows (users embedded online, new items) into a stabilized version.
 
     >>> stable = dstab.open_version("day2-stable.zarr")
-    >>> stable.transform("users", fresh_rows)                       # numpy in, numpy out
+    >>> stable.transform("users", fresh_rows)                       # numpy in, numpy out (any table's name)
     >>> dstab.apply_table(stable, "users", dstab.open_table("new-users.zarr"), "new-users-stable.zarr")
 
 Out of core like the rest: one task per block reads its rows, transforms and
@@ -21,7 +21,6 @@ from .errors import InputError
 from .executor import run_all
 from .linalg import transform_rows
 from .store import (
-    Side,
     Staging,
     Table,
     Version,
@@ -44,7 +43,7 @@ def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int
 
 def apply_table(
     version: Version,
-    side: Side,
+    side: str,
     table: Table,
     out: str | os.PathLike[str],
     *,
@@ -54,8 +53,9 @@ def apply_table(
 ) -> Table:
     """Write ``table``'s rows mapped into ``version``'s stabilized space at ``out`` (``vectors``, ``ids``).
 
-    ``table`` holds raw rows of ``side`` from the model that made the version's
-    input; each keeps its id and place. Returns the written table, opened.
+    ``table`` holds raw rows of the version's table ``side`` (any table name)
+    from the model that made the version's input; each keeps its id and place.
+    Returns the written table, opened.
     """
     transform = version.saved_transform(side)
     if table.dim != transform.shape[0]:
@@ -78,7 +78,7 @@ def apply_table(
         staging.publish(
             {
                 "kind": "applied",
-                "side": side,
+                "side": side,  # the version's table whose transform mapped the rows
                 "version": canonical_url(version.url) if version.url else None,
                 "input": canonical_url(table.name) if table.name else None,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

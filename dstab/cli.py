@@ -25,11 +25,10 @@ from .diagnose import diagnose, format_diagnosis, open_version_or_table
 from .errors import DstabError, UsageError
 from .executor import spilled_bytes
 from .interchange import Source, export_version, import_version, open_npy, open_parquet
-from .linalg import ANCHORS
 from .lineage import chain, format_chain
 from .plots import plot_diagnosis, plot_report
 from .report import describe, format_matching, format_report, format_side_drift
-from .stabilize import METHODS, check_request, stabilize
+from .stabilize import ANCHOR_WEIGHTS, METHODS, check_request, stabilize
 from .store import Table, Version, check_output, open_table, open_version, output_error
 from .synth import check_retrain, check_synth, synth, synth_like
 
@@ -219,27 +218,30 @@ def parse_rank(value: str) -> int | str:
     return value if value == "auto" else _positive_int(value, "'auto' or a positive integer")
 
 
+def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The stabilize options as :func:`dstab.stabilize` takes them."""
+    return dict(
+        sides=args.sides, symmetric=args.symmetric, rank=args.rank, rtol=args.rtol, anchor=args.anchor,
+        anchor_min_count=args.anchor_min_count, anchor_weights=args.anchor_weights, method=args.method,
+        neighbours=args.neighbours,
+    )  # fmt: skip
+
+
 def cmd_stabilize(args: argparse.Namespace) -> int:
     options = _storage_options(args)
     new = open_version(args.new, options)
     reference = open_version(args.reference, options) if args.reference else None
     inputs = [v.url for v in (new, reference) if v is not None and v.url]
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
-    check_request(
-        new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
-        anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
-    )  # fmt: skip
+    request = check_request(new, reference, **_fit_options(args))
     started = time.perf_counter()
     with scheduler_from_args(args, _tables(new, reference)):
-        result = stabilize(
-            new, reference, rank=args.rank, rtol=args.rtol, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
-            anchor_weights=args.anchor_weights, method=args.method, neighbours=args.neighbours,
-            progress=not args.no_progress,
-        )  # fmt: skip
+        result = stabilize(new, reference, **_fit_options(args), progress=not args.no_progress)
         result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
     r = result.report
-    print(f"wrote {args.out}: items {r['n_items']:,} x {r['dim_out']}, users {r['n_users']:,} x {r['dim_out']}, "
-          f"rank {r['rank']} of {r['dim_in']}, {time.perf_counter() - started:.1f} s")  # fmt: skip
+    shapes = ", ".join(f"{name} {n:,} x {r['dim_out']}" for name, n in r["tables"].items())
+    print(f"wrote {args.out}: {shapes}, rank {r['rank']} of {r['dim_in']}, {request.structure}, "
+          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     print(f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}")
     if r["drift_before"] is not None:
         print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
@@ -251,7 +253,7 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
 
 
 def _tables(*versions: Version | None) -> list[Table]:
-    return [v.table(side) for v in versions if v is not None for side in ("items", "users")]
+    return [table for v in versions if v is not None for table in v.tables.values()]
 
 
 def _check_plot_path(args: argparse.Namespace) -> None:
@@ -306,24 +308,41 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
+    from .diagnose import diagnosis_json, diagnosis_structure
+
+    structure = {"sides": args.sides, "symmetric": args.symmetric}
+    diagnosis_structure(target, **structure)  # bad --sides / --symmetric: refused before any cluster starts
     with scheduler_from_args(args, _tables(target) if isinstance(target, Version) else [target]):
-        result = diagnose(target, rtol=args.rtol, progress=not args.no_progress and not args.json)
-    measures = {k: v for k, v in result.items() if k in ("items", "users", "table", "interaction")}
-    _emit(args, measures, lambda: format_diagnosis(result), lambda path: plot_diagnosis(result, path))
+        result = diagnose(target, **structure, rtol=args.rtol, progress=not args.no_progress and not args.json)
+    _emit(args, diagnosis_json(result), lambda: format_diagnosis(result), lambda path: plot_diagnosis(result, path))
     return 0
+
+
+def _apply_target(args: argparse.Namespace) -> tuple[str, str]:
+    """(the version's table whose transform applies, the raw rows): --table NAME --rows T, or --items T / --users T."""
+    given = [flag for flag in ("items", "users", "table") if getattr(args, flag)]
+    if len(given) != 1:
+        raise UsageError("say which table the rows belong to: --table NAME --rows TABLE (or --items TABLE / --users TABLE)")
+    if args.table:
+        if not args.rows:
+            raise UsageError(f"--table {args.table} names the table; give the raw rows with --rows TABLE")
+        return args.table, args.rows
+    if args.rows:
+        raise UsageError(f"--rows goes with --table NAME; --{given[0]} already gives the rows")
+    return given[0], getattr(args, given[0])
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     options = _storage_options(args)
     version = open_version(args.version, options)
-    side = "items" if args.items else "users"
-    table = open_table(args.items or args.users, options)
+    side, rows = _apply_target(args)
+    table = open_table(rows, options)
     transform = version.saved_transform(side)  # fails early, before any cluster starts
     check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options)
     started = time.perf_counter()
     with scheduler_from_args(args, [table]):
         apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
-    print(f"wrote {args.out}: {table.n_rows:,} {side} rows x {transform.shape[1]} in the space of {args.version}, "
+    print(f"wrote {args.out}: {table.n_rows:,} rows of {side} x {transform.shape[1]} in the space of {args.version}, "
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     return 0
 
@@ -353,34 +372,55 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options
 
 
-def _source(args: argparse.Namespace, side: str, options: dict[str, Any] | None) -> Source:
-    path = getattr(args, side)
-    ids = getattr(args, f"{side}_ids")
+def _source(args: argparse.Namespace, name: str, path: str, ids: str | None, options: dict[str, Any] | None) -> Source:
+    """Table ``name`` of an import: a .npy file (ids from another .npy) or Parquet (ids from a column)."""
     if path.endswith(".npy"):
         if args.vector_column or args.vector_columns:
             raise UsageError("--vector-column / --vector-columns apply to Parquet sources, not .npy files")
-        return open_npy(path, ids=ids, label=side)
+        return open_npy(path, ids=ids, label=name)
     if ids:
-        raise UsageError(f"--{side}-ids applies to .npy sources; a Parquet source names its id column with --id-column")
+        flag = f"--{name}-ids" if getattr(args, f"{name}_ids", None) == ids else f"--table-ids {name}={ids}"
+        raise UsageError(f"{flag} applies to .npy sources; a Parquet source names its id column with --id-column")
     columns = args.vector_columns
     if columns and "," in columns:
         columns = [c.strip() for c in columns.split(",") if c.strip()]
     return open_parquet(
         path, id_column=args.id_column or None, vector_column=args.vector_column, vector_columns=columns,
-        storage_options=options, label=side,
+        storage_options=options, label=name,
     )  # fmt: skip
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from .interchange import check_sources, named_values
+    from .structure import resolve
+
     options = _storage_options(args)
-    items, users = _source(args, "items", options), _source(args, "users", options)
-    check_output(args.out, inputs=[items.url, users.url], overwrite=args.overwrite, storage_options=options)
+    # every table option is checked (names, repeats, ids for tables that exist, the structure) before a file is opened
+    paths = named_values("--table", args.table, "SRC", {"items": args.items, "users": args.users}, example="words=words.npy")
+    ids = named_values(
+        "--table-ids", args.table_ids, "IDS.npy", {"items": args.items_ids, "users": args.users_ids}, example="words=ids.npy"
+    )  # fmt: skip
+    if not paths:
+        raise UsageError("import needs at least one table: --table NAME=SRC (repeatable), or --items SRC / --users SRC")
+    unknown = [name for name in ids if name not in paths]
+    if unknown:
+        raise UsageError(
+            f"ids are given for the table {unknown[0]!r}, which is not imported (tables: {', '.join(paths)}); "
+            f"give its vectors with --table {unknown[0]}=SRC, or drop its ids"
+        )
+    structure = None
+    if args.sides or args.symmetric:
+        structure = resolve(tuple(paths), sides=args.sides, symmetric_all=args.symmetric, label="the imported version")
+    sources = {name: _source(args, name, path, ids.get(name), options) for name, path in paths.items()}
+    check_sources(sources)
+    inputs = [u for src in sources.values() for u in (src.url, src.ids_url) if u]
+    check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
     with scheduler_from_args(args):
         version = import_version(
-            args.out, items, users, chunk_rows=args.chunk_rows, overwrite=args.overwrite, storage_options=options,
-            progress=not args.no_progress,
+            args.out, sources, structure=structure, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
+            storage_options=options, progress=not args.no_progress,
         )  # fmt: skip
-    print(f"wrote {args.out}: {version!r}")
+    print(f"wrote {args.out}: {version!r}" + (f", {structure}" if structure is not None else ""))
     return 0
 
 
@@ -398,24 +438,57 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from .interchange import named_values
+    from .structure import resolve
+    from .synth import check_synth_tables, synth_tables
+
     progress = not args.no_progress
     if args.like:
         given = [name for name in ("items", "users", "dim", "rank") if getattr(args, name) is not None]
+        given += ["table"] if args.table else []
         if given:
             raise UsageError(f"--like copies the shape of a version; drop --{', --'.join(given)}")
         like = open_version(args.like)
         if args.counts:
             raise UsageError("--like retrains carry the counts of the version they copy; drop --counts")
-        check_retrain(like, noise=args.noise, churn=args.churn, seed=args.seed)
+        structure = check_retrain(
+            like, noise=args.noise, churn=args.churn, seed=args.seed, sides=args.sides, symmetric=args.symmetric
+        )  # fmt: skip
         check_output(args.out, inputs=[args.like], overwrite=args.overwrite)
         with scheduler_from_args(args, _tables(like)):
             out = synth_like(
-                args.out, like, noise=args.noise, churn=args.churn, seed=args.seed, overwrite=args.overwrite, progress=progress
-            )
+                args.out, like, noise=args.noise, churn=args.churn, seed=args.seed, sides=structure,
+                overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+    elif args.table or args.sides or args.symmetric:
+        # named tables (--items N and --users M are shorthands for --table items=N, --table users=M)
+        shorthands = {name: None if getattr(args, name) is None else str(getattr(args, name)) for name in ("items", "users")}
+        given = named_values("--table", args.table, "ROWS", shorthands, example="words=100000")
+        tables = {}
+        for name, text in given.items():
+            try:
+                tables[name] = int(text)
+            except ValueError:
+                raise UsageError(f"--table {name}={text}: ROWS must be a whole number of rows, e.g. --table {name}=100000") from None
+        if args.dim is None:
+            raise UsageError("synth needs --dim D (the width of every table)")
+        if args.noise or args.churn:
+            raise UsageError("--noise and --churn apply to --like retrains only")
+        check_synth_tables(tables, dim=args.dim, rank=args.rank, seed=args.seed, dtype=args.dtype, chunk_rows=args.chunk_rows)
+        structure = resolve(tuple(tables), sides=args.sides, symmetric_all=args.symmetric, label="the synthetic version")
+        check_output(args.out, inputs=[], overwrite=args.overwrite)
+        with scheduler_from_args(args):
+            out = synth_tables(
+                args.out, tables, dim=args.dim, structure=structure, rank=args.rank, seed=args.seed, dtype=args.dtype,
+                chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
     else:
         missing = [name for name in ("items", "users", "dim") if getattr(args, name) is None]
         if missing:
-            raise UsageError(f"synth needs --items, --users and --dim (or --like VERSION); missing --{', --'.join(missing)}")
+            raise UsageError(
+                f"synth needs --items, --users and --dim (or --table NAME=ROWS and --dim, or --like VERSION); "
+                f"missing --{', --'.join(missing)}"
+            )
         if args.noise or args.churn:
             raise UsageError("--noise and --churn apply to --like retrains only")
         check_synth(
@@ -429,8 +502,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
                 dtype=args.dtype, chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite,
                 progress=progress,
             )  # fmt: skip
-    print(f"wrote {args.out}: {out!r}")
+    print(f"wrote {args.out}: {out!r}" + (f", {out.structure}" if out.structure is not None else ""))
     return 0
+
+
+def add_structure_options(p: argparse.ArgumentParser, title: str, *, sides: str, symmetric: str) -> None:
+    """``--sides Q:C`` or ``--symmetric`` (one of them): which tables score against which (:mod:`dstab.structure`)."""
+    how = p.add_argument_group(f"which tables score against which ({title})").add_mutually_exclusive_group()
+    how.add_argument("--sides", metavar="Q1[,Q2]:C1[,C2]", help=f"two-sided: the query tables, a colon, the candidate tables; {sides}")
+    how.add_argument("--symmetric", action="store_true", help=f"every table is scored against every other; {symmetric}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -455,18 +535,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="REF", help="yesterday's stabilized version to align to")
     p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
-    p.add_argument("--anchor", choices=ANCHORS, default="both", help="rows that fix the rotation (default both)")
+    add_structure_options(
+        p, "default: recorded in NEW or REF, else users:items for those two tables, symmetric for one",
+        sides="one transform per side, from the pooled Gram of its tables",
+        symmetric="one orthogonal transform (item2vec, graphs, factorization machines)",
+    )  # fmt: skip
+    p.add_argument(
+        "--anchor", default="all", metavar="TABLES",
+        help="the tables whose rows fix the rotation onto REF: comma-separated names, or all (the default)",
+    )  # fmt: skip
     p.add_argument(
         "--anchor-min-count",
         type=float,
         default=0.0,
         metavar="N",
-        help="only rows whose SIDE/counts (an array of the new version) is at least N anchor the rotation, "
+        help="only rows whose TABLE/counts (an array of the new version) is at least N anchor the rotation, "
         "so that rare and new rows do not drive it",
     )
     p.add_argument(
         "--anchor-weights",
-        choices=("uniform", "counts"),
+        choices=ANCHOR_WEIGHTS,
         default="uniform",
         help="weight anchor rows equally (default) or by their counts",
     )
@@ -501,9 +589,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_option(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each side and of the interaction")
+    p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each table and of the interaction")
     p.add_argument("path", metavar="PATH", help="a version, or a table (a Zarr group with vectors)")
-    p.add_argument("--json", action="store_true", help='print {"items": ..., "users": ..., "interaction": ...} ({"table": ...} for a table)')
+    p.add_argument(
+        "--json", action="store_true",
+        help='print one JSON object: {"items": ..., "users": ..., "interaction": ...}, each table under its name '
+        '(and all under "tables"), "pooled" for a symmetric model, "structure"; {"table": ...} for a loose table',
+    )  # fmt: skip
+    add_structure_options(
+        p, "default: recorded in PATH, else users:items for those two tables, symmetric for one; otherwise each table is measured alone",
+        sides="also measure the interaction of the pooled query tables with the pooled candidate tables",
+        symmetric="also measure the pooled rows, each table as a field of them",
+    )  # fmt: skip
     p.add_argument("--plot", metavar="FILE.png", help="also draw the spectra")
     p.add_argument("--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)")
     add_scheduler_options(p)
@@ -512,9 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="map extra rows (a table) into a stabilized version's space with its saved transform")
     p.add_argument("version", metavar="VERSION", help="a version written by dstab stabilize")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--items", metavar="TABLE", help="raw item rows: a Zarr group with vectors and optional ids")
-    which.add_argument("--users", metavar="TABLE", help="raw user rows: a Zarr group with vectors and optional ids")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--table", metavar="NAME", help="the version's table the rows belong to (its transform maps them); with --rows")
+    which.add_argument("--items", metavar="TABLE", help="raw item rows (same as --table items --rows TABLE)")
+    which.add_argument("--users", metavar="TABLE", help="raw user rows (same as --table users --rows TABLE)")
+    p.add_argument("--rows", metavar="TABLE", help="with --table: the raw rows, a Zarr group with vectors and optional ids")
     p.add_argument("--out", required=True, metavar="TABLE_OUT", help="where to write the mapped table")
     p.add_argument("--overwrite", action="store_true", help="replace TABLE_OUT if it exists")
     add_scheduler_options(p)
@@ -528,10 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("import", help="write a version from .npy files or Parquet tables (files or directories)")
-    p.add_argument("--items", required=True, metavar="SRC", help="item vectors: FILE.npy, FILE.parquet or a directory of Parquet files")
-    p.add_argument("--users", required=True, metavar="SRC", help="user vectors, likewise")
-    p.add_argument("--items-ids", metavar="IDS.npy", help=".npy sources: the item ids (int or str), one per row")
-    p.add_argument("--users-ids", metavar="IDS.npy", help=".npy sources: the user ids")
+    p.add_argument(
+        "--table", action="append", metavar="NAME=SRC",
+        help="a table of the version (repeatable): its vectors, FILE.npy, FILE.parquet or a directory of Parquet files",
+    )  # fmt: skip
+    p.add_argument("--table-ids", action="append", metavar="NAME=IDS.npy", help=".npy sources: a table's ids (int or str), one per row")
+    p.add_argument("--items", metavar="SRC", help="shorthand for --table items=SRC")
+    p.add_argument("--users", metavar="SRC", help="shorthand for --table users=SRC")
+    p.add_argument("--items-ids", metavar="IDS.npy", help="shorthand for --table-ids items=IDS.npy")
+    p.add_argument("--users-ids", metavar="IDS.npy", help="shorthand for --table-ids users=IDS.npy")
+    add_structure_options(
+        p, "optional: recorded for the next stabilize", sides="recorded in VERSION", symmetric="recorded in VERSION"
+    )
     p.add_argument("--id-column", default="id", metavar="NAME", help="Parquet: the id column (default id; '' for none)")
     p.add_argument("--vector-column", metavar="NAME", help="Parquet: the list column of vectors (default: the only list column)")
     p.add_argument(
@@ -544,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_options(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="write a version's tables as Parquet: OUT/items/part-*.parquet, OUT/users/...")
+    p = sub.add_parser("export", help="write a version's tables as Parquet: OUT/NAME/part-*.parquet for every table")
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument(
@@ -558,11 +665,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic version, or a synthetic retrain of one (--like)")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--items", type=int, metavar="N")
-    p.add_argument("--users", type=int, metavar="M")
+    p.add_argument("--items", type=int, metavar="N", help="rows of the items table (shorthand for --table items=N)")
+    p.add_argument("--users", type=int, metavar="M", help="rows of the users table (shorthand for --table users=M)")
+    p.add_argument("--table", action="append", metavar="NAME=ROWS", help="a table of ROWS rows (repeatable)")
     p.add_argument("--dim", type=int, metavar="D")
-    p.add_argument("--rank", type=int, metavar="K", help="rank of the scores (default D)")
-    p.add_argument("--like", metavar="VERSION", help="retrain of VERSION: same scores, a random invertible basis change")
+    p.add_argument("--rank", type=int, metavar="K", help="rank of the scores (default D); symmetric: of the basis all tables share")
+    add_structure_options(
+        p, "default: users:items for those two, symmetric for one table; --like: recorded in VERSION",
+        sides="query and candidate rows from two latent bases",
+        symmetric="rows share one latent basis; --like: one random rotation",
+    )  # fmt: skip
+    p.add_argument(
+        "--like", metavar="VERSION",
+        help="retrain of VERSION: same scores, a random basis change (invertible two-sided, orthogonal symmetric)",
+    )  # fmt: skip
     p.add_argument("--noise", type=float, default=0.0, metavar="X", help="--like: relative noise added before the basis change")
     p.add_argument(
         "--churn", type=float, default=0.0, metavar="X",
@@ -573,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")
     p.add_argument(
         "--counts", action="store_true",
-        help="also write items/counts and users/counts (synthetic interaction counts, 1 to 1,000; for --anchor-min-count)",
+        help="also write NAME/counts for every table (synthetic interaction counts, 1 to 1,000; for --anchor-min-count)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)

@@ -117,11 +117,6 @@ def compute(*graphs: Any, progress: bool = False, stage: str = DEFAULT_STAGE) ->
     if client is not None:
         with _timed(stage) if plain else contextlib.nullcontext():
             futures = client.compute(list(graphs))
-            if terminal:
-                from distributed import progress as show_progress
-
-                with contextlib.redirect_stdout(sys.stderr):
-                    show_progress(futures)
             try:
                 if terminal:
                     from distributed import progress as show_progress

@@ -21,6 +21,7 @@ versions share.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,6 +84,15 @@ def hash_ids(ids: np.ndarray) -> np.ndarray:
         c = codes[:, j].astype(np.uint64)
         h = np.where(c != 0, _mix(h ^ c), h)
     return h
+
+
+# Id hashes per duplicate-check bucket (8 bytes each).
+ID_BUCKET_ROWS = 2**22
+
+
+def bucket_count(n_rows: int) -> int:
+    """Duplicate-check buckets for a table of ``n_rows`` ids: a power of two, each about :data:`ID_BUCKET_ROWS` hashes."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / ID_BUCKET_ROWS)))
 
 
 def buckets_of(hashes: np.ndarray, n_buckets: int) -> list[np.ndarray]:

@@ -30,10 +30,9 @@ from . import ids as idm
 from .errors import InputError, UsageError
 from .executor import compute, run_all, tree_reduce
 from .ids import IdKind, id_kind
-from .stats import _n_buckets, check_repeat
+from .stats import check_repeat
 from .store import (
     EXPORT_MARKER,
-    SIDES,
     Claim,
     Staging,
     Table,
@@ -50,6 +49,7 @@ from .store import (
     staging_name,
     write_block,
 )
+from .structure import Structure, check_tables_named
 
 DEFAULT_CHUNK_ROWS = 131_072
 # Rows of a .npy file one task reads.
@@ -405,7 +405,7 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         id_target = staging.create_array(
             f"{side}/ids", shape=(source.n_rows,), chunks=(rows,), dtype=np.dtype(np.int64) if meta_ids.kind == "i" else str
         )
-        n_buckets = _n_buckets(source.n_rows)
+        n_buckets = idm.bucket_count(source.n_rows)
         hashed = [
             dask.delayed(_write_ids, pure=True)(block, id_target, start, n_buckets)
             for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
@@ -442,51 +442,98 @@ def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int,
 
 
 
+# Names a table cannot take: the group of saved transforms, and what a Zarr group name or a --sides list cannot hold.
+RESERVED_TABLE_NAMES = ("transform",)
+
+
+def check_table_name(name: str, flag: str = "--table") -> None:
+    """A table name is one Zarr group name that --sides can list: :class:`UsageError` naming it and the fix."""
+    bad = (
+        not name or name != name.strip() or any(c in name for c in "/\\,:=") or name.startswith((".", "__"))
+        or name in RESERVED_TABLE_NAMES
+    )  # fmt: skip
+    if bad:
+        raise UsageError(
+            f"{flag}: {name!r} cannot name a table; use a plain name (letters, digits, '_' or '-'), not empty, "
+            "without '/', ',', ':' or '=', not starting with '.' or '__', and not 'transform'"
+        )
+
+
+def check_sources(sources: dict[str, Source]) -> None:
+    """What an import can check before writing: names, rows, and one width and dtype for every table."""
+    if not sources:
+        raise UsageError("an import needs at least one table: --table NAME=SRC (or --items SRC, --users SRC)")
+    for name, src in sources.items():
+        check_table_name(name)
+        if src.n_rows == 0:
+            raise InputError(f"{name}: {src.url} has no rows; a version needs at least one row in each table")
+    (first, a), *rest = sources.items()
+    for name, src in rest:
+        if src.dim != a.dim:
+            raise InputError(
+                f"{first} has width {a.dim} but {name} has width {src.dim}; every table must come from one model"
+            )
+        if src.dtype != a.dtype:
+            raise InputError(f"{first} is {a.dtype} but {name} is {src.dtype}; store every table in one dtype")
+
+
 def import_version(
     out: str | os.PathLike[str],
-    items: Source,
-    users: Source,
+    sources: dict[str, Source] | Source,
+    users: Source | None = None,
     *,
+    structure: Structure | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Version:
-    """Write a version at ``out`` from two sources (see :func:`open_npy`, :func:`open_parquet`)."""
-    for label, src in (("items", items), ("users", users)):
-        if src.n_rows == 0:
-            raise InputError(f"{label}: {src.url} has no rows; a version needs at least one row on each side")
-    if items.dim != users.dim:
-        raise InputError(f"items have width {items.dim} but users have width {users.dim}; both must come from one model")
-    if items.dtype != users.dtype:
-        raise InputError(f"items are {items.dtype} but users are {users.dtype}; store both sides in one dtype")
+    """Write a version at ``out`` from named sources (see :func:`open_npy`, :func:`open_parquet`).
+
+    ``sources`` maps table names to sources (``{"words": src}``); the two-table
+    call ``import_version(out, items, users)`` of earlier releases still works.
+    With ``structure`` (checked against the names), the version records which
+    tables score against which, so ``stabilize`` needs no --sides for it.
+    """
+    if isinstance(sources, Source):
+        if users is None:
+            raise UsageError("import_version(out, items, users) needs both sources; or pass {name: source, ...}")
+        sources = {"items": sources, "users": users}
+    elif users is not None:
+        raise UsageError("pass the users source inside the dict of sources: {'items': ..., 'users': ...}")
+    sources = dict(sources)
+    check_sources(sources)
+    if structure is not None:
+        check_tables_named(structure, tuple(sources), "the imported version")
     if chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be at least 1, got {chunk_rows}")
     out = os.fspath(out)
-    staging = Staging(out, inputs=[items.url, users.url], overwrite=overwrite, storage_options=storage_options)
+    inputs = [u for src in sources.values() for u in (src.url, src.ids_url) if u]
+    staging = Staging(out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
     try:
-        _write_tables(staging, {"items": items, "users": users}, chunk_rows, progress)
+        _write_tables(staging, sources, chunk_rows, progress)
         from . import __version__
 
-        staging.publish(
-            {
-                "kind": "imported",
-                "dstab_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                # where each side was read from, and how (never the storage options: they may hold credentials)
-                "sources": {
-                    side: {
-                        "url": canonical_url(src.url),
-                        "format": src.kind,
-                        "ids": canonical_url(src.ids_url) if src.ids_url else None,
-                        "id_column": src.id_column if src.kind == "parquet" else None,
-                        "vector_column": src.vector_column,
-                        "vector_columns": list(src.vector_columns),
-                    }
-                    for side, src in (("items", items), ("users", users))
-                },
-            }
-        )
+        attrs: dict[str, Any] = {
+            "kind": "imported",
+            "dstab_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # where each table was read from, and how (never the storage options: they may hold credentials)
+            "sources": {
+                name: {
+                    "url": canonical_url(src.url),
+                    "format": src.kind,
+                    "ids": canonical_url(src.ids_url) if src.ids_url else None,
+                    "id_column": src.id_column if src.kind == "parquet" else None,
+                    "vector_column": src.vector_column,
+                    "vector_columns": list(src.vector_columns),
+                }
+                for name, src in sources.items()
+            },
+        }
+        if structure is not None:
+            attrs["structure"] = structure.to_attrs()
+        staging.publish(attrs)
     except BaseException:
         staging.discard()
         raise
@@ -504,7 +551,9 @@ def _export_block(source: Any, ids_source: Any, start: int, fs: Any, path: str, 
 
     vectors = load(source)
     ids = load(ids_source) if ids_source is not None else np.arange(start, start + len(vectors), dtype=np.int64)
-    if ids.dtype.kind not in "iu":
+    if ids.dtype.kind in "TO":  # Zarr v3 variable-length strings (numpy's StringDType): pyarrow takes them as objects
+        ids = ids.astype(object)
+    elif ids.dtype.kind not in "iu":
         ids = np.asarray(ids, dtype=str)
     columns: dict[str, Any] = {"id": pa.array(ids)}
     if layout == "list":
@@ -526,7 +575,7 @@ def export_version(
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Write each side of ``version`` as a directory of Parquet files: ``OUT/items/part-*.parquet``, ``OUT/users/...``.
+    """Write each table of ``version`` as a directory of Parquet files: ``OUT/NAME/part-*.parquet`` (``OUT/items/...``).
 
     Columns: ``id`` (the version's ids, or the row number when it has none) and
     either ``vector`` (``fixed_size_list<float>[D]``, ``layout="list"``) or
@@ -557,7 +606,7 @@ def export_version(
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": False}).encode())
         tasks = []
-        for side in SIDES:
+        for side in version.names:
             table = version.table(side)
             fs.makedirs(f"{root}/{side}", exist_ok=True)
             chunks = table.row_chunks()
@@ -568,7 +617,11 @@ def export_version(
         run_all(tasks, progress=progress, stage="export to Parquet")
         if claim is not None:
             claim.verify()
-        fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": True}).encode())
+        # the tables, and the structure the version recorded, so that an import of the export can say it again
+        done: dict[str, Any] = {"format": 1, "kind": "parquet-export", "complete": True, "tables": list(version.names)}
+        if version.structure is not None:
+            done["structure"] = version.structure.to_attrs()
+        fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps(done).encode())
         if local:
             move_into_place(Path(root), final_path, replace=overwrite)
         else:
@@ -584,4 +637,33 @@ def export_version(
     finally:
         if claim is not None:
             claim.release()
-    return [f"{final}/{side}" for side in SIDES]
+    return [f"{final}/{side}" for side in version.names]
+
+
+# ----------------------------------------------------------------------------- command-line table options
+
+
+def named_values(
+    flag: str, values: list[str] | None, what: str, shorthands: dict[str, str | None] | None = None, example: str = "words"
+) -> dict[str, str]:
+    """Repeatable ``FLAG NAME=VALUE`` options, after shorthands such as ``--items SRC``, as ``{name: value}``.
+
+    One :class:`UsageError` line for a malformed one, a name that cannot name
+    a table, or a table given twice (checked before anything is read or written).
+    """
+    result: dict[str, str] = {}
+    given_by: dict[str, str] = {}
+    for name, value in (shorthands or {}).items():
+        if value is not None:
+            result[name], given_by[name] = value, f"--{name}"
+    for text in values or []:
+        name, sep, value = text.partition("=")
+        if not sep or not value:
+            raise UsageError(f"{flag} {text}: write {flag} NAME={what}, e.g. {flag} {example}")
+        check_table_name(name, f"{flag} {text}")
+        if name in result:
+            raise UsageError(
+                f"the table {name!r} is given twice ({given_by[name]} and {flag} {text}); give each table once"
+            )
+        result[name], given_by[name] = value, f"{flag} {text}"
+    return result

@@ -11,19 +11,24 @@ docs/design.md: items ``T`` (n x e), users ``W`` (m x e), scores ``S = W T^T``.
 3. ``M_T = R_W^T V Σ^-1/2`` and ``M_W = R_T^T U Σ^-1/2``: ``T M_T`` and
    ``W M_W`` have the same scores and both have Gram ``Σ`` (balanced).
 4. Orthogonal Procrustes onto the reference, or a deterministic sign rule.
+
+A model is a list of *sides*, each a group of tables sharing one transform
+(:mod:`dstab.structure`): two sides (candidate, query) for two-sided models,
+whose transforms come from steps 1-3 on the pooled Gram of each side's tables;
+one side for symmetric models, whose transform is orthogonal (the principal
+axes of the pooled Gram, :func:`symmetric_transform`). Steps 4 are the same for
+both: ``Ω`` is fitted on every anchor table's cross-Gram and shared by all sides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from .errors import InputError, UsageError
-
-Anchor = Literal["items", "users", "both"]
-ANCHORS: tuple[Anchor, ...] = ("items", "users", "both")
 
 # The Gram path squares the condition number: in float64 it resolves singular
 # values of a table down to about sqrt(eps64) ~ 1.5e-8 of the largest, so no
@@ -57,16 +62,25 @@ def gram_factor(gram: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Canonical:
-    """Canonical transforms of one version: ``T @ m_items`` and ``W @ m_users``.
+    """Canonical transforms of one version, one per side: rows of side ``i`` map by ``X @ transforms[i]``.
 
-    ``singular_values`` holds the whole core spectrum (length e, descending);
-    only the first ``rank`` were kept.
+    ``singular_values`` holds the whole spectrum of the scores (length e,
+    descending); only the first ``rank`` were kept.
     """
 
-    m_items: np.ndarray  # e x k
-    m_users: np.ndarray  # e x k
+    transforms: tuple[np.ndarray, ...]  # e x k each: (candidate, query) for two-sided, (all,) for symmetric
     singular_values: np.ndarray  # e
     rank: int
+
+    @property
+    def m_items(self) -> np.ndarray:
+        """The candidate side's transform (items in the default model)."""
+        return self.transforms[0]
+
+    @property
+    def m_users(self) -> np.ndarray:
+        """The query side's transform (users in the default model; the same as m_items when symmetric)."""
+        return self.transforms[-1]
 
 
 def choose_rank(singular_values: np.ndarray, rank: int | Literal["auto"], rtol: float) -> int:
@@ -85,7 +99,7 @@ def choose_rank(singular_values: np.ndarray, rank: int | Literal["auto"], rtol: 
     if not sv[rank - 1] > 0.0:
         kept = int(np.count_nonzero(sv > 0.0))
         raise InputError(
-            f"rank={rank} asked for, but the interaction of items and users has only {kept} non-zero "
+            f"rank={rank} asked for, but the scores have only {kept} non-zero "
             f"singular values; pass --rank {kept} or --rank auto"
         )
     return int(rank)
@@ -114,7 +128,24 @@ def canonical_transforms(
     inv_sqrt = 1.0 / np.sqrt(sv[:k])
     m_items = (r_users.T @ vt[:k].T) * inv_sqrt
     m_users = (r_items.T @ u[:, :k]) * inv_sqrt
-    return Canonical(m_items=m_items, m_users=m_users, singular_values=sv, rank=k)
+    return Canonical(transforms=(m_items, m_users), singular_values=sv, rank=k)
+
+
+def symmetric_transform(r: np.ndarray, *, rank: int | Literal["auto"] = "auto", rtol: float) -> Canonical:
+    """The orthogonal canonical transform of a symmetric model from ``R`` (``R^T R`` = the pooled Gram).
+
+    With ``R = P Σ V^T``, the rows' principal axes are ``V`` and the scores
+    ``X X^T`` have singular values ``σ²``: the rank step keeps the axes whose
+    ``σ²`` is above ``rtol`` of the largest (as for two-sided cores), so the
+    directions with no energy (a collapsed model) are dropped and every dot
+    product is kept. ``X V_k`` has Gram ``diag(σ²)``.
+    """
+    _, sigma, vt = np.linalg.svd(np.asarray(r, dtype=np.float64))
+    sv = sigma**2
+    k = choose_rank(sv, rank, rtol)
+    if k == 0:
+        raise InputError("every vector of every table is zero; check the tables were exported correctly")
+    return Canonical(transforms=(vt[:k].T,), singular_values=sv, rank=k)
 
 
 # Above this condition number (among the singular values a float32 table can
@@ -171,17 +202,17 @@ Probe = tuple[np.ndarray, np.ndarray, int]  # (column sums, sample rows, row cou
 
 def alignment(
     canonical: Canonical,
-    cross_items: np.ndarray | None,
-    cross_users: np.ndarray | None,
+    crosses: Sequence[np.ndarray | None],
     ref_width: int,
-    probes: list[Probe],
+    probes: Sequence[Probe],
 ) -> np.ndarray:
     """Rotation ``Ω`` (k x w, orthonormal rows, ``w = max(k, ref_width)``) onto the reference.
 
-    ``cross_*`` is the raw cross-Gram ``X^T X_ref`` (e x ref_width) of each anchor
-    side, or ``None`` for a side that is not an anchor. The canonical cross
-    matrix is ``M^T (X^T X_ref)``; both sides are zero-padded to width ``w`` and
-    the same ``Ω`` is applied to both, so ``Ω Ω^T = I_k`` keeps every score.
+    ``crosses[i]`` is side ``i``'s raw cross-Gram ``X^T X_ref`` (e x ref_width),
+    summed over its anchor tables, or ``None`` for a side with no anchor table.
+    The canonical cross matrix is ``M_i^T (X^T X_ref)``; every side is
+    zero-padded to width ``w`` and the same ``Ω`` is applied to all, so
+    ``Ω Ω^T = I_k`` keeps every score.
 
     When the new version is wider than the reference (k > ref_width), the
     reference fixes only the first ref_width columns; the others are free, and
@@ -191,7 +222,7 @@ def alignment(
     k = canonical.rank
     width = max(k, ref_width)
     total = np.zeros((width, width))
-    for m, cross in ((canonical.m_items, cross_items), (canonical.m_users, cross_users)):
+    for m, cross in zip(canonical.transforms, crosses):
         if cross is not None:
             total[:k, :ref_width] += m.T @ cross
     omega = procrustes(total)[:k, :]
@@ -200,24 +231,24 @@ def alignment(
         variances, axes = np.linalg.eigh(free.T @ (canonical.singular_values[:k, None] * free))
         free = free @ axes[:, ::-1]
         variances = variances[::-1]
-        signs = column_signs(canonical.m_items @ free, canonical.m_users @ free, variances, probes)
+        signs = column_signs([m @ free for m in canonical.transforms], variances, probes)
         omega[:, ref_width:] = free * signs
     return omega
 
 
-def column_signs(m_items: np.ndarray, m_users: np.ndarray, variances: np.ndarray, probes: list[Probe]) -> np.ndarray:
+def column_signs(transforms: Sequence[np.ndarray], variances: np.ndarray, probes: Sequence[Probe]) -> np.ndarray:
     """±1 per output column, decided by the data alone.
 
-    ``m_*`` map raw rows to the columns in question; ``variances`` are the
-    columns' squared norms (the same on both sides when balanced). For every
-    column the sign is taken from the first decisive of: the items' column sum,
-    the users' column sum, then the largest-magnitude sampled value of items,
-    then of users. The columns are the same for every reparametrisation up to
-    sign, so this rule gives the same output whatever basis the model used.
+    ``transforms[i]`` maps raw rows of side ``i`` to the columns in question, and
+    ``probes[i]`` summarises that side's rows; ``variances`` are the columns'
+    squared norms. For every column the sign is taken from the first decisive
+    of: each side's column sum in turn (the candidate side first), then the
+    largest-magnitude sampled value of each side. The columns are the same for
+    every reparametrisation up to sign, so this rule gives the same output
+    whatever basis the model used.
     """
-    k = m_items.shape[1]
+    k = transforms[0].shape[1]
     signs = np.ones(k)
-    transforms = (m_items, m_users)
     for j in range(k):
         decided = False
         # A column sum is at most sqrt(n * variance) in size (Cauchy-Schwarz);
@@ -241,10 +272,19 @@ def column_signs(m_items: np.ndarray, m_users: np.ndarray, variances: np.ndarray
     return signs
 
 
-def sign_alignment(canonical: Canonical, probes: list[Probe]) -> np.ndarray:
+def sign_alignment(canonical: Canonical, probes: Sequence[Probe]) -> np.ndarray:
     """Diagonal ±1 (k x k) that fixes the canonical columns' signs when there is no reference."""
     k = canonical.rank
-    return np.diag(column_signs(canonical.m_items, canonical.m_users, canonical.singular_values[:k], probes))
+    return np.diag(column_signs(canonical.transforms, canonical.singular_values[:k], probes))
+
+
+def pooled_probe(probes: Sequence[Probe]) -> Probe:
+    """One side's probe from its tables' probes: column sums and counts added, samples stacked."""
+    return (
+        np.sum([p[0] for p in probes], axis=0),
+        np.concatenate([p[1] for p in probes]),
+        int(sum(p[2] for p in probes)),
+    )
 
 
 def squared_drift(

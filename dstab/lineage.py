@@ -36,6 +36,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
             "drift_after": report.get("drift_after"),
             "params": attrs.get("params"),
             "sources": attrs.get("sources"),
+            "structure": attrs.get("structure"),
         }
         entries.append(entry)
         if url is not None:
@@ -95,7 +96,7 @@ def made_words(entry: dict[str, Any]) -> str:
 
 
 def _source_words(side: str, source: Any) -> str:
-    """One imported table: its file or directory, and where its ids and vectors were read from."""
+    """One imported table (any name): its file or directory, and where its ids and vectors were read from."""
     if not isinstance(source, dict):  # versions imported before the column options were recorded: the URL only
         return f"{side} {_words(source)}"
     details = []
@@ -113,6 +114,32 @@ def _source_words(side: str, source: Any) -> str:
     return f"{text} ({'; '.join(details)})" if details else text
 
 
+def _and(parts: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _structure_words(value: Any) -> str | None:
+    """A recorded structure in words (``two-sided (users scored against items,creators)``), or ``None``."""
+    from .structure import Structure
+
+    structure = Structure.from_attrs(value)
+    return str(structure) if structure is not None else None
+
+
+def _synthetic_tables_words(params: dict[str, Any]) -> str:
+    """``6,000,000 rows of words, width 64`` / ``1,000 rows of users, 2,000 of items and 300 of creators, width 8, ...``."""
+    tables = params["tables"]
+    counts = [f"{_count(n)} {'rows ' if i == 0 else ''}of {name}" for i, (name, n) in enumerate(tables.items())]
+    text = f"synthetic: {_and(counts)}, width {_words(params.get('dim'))}"
+    shape = _structure_words(params.get("structure"))
+    if shape and len(tables) > 1:  # one table is scored against itself: nothing to say
+        text += f", {shape}"
+    return text + (
+        f", scores of rank {_words(params.get('rank'))}, seed {_words(params.get('seed'))}, {_words(params.get('dtype'))}"
+    )
+
+
 def origin_words(entry: dict[str, Any]) -> str:
     """How a version was made, in words, from its recorded lineage (an entry of :func:`chain`, or a report's)."""
     kind = entry.get("kind") or "raw"
@@ -123,12 +150,19 @@ def origin_words(entry: dict[str, Any]) -> str:
     if kind == "synthetic" and "like" in params:
         noise, churn = params.get("noise") or 0.0, params.get("churn") or 0.0
         churned = f"{churn:.1%}" if isinstance(churn, float) else _words(churn)
+        moved = (
+            "the same dot products, every table rotated by one random orthogonal matrix"
+            if params.get("basis") == "orthogonal"
+            else "the same scores in a new random basis"
+        )
         return (
-            f"a synthetic retrain of {_words(params['like'])}: the same scores in a new random basis, "
+            f"a synthetic retrain of {_words(params['like'])}: {moved}, "
             + (f"relative noise {_words(noise)}" if noise else "no noise")
             + (f", {churned} of ids replaced and rows reordered" if churn else ", the same ids in the same order")
             + f", seed {_words(params.get('seed'))}"
         )
+    if kind == "synthetic" and isinstance(params.get("tables"), dict) and params["tables"]:
+        return _synthetic_tables_words(params)
     if kind == "synthetic" and {"items", "users", "dim"} <= params.keys():
         return (
             f"synthetic: {_count(params['items'])} items and {_count(params['users'])} users of width "
@@ -140,7 +174,9 @@ def origin_words(entry: dict[str, Any]) -> str:
         if not sources:
             return "imported from sources that were not recorded"
         if isinstance(sources, dict):
-            return "imported from " + " and ".join(_source_words(side, src) for side, src in sources.items())
+            text = "imported from " + _and([_source_words(name, src) for name, src in sources.items()])
+            shape = _structure_words(entry.get("structure"))
+            return f"{text}; recorded as {shape}" if shape and len(sources) > 1 else text
         return f"imported from {_words(sources)}"
     if kind == "stabilized":
         text = f"stabilized from {_words(entry.get('input') or 'an input that was not recorded')}"

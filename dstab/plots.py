@@ -95,40 +95,76 @@ def _positive(values: list[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None or v <= 0 else v for v in values], dtype=float)
 
 
+# Legends and tick labels stay readable for any number of tables: long names are
+# shortened, and past this many entries a legend goes to two columns.
+LABEL_CHARS = 24
+LEGEND_ROWS = 7
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
+
+
+def _legend(ax: Any, entries: int) -> None:
+    if entries:
+        ax.legend(fontsize=7 if entries > LEGEND_ROWS else 8, ncol=1 if entries <= LEGEND_ROWS else 2)
+
+
+def _style(index: int) -> dict[str, Any]:
+    """Colour and line style of the ``index``-th table: ten colours, then the same with another dash."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[(index // 10) % 4]}
+
+
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Spectra before and after, drift before and after per side, and drift per output dimension."""
+    """Spectra before and after, drift before and after per table, and drift per output dimension."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     ax = axes[0]
     spectra = report.get("side_spectra") or {}
-    for side, sv in spectra.items():
-        ax.semilogy(np.arange(1, len(sv) + 1), _positive(sv), marker=".", label=f"{side}, raw (before)")
+    drawn = 0
+    for i, (name, sv) in enumerate(spectra.items()):
+        values = _positive(sv)
+        if np.isnan(values).all():
+            continue  # an all-zero table: nothing to draw on a log scale
+        ax.semilogy(np.arange(1, len(sv) + 1), values, marker=".", label=f"{_short(name)}, raw (before)", **_style(i))
+        drawn += 1
     core = report.get("singular_values") or []
     rank = report.get("rank") or len(core)
-    if core:
+    kind = (report.get("structure") or {}).get("kind")
+    if core and not np.isnan(_positive(core[:rank])).all():
+        # stabilized rows have Gram diag(σ) per side (two-sided) or diag(σ) pooled (symmetric, σ = squares of the rows')
         after = np.sqrt(_positive(core[:rank]))
-        ax.semilogy(np.arange(1, len(after) + 1), after, marker="o", color="k", label="each side, stabilized (after)")
-    ax.set_title("singular values per side")
+        what = "all tables pooled" if kind == "symmetric" else "each side"
+        ax.semilogy(np.arange(1, len(after) + 1), after, marker="o", color="k", label=f"{what}, stabilized (after)")
+        drawn += 1
+    ax.set_title("singular values per table")
     ax.set_xlabel("index")
-    ax.legend(fontsize=8)
+    _legend(ax, drawn)
 
     ax = axes[1]
     drift = report.get("drift") or {}
     if drift:
-        sides = list(drift)
-        x = np.arange(len(sides))
-        ax.bar(x - 0.2, [drift[s]["before"] for s in sides], 0.4, label="before")
-        ax.bar(x + 0.2, [drift[s]["after"] for s in sides], 0.4, label="after")
-        ax.set_xticks(x, sides)
-        ax.set_yscale("log")
-        for i, s in enumerate(sides):
+        names = list(drift)
+        x = np.arange(len(names))
+        before = _positive([drift[s].get("before") for s in names])
+        after = _positive([drift[s].get("after") for s in names])
+        ax.bar(x - 0.2, np.nan_to_num(before), 0.4, label="before")
+        ax.bar(x + 0.2, np.nan_to_num(after), 0.4, label="after")
+        many = len(names) > 3 or max(len(n) for n in names) > 10
+        ax.set_xticks(x, [_short(n) for n in names], rotation=30 if many else 0, ha="right" if many else "center", fontsize=8)
+        if np.isfinite(np.concatenate([before, after])).any():
+            ax.set_yscale("log")  # (log of zero-height bars: matplotlib clips them, quietly)
+        font = 7 if len(names) <= 3 else 6
+        for i, s in enumerate(names):
             d = drift[s]
             notes = []
-            if d.get("cosine_after") is not None:
+            if d.get("cosine_after") is not None and d.get("cosine_before") is not None:
                 notes.append(f"cos {d['cosine_before']:.3f}→{d['cosine_after']:.3f}")
-            if d.get("neighbour_overlap_after") is not None:
+            if d.get("neighbour_overlap_after") is not None and d.get("neighbour_overlap_before") is not None:
                 notes.append(f"overlap@{d['neighbours_k']} {d['neighbour_overlap_before']:.2f}→{d['neighbour_overlap_after']:.2f}")
-            ax.annotate("\n".join(notes), (i, d["after"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+            top = np.nanmax([before[i], after[i]]) if np.isfinite([before[i], after[i]]).any() else None
+            if notes and top is not None:
+                ax.annotate("\n".join(notes), (i, top), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=font)
         ax.legend(fontsize=8)
         ax.set_title("relative drift from the reference")
     else:
@@ -137,12 +173,12 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
     ax = axes[2]
     per_dim = report.get("drift_per_dim")
-    if per_dim:
+    if per_dim and per_dim.get("after"):
         dims = np.arange(1, len(per_dim["after"]) + 1)
         ax.semilogy(dims, _positive(per_dim["before"]), marker=".", label="before")
         ax.semilogy(dims, _positive(per_dim["after"]), marker=".", label="after")
         ax.set_xlabel("output dimension")
-        ax.set_title("relative drift per dimension")
+        ax.set_title("relative drift per dimension (all anchor tables)")
         ax.legend(fontsize=8)
     else:
         ax.set_axis_off()
@@ -156,21 +192,27 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 
 def plot_diagnosis(diagnosis: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Singular values of each side and of the interaction, with their effective ranks."""
+    """Singular values of each table and of the interaction (or the pooled rows), with their effective ranks."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    for name in ("items", "users", "table", "interaction"):
-        m = diagnosis.get(name)
-        if not m:
-            continue
+    tables = diagnosis.get("tables") or {k: diagnosis[k] for k in ("items", "users", "table") if diagnosis.get(k)}
+    curves = [(name, m, _style(i)) for i, (name, m) in enumerate(tables.items())]
+    for name in ("interaction", "pooled"):
+        if diagnosis.get(name) and not (name == "pooled" and len(tables) == 1):
+            curves.append((name, diagnosis[name], {"color": "k", "linewidth": 2.0}))
+    drawn = 0
+    for name, m, style in curves:
         sv = _positive(m["singular_values"])
+        if np.isnan(sv).all():
+            continue  # all zeros: nothing on a log scale
         flag = ", COLLAPSED" if m["collapsed"] else ""
         ax.semilogy(np.arange(1, len(sv) + 1), sv / np.nanmax(sv), marker=".",
-                    label=f"{name}: eff. rank {m['effective_rank']:.1f} of {m['dim']}{flag}")  # fmt: skip
+                    label=f"{_short(name)}: eff. rank {m['effective_rank']:.1f} of {m['dim']}{flag}", **style)  # fmt: skip
+        drawn += 1
     ax.set_xlabel("index")
     ax.set_ylabel("singular value / largest")
     ax.set_title(f"spectra of {diagnosis.get('url')}", fontsize=9)
-    ax.legend(fontsize=8)
+    _legend(ax, drawn)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

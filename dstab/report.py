@@ -9,94 +9,92 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from . import linalg
+from . import linalg, measures
 from .executor import compute
 from .lineage import KIND_WORDS, chain, made_words, origin_words
+from .spectrum import singular_values_from_gram
 from .stats import check_finite, pass_statistics, side_statistics
-from .store import SIDES, Version, canonical_url
+from .store import Version, canonical_url
+from .structure import Structure, default_structure
 
 REPORT_KEYS = (
-    "rank", "dim_in", "dim_out", "n_items", "n_users", "dtype", "singular_values",
+    "rank", "dim_in", "dim_out", "tables", "dtype", "singular_values",
     "score_error", "drift_before", "drift_after",
 )  # fmt: skip
 
 
-NEIGHBOURS_K = 10
-QUERY_ROWS = 1000
-
-
-def mean_row_cosine(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Mean cosine between paired rows (widths zero-padded: the dot runs over the common columns)."""
-    if len(x) == 0:
-        return None
-    w = min(x.shape[1], y.shape[1])
-    x64, y64 = x.astype(np.float64), y.astype(np.float64)
-    dots = np.einsum("ij,ij->i", x64[:, :w], y64[:, :w])
-    norms = np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1)
-    return float(np.mean(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)))
-
-
-def paired_score_error(items: tuple[np.ndarray, np.ndarray], users: tuple[np.ndarray, np.ndarray]) -> float | None:
-    """Relative Frobenius difference of the scores of sampled user x item pairs between two versions."""
-    (t_new, t_ref), (w_new, w_ref) = items, users
-    if min(len(t_new), len(w_new)) == 0:
-        return None
-    s_new = w_new.astype(np.float64) @ t_new.astype(np.float64).T
-    s_ref = w_ref.astype(np.float64) @ t_ref.astype(np.float64).T
-    scale = np.linalg.norm(s_ref)
-    return float(np.linalg.norm(s_new - s_ref) / scale) if scale > 0 else None
+def structure_of(version: Version) -> Structure | None:
+    """The structure a version records, else the default for its tables, else ``None`` (it must be told)."""
+    return version.structure or default_structure(version.names)
 
 
 def measure_drift(
     version: Version,
     reference: Version,
     *,
-    k: int = NEIGHBOURS_K,
-    queries: int = QUERY_ROWS,
+    k: int = measures.NEIGHBOURS_K,
+    queries: int = measures.QUERY_ROWS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """How far ``version`` is from ``reference``, over the rows both hold (paired as in :func:`dstab.stabilize`).
 
-    Per side: ``frobenius`` (relative, every common row; widths zero-padded),
+    Per table: ``frobenius`` (relative, every common row; widths zero-padded),
     ``mean_cosine`` (over a random sample of up to 1,024 common rows),
     ``neighbour_overlap`` (the share of each of ``queries`` sampled rows' ``k``
     nearest rows by cosine, in the whole table, that are the same in both
     versions; one more pass over both tables, ``k=0`` skips it); and
-    ``total`` (Frobenius over both sides) and ``score_error`` (relative change
-    of the scores of sampled users x sampled items).
+    ``total`` (Frobenius over every table) and ``score_error`` (relative change
+    of the scores of sampled rows against the sampled rows of the tables they
+    are scored against, when the structure is known).
     """
-    from .neighbours import neighbour_sets, overlap
+    from .neighbours import overlap
+    from .stabilize import check_same_model
 
-    results = pass_statistics(version, reference, SIDES, progress=progress)
-    out: dict[str, Any] = {"k": k}
+    structure = structure_of(version)
+    if structure is not None:
+        check_same_model(version, reference, structure)
+    elif set(version.names) != set(reference.names):
+        raise_other_tables(version, reference)
+    results = pass_statistics(version, reference, version.names, progress=progress)
+    out: dict[str, Any] = {"k": k, "tables": list(version.names)}
     total = scale = 0.0
-    searched, groups, keys = [], [], []
-    for side in SIDES:
-        s = results[side]
-        d = linalg.identity_drift(s.gram_of_anchors, s.cross, s.ref_sumsq)
+    groups, keys = {}, {}
+    for name in version.names:
+        s = results[name]
+        d = measures.table_drift(s, None)
         pairs = s.pairs
-        out[side] = {
-            "frobenius": float(np.sqrt(d / s.ref_sumsq)) if s.ref_sumsq > 0 else None,
-            "mean_cosine": mean_row_cosine(pairs.new, pairs.ref) if pairs is not None else None,
+        out[name] = {
+            "frobenius": measures.relative(d["sq"], d["scale"]),
+            "mean_cosine": d["cosine"],
             "pairs": 0 if pairs is None else len(pairs.keys),
             "neighbour_overlap": None,
             "queries": 0,
         }
-        total, scale = total + d, scale + s.ref_sumsq
+        total, scale = total + d["sq"], scale + d["scale"]
         if k > 0 and pairs is not None and len(pairs.keys):
             q = slice(0, queries)
-            searched.append(side)
-            groups.append([(version.table(side), pairs.new[q], None), (reference.table(side), pairs.ref[q], None)])
-            keys.append(pairs.keys[q])
-    out["total"] = float(np.sqrt(total / scale)) if scale > 0 else None
-    pi, pu = results["items"].pairs, results["users"].pairs
-    out["score_error"] = paired_score_error((pi.new, pi.ref), (pu.new, pu.ref)) if pi is not None and pu is not None else None
-    for side, side_keys, (here, there) in zip(searched, keys, neighbour_sets(groups, keys, k, progress=progress)):
-        out[side]["neighbour_overlap"] = overlap(here, there, k)
-        out[side]["queries"] = len(side_keys)
+            groups[name] = [(version.table(name), pairs.new[q], None), (reference.table(name), pairs.ref[q], None)]
+            keys[name] = pairs.keys[q]
+    out["total"] = measures.relative(total, scale)
+    out["score_error"] = None
+    if structure is not None:
+        query = measures.pooled_pairs(results, structure.query)
+        candidate = measures.pooled_pairs(results, structure.candidate or structure.query)
+        if query is not None and candidate is not None:
+            out["score_error"] = measures.paired_score_error(query, candidate)
+    for name, (here, there) in measures.neighbour_overlaps(groups, keys, k, progress=progress).items():
+        out[name]["neighbour_overlap"] = overlap(here, there, k)
+        out[name]["queries"] = len(keys[name])
     return out
+
+
+def raise_other_tables(version: Version, reference: Version) -> None:
+    from .errors import InputError
+
+    raise InputError(
+        f"{version.url or 'the version'} has the tables {', '.join(version.names)} but {reference.url or 'the other'} "
+        f"has {', '.join(reference.names)}; compare versions of the same model (same tables)"
+    )
 
 
 def describe(
@@ -112,27 +110,31 @@ def describe(
     attrs = version.attrs
     stored = attrs.get("report") if attrs.get("kind") == "stabilized" else None
     report: dict[str, Any] = {key: None for key in REPORT_KEYS}
+    structure = structure_of(version)
     report.update(
         url=version.url,
         kind=attrs.get("kind", "raw"),
-        n_items=version.items.n_rows,
-        n_users=version.users.n_rows,
+        tables={name: t.n_rows for name, t in version.tables.items()},
+        structure=structure.to_attrs() if structure is not None else None,
         dim_in=version.dim,
         dim_out=version.dim,
         dtype=str(version.dtype),
     )
+    for name in ("items", "users"):  # the two-table model's counts, as reports have always had them
+        if name in version.tables:
+            report[f"n_{name}"] = version.tables[name].n_rows
     if stored:
         report.update(stored)
-    else:
-        graphs = [side_statistics(version.table(side)) for side in SIDES]
-        items_stats, users_stats = compute(*graphs, progress=progress, stage="statistics pass")
-        for side, s in zip(SIDES, (items_stats, users_stats)):
-            check_finite(f"{side}/vectors", s, version.table(side))
+        report.setdefault("tables", {name: t.n_rows for name, t in version.tables.items()})
+    elif structure is not None:
+        stats = dict(zip(version.names, compute(*(side_statistics(t) for t in version.tables.values()), progress=progress, stage="statistics pass")))
+        for name, s in stats.items():
+            check_finite(f"{name}/vectors", s, version.table(name))
         rtol = linalg.default_rtol(version.dtype, version.dim)
-        sv = linalg.core_svd(linalg.gram_factor(items_stats.gram), linalg.gram_factor(users_stats.gram))[1]
+        sv = score_spectrum(structure, stats)
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
-        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "params", "sources") if key in attrs
+        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "structure", "params", "sources") if key in attrs
     }
     if reference is not None:
         report["reference_checked"] = reference.url
@@ -156,12 +158,20 @@ def describe(
     return report
 
 
+def score_spectrum(structure: Structure, stats: dict[str, Any]) -> Any:
+    """Singular values of the scores the structure defines, from each table's Gram (pooled per side)."""
+    grams = [sum(stats[n].gram for n in side) for side in structure.sides]
+    if structure.kind == "symmetric":
+        return singular_values_from_gram(grams[0]) ** 2  # the scores X X^T have the squares of X's singular values
+    return linalg.core_svd(linalg.gram_factor(grams[0]), linalg.gram_factor(grams[1]))[1]
+
+
 def _drift_lines(title: str, d: dict[str, Any]) -> list[str]:
     def num(value: Any) -> str:
         return "n/a" if value is None else f"{value:.4g}"
 
     lines = [f"  {title}: relative Frobenius {num(d['total'])}, score error {num(d['score_error'])}"]
-    for side in SIDES:
+    for side in d.get("tables") or [k for k in ("items", "users") if k in d]:
         m = d[side]
         lines.append(
             f"    {side}: Frobenius {num(m['frobenius'])}, mean row cosine {num(m['mean_cosine'])} ({m['pairs']} rows), "
@@ -205,6 +215,16 @@ def format_matching(matching: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _table_words(report: dict[str, Any]) -> str:
+    """``items 1,000  users 500`` for every table, and the structure when it is not the default one."""
+    tables = report.get("tables") or {k[2:]: report[k] for k in ("n_items", "n_users") if report.get(k) is not None}
+    words = "  ".join(f"{name} {n:,}" for name, n in tables.items())
+    structure = Structure.from_attrs(report.get("structure"))
+    if structure is not None and structure != default_structure(tables):
+        words += f"  ({structure})"
+    return words
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few human-readable lines: what the version is, how it was made, what was measured."""
 
@@ -222,7 +242,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if kind == "stabilized":
         lines += [
-            f"  items {report['n_items']:,}  users {report['n_users']:,}  width {report['dim_in']} -> {report['dim_out']}",
+            f"  {_table_words(report)}  width {report['dim_in']} -> {report['dim_out']}",
             f"  rank kept {report.get('rank')} of {len(sv)}; top singular values {top}",
             f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
         ]
@@ -233,9 +253,14 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         rtol = report.get("rtol")
         above = f" (singular values above {rtol:.2g} x the largest)" if rtol is not None else ""
+        spectrum = (
+            f"  spectrum measured now: rank {report.get('rank')} of {len(sv)}{above}; top singular values {top}"
+            if sv
+            else "  no score spectrum: the tables' structure is not recorded (say --sides or --symmetric when stabilizing)"
+        )
         lines += [
-            f"  items {report['n_items']:,}  users {report['n_users']:,}  width {report['dim_in']}",
-            f"  spectrum measured now: rank {report.get('rank')} of {len(sv)}{above}; top singular values {top}",
+            f"  {_table_words(report)}  width {report['dim_in']}",
+            spectrum,
             "  not stabilized, so no score error or drift of its own"
             + ("" if "drift_vs_reference" in report else " (`dstab stabilize` it; --reference measures drift now)"),
         ]

@@ -6,13 +6,18 @@
     >>> result = dstab.stabilize(new, ref)        # reads new and ref once
     >>> result                                     # readable summary
     >>> result.to_zarr("day2-stable.zarr")       # reads new again, writes once
+
+The request is checked once (:func:`check_request`, metadata only), the pass
+takes every statistic in one compute (:mod:`dstab.stats`), the small maths runs
+locally on them (:mod:`dstab.linalg`), and the drift is measured from the same
+statistics (:mod:`dstab.measures`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -20,23 +25,20 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import linalg
+from . import linalg, measures
 from .errors import InputError, UsageError
 from .executor import compute, tree_reduce
 from .faults import failpoint
-from .report import mean_row_cosine
 from .spectrum import singular_values_from_gram
 from .stats import (
     ID_SAMPLE_BYTES,
     AnchorSpec,
-    SideStats,
+    TableStats,
     check_pairable,
     pass_statistics,
     side_statistics,
 )
 from .store import (
-    SIDES,
-    Side,
     Staging,
     Version,
     canonical_url,
@@ -46,6 +48,7 @@ from .store import (
     row_starts,
     write_block,
 )
+from .structure import Structure, parse_anchor, resolve
 
 # Rows of the other side (spread over its whole table) that checked rows are
 # scored against while writing.
@@ -60,8 +63,6 @@ METHODS: tuple[Method, ...] = ("auto", "gram", "tsqr")
 
 AnchorWeights = Literal["uniform", "counts"]
 ANCHOR_WEIGHTS: tuple[AnchorWeights, ...] = ("uniform", "counts")
-
-ANCHOR_SIDES: dict[str, tuple[Side, ...]] = {"items": ("items",), "users": ("users",), "both": ("items", "users")}
 
 
 def _version_string() -> str:
@@ -81,7 +82,7 @@ def _apply_write_check(
     probe_raw: np.ndarray,
     probe_out: np.ndarray,
 ) -> np.ndarray:
-    """Transform one block, write it, and measure the score error of its first rows against the other side's probe rows.
+    """Transform one block, write it, and measure the score error of its first rows against its partners' probe rows.
 
     Returns ``[sum dS^2, sum S^2, max |dS|, max |S|]`` over the first
     :data:`CHECK_ROWS` rows of the block (a sample spread over the whole table,
@@ -114,13 +115,15 @@ def _sum_checks(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None
 class Stabilization:
     """A fitted stabilization of ``new`` (against ``reference`` if given).
 
-    ``transforms[side]`` is the e x w matrix that maps raw rows of that side to
-    stabilized ones; ``items`` / ``users`` are the stabilized tables as lazy Dask
-    arrays; :meth:`to_zarr` writes a complete version.
+    ``transforms[name]`` is the e x w matrix that maps raw rows of table
+    ``name`` to stabilized ones (one matrix per side: tables of a side share
+    it); :meth:`stabilized` gives a table as a lazy Dask array; :meth:`to_zarr`
+    writes a complete version.
     """
 
     new: Version
     reference: Version | None
+    structure: Structure
     transforms: dict[str, np.ndarray]
     singular_values: np.ndarray
     rank: int
@@ -130,7 +133,7 @@ class Stabilization:
 
     @property
     def dim_out(self) -> int:
-        return int(self.transforms["items"].shape[1])
+        return int(next(iter(self.transforms.values())).shape[1])
 
     def __repr__(self) -> str:
         r = self.report
@@ -138,24 +141,30 @@ class Stabilization:
         if r.get("drift_before") is not None:
             drift = f", drift {r['drift_before']:.3g} -> {r['drift_after']:.3g}"
         ref = self.reference.url if self.reference is not None else None
+        rows = ", ".join(f"{name} {t.n_rows:,}" for name, t in self.new.tables.items())
         return (
             f"<Stabilization of {self.new.url or 'in-memory version'} onto {ref or 'no reference'}: "
-            f"dim {self.new.dim} -> {self.dim_out}, rank {self.rank}, "
-            f"items {self.new.items.n_rows:,}, users {self.new.users.n_rows:,}{drift}>"
+            f"{self.structure}, dim {self.new.dim} -> {self.dim_out}, rank {self.rank}, {rows}{drift}>"
         )
 
-    def transform(self, side: Side, rows: np.ndarray) -> np.ndarray:
-        """Map raw rows of ``side`` (numpy, k x e) into the stabilized space."""
-        return linalg.transform_rows(checked_rows(side, rows, self.new.dim), self.transforms[side])
+    def transform(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Map raw rows of table ``name`` (numpy, k x e) into the stabilized space."""
+        return linalg.transform_rows(checked_rows(name, rows, self.new.dim), self._transform_of(name))
 
-    def stabilized(self, side: Side) -> da.Array:
-        """The stabilized table of ``side`` as a lazy Dask array (same row chunks as the read)."""
-        table = self.new.table(side)
+    def _transform_of(self, name: str) -> np.ndarray:
+        if name not in self.transforms:
+            raise InputError(f"no table {name!r} in this stabilization; its tables are {', '.join(self.transforms)}")
+        return self.transforms[name]
+
+    def stabilized(self, name: str) -> da.Array:
+        """The stabilized table ``name`` as a lazy Dask array (same row chunks as the read)."""
+        transform = self._transform_of(name)
+        table = self.new.table(name)
         x = table.read()
         w = self.dim_out
         return x.map_blocks(
             linalg.transform_rows,
-            self.transforms[side],
+            transform,
             chunks=(x.chunks[0], (w,)),
             dtype=table.dtype,
             meta=np.empty((0, w), dtype=table.dtype),
@@ -182,9 +191,9 @@ class Stabilization:
         Nothing is visible at ``out`` until every block is written and the
         version is marked complete; on failure nothing is left behind. The
         score error is measured during the write, on the first
-        :data:`CHECK_ROWS` rows of every block of each side against
-        :data:`PROBE_ROWS` rows spread over the other side, as the written
-        float32 values score them, and added to the report.
+        :data:`CHECK_ROWS` rows of every block of each table against
+        :data:`PROBE_ROWS` rows spread over the tables it is scored against,
+        as the written float32 values score them, and added to the report.
         """
         out = os.fspath(out)
         inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
@@ -192,32 +201,41 @@ class Stabilization:
         try:
             checks = []
             w = self.dim_out
-            for side, other in (("items", "users"), ("users", "items")):
-                table = self.new.table(side)
-                target = staging.create_table(side, table, w)
-                probe_raw = self._probes[other]
-                probe_raw = probe_raw[:: max(1, len(probe_raw) // PROBE_ROWS)][:PROBE_ROWS]
-                probe_out = linalg.transform_rows(probe_raw.astype(table.dtype), self.transforms[other]).astype(np.float64)
+            for name, table in self.new.tables.items():
+                target = staging.create_table(name, table, w)
+                probe_raw, probe_out = self._probe_rows(name, table.dtype)
                 chunks = table.row_chunks()
                 for block, start in zip(table.blocks(chunks), row_starts(chunks)):
                     checks.append(
                         dask.delayed(_apply_write_check, pure=True)(
-                            block, self.transforms[side], target, start, probe_raw, probe_out
+                            block, self.transforms[name], target, start, probe_raw, probe_out
                         )
                     )
-                checks += staging.copy_ids(side, table)
+                checks += staging.copy_ids(name, table)
             (totals,) = compute(tree_reduce(checks, _sum_checks), progress=progress, stage="write pass")
             self.report["score_error"] = float(np.sqrt(totals[0] / totals[1])) if totals[1] > 0 else 0.0
             self.report["score_max_abs_error"] = float(totals[2])
             self.report["score_max_abs"] = float(totals[3])
-            for side in SIDES:
-                staging.write_small(f"transform/{side}", self.transforms[side])
+            for name, transform in self.transforms.items():
+                staging.write_small(f"transform/{name}", transform)
             staging.write_small("transform/singular_values", self.singular_values)
             staging.publish(self.attrs())
         except BaseException:
             staging.discard()
             raise
         return open_version(out, storage_options)
+
+    def _probe_rows(self, name: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the tables ``name`` is scored against, raw and as written (float64): the write pass's score check."""
+        partners = self.structure.partners(name)
+        per_table = max(1, PROBE_ROWS // len(partners))
+        raw, written = [], []
+        for partner in partners:
+            rows = self._probes[partner]
+            rows = rows[:: max(1, len(rows) // per_table)][:per_table]
+            raw.append(rows)
+            written.append(linalg.transform_rows(rows.astype(dtype), self.transforms[partner]).astype(np.float64))
+        return np.concatenate(raw), np.concatenate(written)
 
     def attrs(self) -> dict[str, Any]:
         """What goes into ``attrs["dstab"]`` of the output (JSON only)."""
@@ -227,38 +245,60 @@ class Stabilization:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": canonical_url(self.new.url) if self.new.url else None,
             "reference": canonical_url(self.reference.url) if self.reference is not None and self.reference.url else None,
+            "structure": self.structure.to_attrs(),
             "params": self.params,
             "report": self.report,
         }
         return json.loads(json.dumps(attrs))
 
 
-# ----------------------------------------------------------------------------- fitting
+# ----------------------------------------------------------------------------- the request, checked once
+
+
+@dataclass(frozen=True)
+class Request:
+    """A stabilization request after every check that needs no data: what the fit runs on."""
+
+    structure: Structure
+    anchor_tables: tuple[str, ...]  # empty without a reference
+    spec: AnchorSpec
+    rank: int | Literal["auto"]
+    rtol: float
+    method: Method
+    neighbours: int
+    notes: tuple[str, ...]
+
+
+def _structure_of(version: Version) -> Structure | None:
+    from .structure import default_structure
+
+    return version.structure or default_structure(version.names)
 
 
 def check_request(
     new: Version,
     reference: Version | None = None,
     *,
+    sides: str | Structure | None = None,
+    symmetric: bool = False,
     rank: int | Literal["auto"] = "auto",
     rtol: float | None = None,
-    anchor: str = "both",
+    anchor: str = "all",
     anchor_min_count: float = 0.0,
     anchor_weights: str = "uniform",
     method: str = "auto",
     neighbours: int = 0,
-) -> list[str]:
+) -> Request:
     """Every check of a stabilization request that needs no data (metadata and options only).
 
     Raises :class:`UsageError` or :class:`InputError` naming the option or
-    array and the fix; returns notes worth a line in the output (rows paired by
-    position because only one version has ids). The CLI calls it before any
-    cluster starts, so a request that cannot run is refused at once.
+    array and the fix; returns the :class:`Request` the fit runs on, with notes
+    worth a line in the output (rows paired by position because only one
+    version has ids; a raw reference). The CLI calls it before any cluster
+    starts, so a request that cannot run is refused at once.
     """
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if anchor not in ANCHOR_SIDES:
-        raise UsageError(f"anchor must be one of items, users, both; got {anchor!r}")
     if anchor_weights not in ANCHOR_WEIGHTS:
         raise UsageError(f"anchor_weights must be one of {', '.join(ANCHOR_WEIGHTS)}; got {anchor_weights!r}")
     if not (anchor_min_count >= 0):
@@ -271,17 +311,22 @@ def check_request(
         linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
         if rtol is not None:
             raise UsageError(f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one")
-    uses_counts = anchor_min_count > 0 or anchor_weights == "counts"
+    recorded = new.structure or (reference.structure if reference is not None else None)
+    structure = resolve(new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}")
+    spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
+    rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
+    request = dict(structure=structure, spec=spec, rank=rank, rtol=rtol_used, method=method, neighbours=neighbours)
     if reference is None:
         if neighbours:
             raise UsageError("--neighbours measures overlap with a reference; give --reference or drop --neighbours")
-        if uses_counts or anchor != "both":
+        if spec.uses_counts or anchor not in ("all", "both"):
             raise UsageError(
                 "--anchor, --anchor-min-count and --anchor-weights choose the rows that fit the rotation onto a "
                 "reference; without --reference there is none: give --reference or drop them"
             )
-        return []
-    anchors = ANCHOR_SIDES[anchor]
+        return Request(anchor_tables=(), notes=(), **request)  # type: ignore[arg-type]
+    check_same_model(new, reference, structure)
+    anchors = parse_anchor(anchor, structure)
     check_pairable(new, reference, anchors)
     if neighbours:
         fewest = min(min(new.table(s).n_rows, reference.table(s).n_rows) for s in anchors)
@@ -290,42 +335,65 @@ def check_request(
                 f"--neighbours {neighbours} asks for as many neighbours as a table has rows ({fewest:,}); "
                 f"choose K below {fewest:,} (10 is usual)"
             )
-    for side in anchors:
-        if uses_counts and new.table(side).counts is None:
+    for name in anchors:
+        if spec.uses_counts and new.table(name).counts is None:
             raise InputError(
-                f"{side}/counts is missing from the new version{_at(new)}, so --anchor-min-count / count weights "
-                f"cannot apply to {side}; add a {side}/counts array (one count per row), drop those options, "
-                f"or anchor on the other side (--anchor)"
+                f"{name}/counts is missing from the new version{_at(new)}, so --anchor-min-count / count weights "
+                f"cannot apply to {name}; add a {name}/counts array (one count per row), drop those options, "
+                f"or anchor on other tables (--anchor)"
             )
     notes = []
     if reference.attrs.get("kind") != "stabilized":
-        where = f" ({reference.url})" if reference.url else ""
         notes.append(
-            f"the reference{where} was never stabilized: today's version is aligned onto its raw basis; "
+            f"the reference{_at(reference)} was never stabilized: today's version is aligned onto its raw basis; "
             "align onto yesterday's stabilized output (dstab stabilize YESTERDAY --out YESTERDAY-stable) instead"
         )
-    for side in anchors:
-        a, b = new.table(side), reference.table(side)
+    for name in anchors:
+        a, b = new.table(name), reference.table(name)
         if (a.ids is None) != (b.ids is None) and a.n_rows == b.n_rows:
             has, lacks = ("the new version", "the reference") if a.ids is not None else ("the reference", "the new version")
             notes.append(
-                f"{side}: only {has} has {side}/ids, so rows are matched by position (row i with row i); "
-                f"if {lacks}'s rows are in another order, give it {side}/ids to match them by id"
+                f"{name}: only {has} has {name}/ids, so rows are matched by position (row i with row i); "
+                f"if {lacks}'s rows are in another order, give it {name}/ids to match them by id"
             )
-    return notes
+    return Request(anchor_tables=anchors, notes=tuple(notes), **request)  # type: ignore[arg-type]
+
+
+def check_same_model(new: Version, reference: Version, structure: Structure) -> None:
+    """The reference holds the same tables, in the same structure, as the new version."""
+    if set(reference.names) != set(new.names):
+        raise InputError(
+            f"the reference{_at(reference)} has the tables {', '.join(reference.names)} but the new version{_at(new)} "
+            f"has {', '.join(new.names)}; align a version onto one of the same model (same tables)"
+        )
+    theirs = _structure_of(reference)
+    if theirs is not None and _sorted_sides(theirs) != _sorted_sides(structure):
+        raise InputError(
+            f"the reference{_at(reference)} is {theirs} but this run is {structure}; "
+            f"align onto a reference of the same structure, or pass {theirs.flag()}"
+        )
+
+
+def _sorted_sides(structure: Structure) -> tuple[str, tuple[tuple[str, ...], ...]]:
+    return structure.kind, tuple(tuple(sorted(side)) for side in structure.sides)
 
 
 def _at(version: Version) -> str:
     return f" ({version.url})" if version.url else ""
 
 
+# ----------------------------------------------------------------------------- fitting
+
+
 def stabilize(
     new: Version,
     reference: Version | None = None,
     *,
+    sides: str | Structure | None = None,
+    symmetric: bool = False,
     rank: int | Literal["auto"] = "auto",
     rtol: float | None = None,
-    anchor: linalg.Anchor = "both",
+    anchor: str = "all",
     anchor_min_count: float = 0.0,
     anchor_weights: AnchorWeights = "uniform",
     method: Method = "auto",
@@ -337,20 +405,28 @@ def stabilize(
 
     One pass reads every chunk of ``new`` and of the reference's anchor tables
     once, on the active Dask scheduler (a Client the caller made, or the local
-    default; none is created here). Scores ``<user, item>`` are kept exactly;
-    the rank step keeps core singular values above ``rtol * max`` (default
+    default; none is created here).
+
+    The structure says which tables score against which (:mod:`dstab.structure`):
+    ``sides="users:items,creators"`` (two-sided: every query table against
+    every candidate table, one transform per side, from the side's pooled
+    Gram), ``symmetric=True`` (every table against every other: one orthogonal
+    transform), or, when neither is given, the structure recorded in ``new`` or
+    the reference, else ``users:items`` for those two tables and symmetric for
+    a single table. Every score the structure defines is kept; the rank step
+    keeps score singular values above ``rtol * max`` (default
     :func:`dstab.linalg.default_rtol` for the dtype) or exactly ``rank``.
 
-    Rows pair with the reference's by position when neither side has ids or
+    Rows pair with the reference's by position when neither table has ids or
     both list the same ids in the same order, and by id otherwise (ids added,
     removed, reordered): the rotation is fitted on the ids present in both,
     estimated from a consistent hash sample of at most ``id_sample_bytes`` of
     rows per table (every common id when the tables are that small; see
-    :mod:`dstab.ids`). Every row of ``new`` is transformed and keeps its id and
-    place. ``anchor_min_count`` drops anchor rows whose ``counts`` (an array of
-    the new version) is below it; ``anchor_weights="counts"`` weights them by it.
+    :mod:`dstab.ids`). ``anchor`` names the tables whose rows fit the rotation
+    (comma-separated, or ``all``). ``anchor_min_count`` drops anchor rows whose
+    ``counts`` is below it; ``anchor_weights="counts"`` weights them by it.
 
-    ``method`` picks how each table's ``R`` is found: ``gram`` takes a square
+    ``method`` picks how each side's ``R`` is found: ``gram`` takes a square
     root of the float64 Gram (IO-bound; accurate to about eps64 * κ²),
     ``tsqr`` runs Householder TSQR in the same pass (compute-bound, accurate
     to eps64 * κ), and ``auto`` takes ``tsqr`` for float64 tables and ``gram``
@@ -358,151 +434,179 @@ def stabilize(
     :data:`dstab.linalg.GRAM_MAX_CONDITION`, in which case one more pass runs
     TSQR on the tables (the reference is not read again).
 
-    The report holds the drift before and after (relative Frobenius per side
+    The report holds the drift before and after (relative Frobenius per table
     and per output dimension, and the mean row cosine on a sample of common
     rows). ``neighbours=k`` also measures the neighbour overlap@k of 1,000
     sampled rows before and after, at the price of two more reads of the new
     tables and one of the reference's.
     """
-    notes = check_request(
-        new, reference, rank=rank, rtol=rtol, anchor=anchor, anchor_min_count=anchor_min_count,
-        anchor_weights=anchor_weights, method=method, neighbours=neighbours,
+    request = check_request(
+        new, reference, sides=sides, symmetric=symmetric, rank=rank, rtol=rtol, anchor=anchor,
+        anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, method=method, neighbours=neighbours,
     )  # fmt: skip
-    anchors = ANCHOR_SIDES[anchor] if reference is not None else ()
-    spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
-
+    structure, anchors = request.structure, request.anchor_tables
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
-    stats = pass_statistics(new, reference, anchors, anchors=spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress)
-    items_stats, users_stats = stats["items"], stats["users"]
+    stats = pass_statistics(
+        new, reference, anchors, spec=request.spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress
+    )
     failpoint("after-statistics")
 
+    pooled = [pool_side(stats, side) for side in structure.sides]
     method_used = "tsqr" if qr_now else "gram"
-    if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(stats[s].gram, new.dtype) for s in SIDES):
+    if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(p.gram, new.dtype) for p in pooled):
         method_used = "tsqr"
-        extra = compute(*(side_statistics(new.table(s), qr=True) for s in SIDES), progress=progress, stage="QR pass")
-        for side, more in zip(SIDES, extra):
-            stats[side].r = more.r
-    factors = [stats[s].r if method_used == "tsqr" else linalg.gram_factor(stats[s].gram) for s in SIDES]
-
-    rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
-    canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=rtol_used)
-    probes = [(s.row_sum, s.sample, s.n_rows) for s in (items_stats, users_stats)]
+        extra = compute(*(side_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass")
+        stats = {n: replace(stats[n], r=more.r) for n, more in zip(new.names, extra)}
+        pooled = [pool_side(stats, side) for side in structure.sides]
+    factors = [p.r if method_used == "tsqr" else linalg.gram_factor(p.gram) for p in pooled]
+    if structure.kind == "symmetric":
+        canonical = linalg.symmetric_transform(factors[0], rank=rank, rtol=request.rtol)
+    else:
+        canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=request.rtol)
+    probes = [p.probe for p in pooled]
     if reference is not None:
-        _check_anchor_rows(stats, anchors, canonical.rank, spec)
-        omega = linalg.alignment(
-            canonical,
-            items_stats.cross if "items" in anchors else None,
-            users_stats.cross if "users" in anchors else None,
-            reference.dim,
-            probes,
-        )
+        _check_anchor_rows(stats, anchors, canonical.rank, request.spec)
+        crosses = [_sum_or_none(stats[n].cross for n in side if n in anchors) for side in structure.sides]
+        omega = linalg.alignment(canonical, crosses, reference.dim, probes)
     else:
         omega = linalg.sign_alignment(canonical, probes)
-    transforms = {"items": canonical.m_items @ omega, "users": canonical.m_users @ omega}
+    transforms = {name: canonical.transforms[structure.side_of(name)] @ omega for name in new.names}
 
-    drift: dict[str, dict[str, Any]] = {}
-    before_sq = after_sq = ref_sq = 0.0
-    per_dim = {"before": 0.0, "after": 0.0, "scale": 0.0}
-    for side in anchors:
-        s = stats[side]
-        gram, transform = s.gram_of_anchors, transforms[side]
-        b = linalg.identity_drift(gram, s.cross, s.ref_sumsq)
-        a = linalg.squared_drift(transform, gram, s.cross, s.ref_sumsq)
-        scale = s.ref_sumsq if s.ref_sumsq > 0 else 1.0
-        drift[side] = {"before": float(np.sqrt(b / scale)), "after": float(np.sqrt(a / scale))}
-        if s.pairs is not None:
-            drift[side]["cosine_before"] = mean_row_cosine(s.pairs.new, s.pairs.ref)
-            drift[side]["cosine_after"] = mean_row_cosine(s.pairs.new @ transform, s.pairs.ref)
-        before_sq, after_sq, ref_sq = before_sq + b, after_sq + a, ref_sq + s.ref_sumsq
-        width = max(transform.shape[1], reference.dim, new.dim)  # type: ignore[union-attr]
-        per_dim["before"] = per_dim["before"] + linalg.pad_vector(linalg.column_drift(np.eye(new.dim), gram, s.cross, s.ref_col_sumsq), width)  # type: ignore[arg-type]
-        per_dim["after"] = per_dim["after"] + linalg.pad_vector(linalg.column_drift(transform, gram, s.cross, s.ref_col_sumsq), width)  # type: ignore[arg-type]
-        per_dim["scale"] = per_dim["scale"] + linalg.pad_vector(s.ref_col_sumsq, width)  # type: ignore[arg-type]
-    ref_sq = ref_sq if ref_sq > 0 else 1.0
+    report = _fit_report(new, reference, request, stats, transforms, canonical, method_used)
     if neighbours and anchors:
-        _measure_neighbours(new, reference, stats, transforms, anchors, drift, neighbours, progress)  # type: ignore[arg-type]
-
+        _measure_neighbours(new, reference, stats, transforms, anchors, report["drift"], neighbours, progress)  # type: ignore[arg-type]
     params = {
-        "rank": rank, "rtol": rtol_used, "anchor": anchor, "anchor_min_count": spec.min_count,
-        "anchor_weights": anchor_weights, "method": method,
+        "rank": rank, "rtol": request.rtol, "anchor": anchor, "anchor_tables": list(anchors),
+        "anchor_min_count": request.spec.min_count, "anchor_weights": anchor_weights, "method": method,
     }  # fmt: skip
-    report: dict[str, Any] = {
-        "rank": canonical.rank,
-        "dim_in": new.dim,
-        "dim_out": int(transforms["items"].shape[1]),
-        "n_items": new.items.n_rows,
-        "n_users": new.users.n_rows,
-        "dtype": str(new.dtype),
-        "rtol": rtol_used,
-        "method": method_used,
-        "singular_values": canonical.singular_values.tolist(),
-        "drift_before": float(np.sqrt(before_sq / ref_sq)) if anchors else None,
-        "drift_after": float(np.sqrt(after_sq / ref_sq)) if anchors else None,
-        "drift": drift,
-        "drift_per_dim": _relative_per_dim(per_dim) if anchors else None,
-        "side_spectra": {side: singular_values_from_gram(stats[side].gram).tolist() for side in SIDES},
-        "anchor": anchor if reference is not None else None,
-        "matching": {side: matching_report(stats[side], new, reference, side) for side in anchors},
-        "notes": notes,
-        "score_error": None,
-    }
     return Stabilization(
         new=new,
         reference=reference,
+        structure=structure,
         transforms=transforms,
         singular_values=canonical.singular_values,
         rank=canonical.rank,
         params=params,
         report=report,
-        _probes={"items": items_stats.sample, "users": users_stats.sample},
+        _probes={name: s.sample for name, s in stats.items()},
     )
 
 
-def _relative_per_dim(per_dim: dict[str, Any]) -> dict[str, list[float | None]]:
-    scale = np.asarray(per_dim["scale"], dtype=np.float64)
-    out: dict[str, list[float | None]] = {}
-    for key in ("before", "after"):
-        sq = np.asarray(per_dim[key], dtype=np.float64)
-        out[key] = [float(np.sqrt(v / c)) if c > 0 else None for v, c in zip(sq, scale)]
-    return out
+@dataclass(frozen=True)
+class PooledSide:
+    """The statistics of one side: its tables' Grams added, their R factors stacked, their probes pooled."""
+
+    gram: np.ndarray
+    r: np.ndarray | None
+    probe: linalg.Probe
+
+
+def pool_side(stats: dict[str, TableStats], names: tuple[str, ...]) -> PooledSide:
+    """The tables of a side share one transform, so it is fitted from their pooled statistics."""
+    parts = [stats[n] for n in names]
+    r = None
+    if all(p.r is not None for p in parts):
+        r = parts[0].r if len(parts) == 1 else linalg.qr_factor(np.vstack([p.r for p in parts]))
+    return PooledSide(
+        gram=np.sum([p.gram for p in parts], axis=0),
+        r=r,
+        probe=linalg.pooled_probe([(p.row_sum, p.sample, p.n_rows) for p in parts]),
+    )
+
+
+def _sum_or_none(arrays: Any) -> np.ndarray | None:
+    arrays = list(arrays)
+    return np.sum(arrays, axis=0) if arrays else None
+
+
+def _fit_report(
+    new: Version,
+    reference: Version | None,
+    request: Request,
+    stats: dict[str, TableStats],
+    transforms: dict[str, np.ndarray],
+    canonical: linalg.Canonical,
+    method_used: str,
+) -> dict[str, Any]:
+    anchors = request.anchor_tables
+    drift: dict[str, dict[str, Any]] = {}
+    before, after = [], []
+    for name in anchors:
+        b = measures.table_drift(stats[name], None)
+        a = measures.table_drift(stats[name], transforms[name])
+        before.append(b)
+        after.append(a)
+        drift[name] = {"before": measures.relative(b["sq"], b["scale"] or 1.0), "after": measures.relative(a["sq"], a["scale"] or 1.0)}
+        if stats[name].pairs is not None:
+            drift[name]["cosine_before"] = b["cosine"]
+            drift[name]["cosine_after"] = a["cosine"]
+    scale = sum(m["scale"] for m in after) or 1.0
+    report: dict[str, Any] = {
+        "structure": request.structure.to_attrs(),
+        "rank": canonical.rank,
+        "dim_in": new.dim,
+        "dim_out": int(next(iter(transforms.values())).shape[1]),
+        "tables": {name: t.n_rows for name, t in new.tables.items()},
+        "dtype": str(new.dtype),
+        "rtol": request.rtol,
+        "method": method_used,
+        "singular_values": canonical.singular_values.tolist(),
+        "drift_before": measures.relative(sum(m["sq"] for m in before), scale) if anchors else None,
+        "drift_after": measures.relative(sum(m["sq"] for m in after), scale) if anchors else None,
+        "drift": drift,
+        "drift_per_dim": _per_dim(before, after) if anchors else None,
+        "side_spectra": {name: singular_values_from_gram(stats[name].gram).tolist() for name in new.names},
+        "anchor": ",".join(anchors) if reference is not None else None,
+        "matching": {name: matching_report(stats[name], new, reference, name) for name in anchors},
+        "notes": list(request.notes),
+        "score_error": None,
+    }
+    for name in ("items", "users"):  # the two-table model's counts, as reports have always had them
+        if name in new.tables:
+            report[f"n_{name}"] = new.tables[name].n_rows
+    return report
+
+
+def _per_dim(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    width = max(len(m["col_sq"]) for m in before + after)  # both lists the same length, for plots and tables
+    return {"before": measures.relative_per_dim(before, width), "after": measures.relative_per_dim(after, width)}
 
 
 def _measure_neighbours(
     new: Version,
     reference: Version,
-    stats: dict[Side, SideStats],
+    stats: dict[str, TableStats],
     transforms: dict[str, np.ndarray],
-    anchors: tuple[Side, ...],
+    anchors: tuple[str, ...],
     drift: dict[str, dict[str, Any]],
     k: int,
     progress: bool,
 ) -> None:
     """Neighbour overlap@k of sampled rows with the reference, before (raw) and after (stabilized)."""
-    from .neighbours import neighbour_sets, overlap
-    from .report import QUERY_ROWS
+    from .neighbours import overlap
 
-    sides = [s for s in anchors if stats[s].pairs is not None and len(stats[s].pairs.keys)]  # type: ignore[union-attr]
-    q = slice(0, QUERY_ROWS)
-    groups, keys = [], []
-    for side in sides:
-        pairs = stats[side].pairs
-        assert pairs is not None
-        groups.append([
-            (new.table(side), pairs.new[q], None),  # before: raw rows
-            (new.table(side), pairs.new[q] @ transforms[side], transforms[side]),  # after: stabilized rows
-            (reference.table(side), pairs.ref[q], None),
-        ])  # fmt: skip
-        keys.append(pairs.keys[q])
-    for side, (raw, out, ref) in zip(sides, neighbour_sets(groups, keys, k, progress=progress)):
-        drift[side]["neighbours_k"] = k
-        drift[side]["neighbour_overlap_before"] = overlap(raw, ref, k)
-        drift[side]["neighbour_overlap_after"] = overlap(out, ref, k)
+    q = slice(0, measures.QUERY_ROWS)
+    groups, keys = {}, {}
+    for name in anchors:
+        pairs = stats[name].pairs
+        if pairs is None or not len(pairs.keys):
+            continue
+        groups[name] = [
+            (new.table(name), pairs.new[q], None),  # before: raw rows
+            (new.table(name), pairs.new[q] @ transforms[name], transforms[name]),  # after: stabilized rows
+            (reference.table(name), pairs.ref[q], None),
+        ]
+        keys[name] = pairs.keys[q]
+    for name, (raw, out, ref) in measures.neighbour_overlaps(groups, keys, k, progress=progress).items():
+        drift[name]["neighbours_k"] = k
+        drift[name]["neighbour_overlap_before"] = overlap(raw, ref, k)
+        drift[name]["neighbour_overlap_after"] = overlap(out, ref, k)
 
 
-def matching_report(stats: SideStats, new: Version, reference: Version | None, side: Side) -> dict[str, Any]:
-    """How a side's rows were paired with the reference's, for the report."""
-    n_ref = reference.table(side).n_rows if reference is not None else 0
-    n_new = new.table(side).n_rows
+def matching_report(stats: TableStats, new: Version, reference: Version | None, name: str) -> dict[str, Any]:
+    """How a table's rows were paired with the reference's, for the report."""
+    n_ref = reference.table(name).n_rows if reference is not None else 0
+    n_new = new.table(name).n_rows
     common = stats.ids.n_common if stats.matched_by == "id" and stats.ids is not None else min(n_new, n_ref)
     return {
         "by": stats.matched_by,
@@ -514,7 +618,7 @@ def matching_report(stats: SideStats, new: Version, reference: Version | None, s
     }
 
 
-def _check_anchor_rows(stats: dict[Side, SideStats], anchors: tuple[Side, ...], width: int, spec: AnchorSpec) -> None:
+def _check_anchor_rows(stats: dict[str, TableStats], anchors: tuple[str, ...], width: int, spec: AnchorSpec) -> None:
     """Procrustes of width k needs at least k anchor rows to fix the rotation."""
     total = sum(stats[s].n_anchor for s in anchors)
     if total >= width:
@@ -523,6 +627,6 @@ def _check_anchor_rows(stats: dict[Side, SideStats], anchors: tuple[Side, ...], 
     hint = f" with count >= {spec.min_count:g}; lower --anchor-min-count" if spec.min_count > 0 else ""
     raise InputError(
         f"only {total:,} anchor rows ({detail}{hint}) to fit a rotation of width {width}; "
-        f"it needs at least {width} rows present in both versions: anchor on both sides (--anchor both), "
+        f"it needs at least {width} rows present in both versions: anchor on every table (--anchor all), "
         "or stabilize without --reference"
     )

@@ -17,9 +17,8 @@ Rows of the new version are paired with the reference's in one of two ways:
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import dask
@@ -31,7 +30,7 @@ from .errors import InputError
 from .executor import compute, tree_reduce
 from .faults import failpoint
 from .linalg import qr_factor
-from .store import Side, Table, Version, load, row_starts
+from .store import Table, Version, load, row_starts
 
 # Rows of each table kept as a sample spread over the whole table (the first
 # rows of every block): they probe the score error during the write pass and
@@ -43,8 +42,6 @@ SAMPLE_ROWS = 256
 # rotation fitted on 128k common rows is as good as one on all of them
 # (benchmarks/churn.py).
 ID_SAMPLE_BYTES = 32 * 2**20
-# Id hashes per duplicate-check bucket (8 bytes each).
-ID_BUCKET_ROWS = 2**22
 
 Match = Literal["position", "id"]
 
@@ -71,9 +68,9 @@ class IdPlan:
     fraction: float = 1.0  # the share of ids sampled
 
 
-@dataclass
-class SideStats:
-    """What one pass over one table (and its reference) yields."""
+@dataclass(frozen=True)
+class TableStats:
+    """What one pass over one table (and its reference) yields; merged and finished into new objects, never changed."""
 
     n_rows: int
     gram: np.ndarray  # e x e, float64: X^T X
@@ -131,9 +128,9 @@ def _block_stats(
     offset: int,
     n_sample: int,
     qr: bool,
-    anchors: AnchorSpec = AnchorSpec(),
+    spec: AnchorSpec = AnchorSpec(),
     plan: IdPlan | None = None,
-) -> tuple[SideStats, idm.IdSample | None, list[np.ndarray] | None]:
+) -> tuple[TableStats, idm.IdSample | None, list[np.ndarray] | None]:
     """Statistics of one row block; ``offset`` is the block's first global row.
 
     The arguments are block sources (see :func:`dstab.store.load`): the task
@@ -148,17 +145,13 @@ def _block_stats(
         ids = idm.normalize_ids(ids)
         hashes = idm.hash_ids(ids)  # once per block: the pairs, the buckets and the id sample all use them
     e = block.shape[1]
-    stats = SideStats(
-        n_rows=int(block.shape[0]),
-        gram=np.zeros((e, e)),
-        row_sum=np.zeros(e),
-        sample=block[:n_sample].astype(np.float64),
-    )
-    stats.first_bad_count = idm.first_bad_count(counts)
-    if stats.first_bad_count is not None:
-        stats.first_bad_count += offset
+    n_rows = int(block.shape[0])
+    gram, row_sum = np.zeros((e, e)), np.zeros(e)
+    first_bad_count = idm.first_bad_count(counts)
+    if first_bad_count is not None:
+        first_bad_count += offset
         counts = None
-    weights = idm.anchor_weights(counts, anchors.min_count, anchors.weighted)
+    weights = idm.anchor_weights(counts, spec.min_count, spec.weighted)
     slices = row_slices(*block.shape)
     # One float64 buffer per input, reused for every slice: Dask's nanny sets
     # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
@@ -167,14 +160,17 @@ def _block_stats(
     step = slices[0].stop if slices else 0
     x_buf = np.empty((step, e))
     ones = np.ones(step)
+    cross = anchor_gram = ref_col_sumsq = None
+    n_anchor = 0
     if ref_block is not None:
-        stats.cross = np.zeros((e, ref_block.shape[1]))
-        stats.ref_col_sumsq = np.zeros(ref_block.shape[1])
+        cross = np.zeros((e, ref_block.shape[1]))
+        ref_col_sumsq = np.zeros(ref_block.shape[1])
         y_buf = np.empty((step, ref_block.shape[1]))
         if weights is not None:
-            stats.anchor_gram = np.zeros((e, e))
+            anchor_gram = np.zeros((e, e))
             xw_buf = np.empty((step, e))
-        stats.n_anchor = int(block.shape[0] if weights is None else np.count_nonzero(weights))
+        n_anchor = int(n_rows if weights is None else np.count_nonzero(weights))
+    r = None
     if qr:
         stack = np.zeros((e + step, e))  # the running R on top, the slice below
         r_rows = 0
@@ -182,49 +178,54 @@ def _block_stats(
         n = rows.stop - rows.start
         x = x_buf[:n]
         np.copyto(x, block[rows])
-        stats.gram += x.T @ x
-        stats.row_sum += ones[:n] @ x  # on the cached float64 slice: 3x cheaper than a separate sum
+        gram += x.T @ x
+        row_sum += ones[:n] @ x  # on the cached float64 slice: 3x cheaper than a separate sum
         if qr:
             # TSQR inside the block: the slice's R stacked under the running R
             stack[r_rows : r_rows + n] = x
-            r = qr_factor(stack[: r_rows + n])
-            stack[:e] = r
+            stack[:e] = qr_factor(stack[: r_rows + n])
             r_rows = e
         if ref_block is not None:
             y = y_buf[:n]
             np.copyto(y, ref_block[rows])
             if weights is None:
-                stats.cross += x.T @ y
-                stats.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
+                cross += x.T @ y
+                ref_col_sumsq += np.einsum("ij,ij->j", y, y)
             else:
                 w = weights[rows]
                 xw = xw_buf[:n]
                 np.multiply(x, w[:, None], out=xw)
-                stats.cross += xw.T @ y
-                stats.anchor_gram += xw.T @ x
-                stats.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
+                cross += xw.T @ y
+                anchor_gram += xw.T @ x
+                ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
     if qr:
-        stats.r = stack[:e].copy() if slices else np.zeros((e, e))
+        r = stack[:e].copy() if slices else np.zeros((e, e))
+    pairs = None
+    ref_sumsq = 0.0
     if ref_block is not None:
-        stats.ref_sumsq = float(stats.ref_col_sumsq.sum())
+        ref_sumsq = float(ref_col_sumsq.sum())
         if ids is None:
             keys = np.arange(offset, offset + len(block), dtype=np.int64)
-            stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
+            pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
         else:
-            stats.pairs = idm.Pairs.smallest(block, np.asarray(ref_block), ids, hashes)
+            pairs = idm.Pairs.smallest(block, np.asarray(ref_block), ids, hashes)
     # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
     # float32 or float64 squares cannot overflow a float64 sum of this size), so
     # the full scan for the offending row runs only when there is one.
     first_nonfinite = None
-    if not (np.isfinite(stats.row_sum).all() and np.isfinite(np.diag(stats.gram)).all()):
+    if not (np.isfinite(row_sum).all() and np.isfinite(np.diag(gram)).all()):
         bad = _first_nonfinite_row(block)
         if bad is not None:
             first_nonfinite = (offset + bad, False)
-    if ref_block is not None and not (np.isfinite(stats.ref_sumsq) and np.isfinite(stats.cross).all()):
+    if ref_block is not None and not (np.isfinite(ref_sumsq) and np.isfinite(cross).all()):
         bad_ref = _first_nonfinite_row(ref_block)
         if bad_ref is not None and (first_nonfinite is None or offset + bad_ref < first_nonfinite[0]):
             first_nonfinite = (offset + bad_ref, True)
-    stats.first_nonfinite = first_nonfinite
+    stats = TableStats(
+        n_rows=n_rows, gram=gram, row_sum=row_sum, sample=block[:n_sample].astype(np.float64), r=r, cross=cross,
+        anchor_gram=anchor_gram, ref_sumsq=ref_sumsq, ref_col_sumsq=ref_col_sumsq, pairs=pairs, n_anchor=n_anchor,
+        first_nonfinite=first_nonfinite, first_bad_count=first_bad_count,
+    )  # fmt: skip
     id_sample = buckets = None
     if ids is not None and plan is not None:
         buckets = idm.buckets_of(hashes, plan.n_buckets)
@@ -263,9 +264,9 @@ def _add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a + b
 
 
-def _merge(a: SideStats, b: SideStats) -> SideStats:
+def _merge(a: TableStats, b: TableStats) -> TableStats:
     """Combine the statistics of two disjoint row ranges."""
-    return SideStats(
+    return TableStats(
         n_rows=a.n_rows + b.n_rows,
         gram=a.gram + b.gram,
         row_sum=a.row_sum + b.row_sum,
@@ -283,31 +284,33 @@ def _merge(a: SideStats, b: SideStats) -> SideStats:
 
 
 def _finish_by_id(
-    stats: SideStats,
+    stats: TableStats,
     new_sample: idm.IdSample | None,
     ref_sample: idm.IdSample | None,
     ref_nonfinite: tuple[int, bool] | None,
     summary: idm.IdSummary,
     fraction: float,
-) -> SideStats:
-    """Join the id samples and put the anchor statistics, scaled to the whole table, into ``stats``."""
-    stats.ids = summary
+) -> TableStats:
+    """``stats`` with the id samples joined: the anchor statistics, scaled to the whole table."""
     if new_sample is None or ref_sample is None:
-        return stats
-    stats.matched_by = "id"
-    stats.sample_fraction = fraction
+        return replace(stats, ids=summary)
     matched = idm.match_samples(new_sample, ref_sample)
     # The sample holds about ``fraction`` of the common ids: scaling back keeps
     # the two sides' weights right when both anchor the rotation.
-    stats.cross = matched.cross / fraction
-    stats.anchor_gram = matched.gram / fraction
-    stats.ref_sumsq = matched.ref_sumsq / fraction
-    stats.ref_col_sumsq = matched.ref_col_sumsq / fraction  # type: ignore[operator]
-    stats.pairs = matched.pairs
-    stats.n_anchor = matched.n_rows
-    if stats.first_nonfinite is None:  # the new version's own rows are reported first
-        stats.first_nonfinite = ref_nonfinite
-    return stats
+    return replace(
+        stats,
+        ids=summary,
+        matched_by="id",
+        sample_fraction=fraction,
+        cross=matched.cross / fraction,
+        anchor_gram=matched.gram / fraction,
+        ref_sumsq=matched.ref_sumsq / fraction,
+        ref_col_sumsq=matched.ref_col_sumsq / fraction,  # type: ignore[operator]
+        pairs=matched.pairs,
+        n_anchor=matched.n_rows,
+        # the new version's own rows are reported first
+        first_nonfinite=stats.first_nonfinite if stats.first_nonfinite is not None else ref_nonfinite,
+    )
 
 
 # ----------------------------------------------------------------------------- graph builders
@@ -318,11 +321,11 @@ def side_statistics(
     *,
     reference: Table | None = None,
     match: Match = "position",
-    anchors: AnchorSpec = AnchorSpec(),
+    spec: AnchorSpec = AnchorSpec(),
     plan: IdPlan | None = None,
     qr: bool = False,
 ) -> Delayed:
-    """Delayed :class:`SideStats` of one table, against ``reference`` if given.
+    """Delayed :class:`TableStats` of one table, against ``reference`` if given.
 
     One task per block reads the block (matched by position: and the
     reference's same rows) and reduces it; a binary tree merges the results.
@@ -340,11 +343,11 @@ def side_statistics(
         raise ValueError("matching by id needs ids on both tables and a sampling plan")
     blocks = table.blocks(chunks)
     ref_blocks = reference.blocks(chunks) if positional else [None] * n  # type: ignore[union-attr]
-    counts = table.count_blocks(chunks) if anchors.uses_counts and table.counts is not None else None
+    counts = table.count_blocks(chunks) if spec.uses_counts and table.counts is not None else None
     ids = table.id_blocks(chunks) if plan is not None else None
     n_sample = max(1, -(-SAMPLE_ROWS // n))
     parts = [
-        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, anchors, plan)
+        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, spec, plan)
         for b, r, c, i, off in zip(blocks, ref_blocks, counts or [None] * n, ids or [None] * n, row_starts(chunks))
     ]
     stats = tree_reduce([p[0] for p in parts], _merge)
@@ -390,11 +393,7 @@ def ids_identical(a: Table, b: Table) -> Delayed | bool:
 # ----------------------------------------------------------------------------- the whole pass
 
 
-def _n_buckets(n_rows: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / ID_BUCKET_ROWS)))
-
-
-def check_pairable(new: Version, reference: Version, sides: tuple[Side, ...]) -> None:
+def check_pairable(new: Version, reference: Version, sides: tuple[str, ...]) -> None:
     """Raise :class:`InputError` when rows of ``sides`` cannot be paired (metadata only: no data is read).
 
     Ids of different kinds never match; without ids on both, rows pair by position and the counts must agree.
@@ -418,15 +417,15 @@ def check_pairable(new: Version, reference: Version, sides: tuple[Side, ...]) ->
             )
 
 
-def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, progress: bool = False) -> dict[Side, Match]:
+def match_modes(new: Version, reference: Version, sides: tuple[str, ...], *, progress: bool = False) -> dict[str, Match]:
     """How each side's rows pair with the reference's: by position when that is exact, else by id.
 
     Raises :class:`InputError` when they cannot be paired (no ids and different
     lengths; ids of different kinds).
     """
     check_pairable(new, reference, sides)
-    modes: dict[Side, Match] = {}
-    candidates: list[Side] = []
+    modes: dict[str, Match] = {}
+    candidates: list[str] = []
     for side in sides:
         if new.table(side).ids is not None and reference.table(side).ids is not None:
             candidates.append(side)
@@ -444,30 +443,34 @@ def match_modes(new: Version, reference: Version, sides: tuple[Side, ...], *, pr
 def pass_statistics(
     new: Version,
     reference: Version | None,
-    anchor_sides: tuple[Side, ...],
+    anchor_tables: tuple[str, ...],
     *,
-    anchors: AnchorSpec = AnchorSpec(),
+    spec: AnchorSpec = AnchorSpec(),
     qr: bool = False,
     id_sample_bytes: int = ID_SAMPLE_BYTES,
-    sides: tuple[Side, ...] = ("items", "users"),
+    tables: tuple[str, ...] | None = None,
     progress: bool = False,
-) -> dict[Side, SideStats]:
-    """The statistics pass over ``sides`` of ``new``, against the reference on ``anchor_sides``.
+) -> dict[str, TableStats]:
+    """The statistics pass over ``tables`` of ``new`` (default: all), against the reference on ``anchor_tables``.
+
+    One compute for every table's statistics (the ids are compared first, on the
+    ids alone, where both versions have them).
 
     Checks the data on the way (non-finite values, bad counts, repeated ids, no
     common ids) and raises :class:`InputError` naming the row or id.
     """
     # that the anchor tables have counts when the spec uses them is checked before, by stabilize.check_request
-    modes = match_modes(new, reference, anchor_sides, progress=progress) if reference is not None else {}
+    sides = new.names if tables is None else tables
+    modes = match_modes(new, reference, anchor_tables, progress=progress) if reference is not None else {}
     graphs = []
     for side in sides:
         table = new.table(side)
-        ref_table = reference.table(side) if reference is not None and side in anchor_sides else None
+        ref_table = reference.table(side) if reference is not None and side in anchor_tables else None
         match = modes.get(side, "position")
         plan = None
         if table.ids is not None:
             n_ref = ref_table.n_rows if ref_table is not None else 0
-            plan = IdPlan(n_buckets=_n_buckets(max(table.n_rows, n_ref)))
+            plan = IdPlan(n_buckets=idm.bucket_count(max(table.n_rows, n_ref)))
             if ref_table is not None and match == "id":
                 row_bytes = max(table.dim * table.dtype.itemsize, ref_table.dim * ref_table.dtype.itemsize)
                 fraction = min(1.0, max(1, id_sample_bytes // row_bytes) / max(table.n_rows, n_ref))
@@ -477,7 +480,7 @@ def pass_statistics(
                 table,
                 reference=ref_table,
                 match=match,
-                anchors=anchors if ref_table is not None else AnchorSpec(),
+                spec=spec if ref_table is not None else AnchorSpec(),
                 plan=plan,
                 qr=qr,
             )
@@ -485,8 +488,8 @@ def pass_statistics(
     results = dict(zip(sides, compute(*graphs, progress=progress, stage="statistics pass")))
     for side in sides:
         stats = results[side]
-        if side in anchor_sides and stats.matched_by is None:
-            stats.matched_by = "position"
+        if side in anchor_tables and stats.matched_by is None:
+            stats = results[side] = replace(stats, matched_by="position")
         raise_data_errors(side, stats, new, reference)
     return results
 
@@ -533,7 +536,7 @@ def check_repeat(side: str, label: str, table: Table, repeat: int | None) -> Non
         )
 
 
-def check_finite(label: str, stats: SideStats, table: Table) -> None:
+def check_finite(label: str, stats: TableStats, table: Table) -> None:
     """Raise :class:`InputError` naming the first non-finite row the pass found in ``table``."""
     if stats.first_nonfinite is None:
         return
@@ -544,7 +547,7 @@ def check_finite(label: str, stats: SideStats, table: Table) -> None:
     )
 
 
-def raise_data_errors(side: Side, stats: SideStats, new: Version, reference: Version | None) -> None:
+def raise_data_errors(side: str, stats: TableStats, new: Version, reference: Version | None) -> None:
     """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
     table = new.table(side)
     if stats.first_nonfinite is not None:

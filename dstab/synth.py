@@ -1,7 +1,9 @@
 """Synthetic versions and synthetic retrains, generated and written out of core.
 
-Every block is drawn from its own seeded generator (``[seed, side, block]``),
-so the result is the same on any scheduler and any number of workers.
+Every block is drawn from its own seeded generator (``[seed, table, block]``),
+so the result is the same on any scheduler and any number of workers. A
+version holds any named tables; ``items`` and ``users`` keep the generators
+(and so the values) they always had.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import numpy as np
 from .errors import UsageError
 from .executor import run_all
 from .store import (
-    SIDES,
     ArrayTarget,
     Staging,
     Version,
@@ -26,6 +27,7 @@ from .store import (
     row_starts,
     write_block,
 )
+from .structure import DEFAULT_CANDIDATE, DEFAULT_QUERY, Structure, resolve, two_sided
 
 SIDE_CODE = {"items": 0, "users": 1}
 DEFAULT_CHUNK_ROWS = 131_072
@@ -86,6 +88,13 @@ def _shaped_noise(rng: np.random.Generator, x: np.ndarray, scale: float) -> np.n
     return scale * rng.normal(size=x.shape) @ factor.T
 
 
+def _new_id_base(code: int) -> int:
+    """Where a table's churned-in ids start: above every id synth writes, a range per table, within int64."""
+    if code < 2:  # items and users, as they always were
+        return (1 << 61) + (code << 60)
+    return (1 << 62) + ((code - 2) << 50)
+
+
 def _retrain_block(
     source: Any, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
     target: ArrayTarget, start: int, churn: float = 0.0, ids_source: Any = None, ids_target: ArrayTarget | None = None,
@@ -104,7 +113,7 @@ def _retrain_block(
         # the same distribution in any basis), with ids never used before
         donors = rng.integers(0, len(x), size=len(gone))
         x[gone] = x[donors] + _shaped_noise(rng, x, 0.1)[: len(gone)]
-        ids[gone] = (1 << 61) + (side << 60) + (seed << 36) + start + gone
+        ids[gone] = _new_id_base(side) + (seed << 36) + start + gone
         order = rng.permutation(len(x))
         x, ids = x[order], ids[order]
         write_block(ids, ids_target, start)  # type: ignore[arg-type]
@@ -134,10 +143,35 @@ def _base_attrs(**params: Any) -> dict[str, Any]:
     }
 
 
-def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int) -> None:
-    """The parameters of :func:`synth`, checked before anything starts."""
+def table_codes(names: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """Each table's code: it seeds the table's generators and sets its id range (``code * 10**12`` onwards).
+
+    ``items`` is 0 and ``users`` 1, as they always were (so their output is the
+    same as before tables had names); any other table is ``2 +`` its position.
+    """
+    return {name: SIDE_CODE.get(name, 2 + i) for i, name in enumerate(names)}
+
+
+# Ids of the rows a table starts with: code * ID_STRIDE + row, so no two tables share an id.
+ID_STRIDE = 10**12
+
+
+def check_synth_tables(
+    tables: dict[str, int], *, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int, flag: str = "--table"
+) -> None:
+    """The parameters of :func:`synth_tables`, checked before anything starts."""
+    from .interchange import check_table_name
+
+    if not tables:
+        raise UsageError("synth needs at least one table: --table NAME=ROWS (or --items N --users M)")
+    for name, rows in tables.items():
+        check_table_name(name, flag)
+        if rows < 1:
+            raise UsageError(f"--table {name}={rows}: a table needs at least 1 row")
+        if rows >= ID_STRIDE:
+            raise UsageError(f"{name}: {rows:,} rows is more than synthetic ids allow ({ID_STRIDE:,} per table)")
     rank = dim if rank is None else rank
-    for name, value in (("items", items), ("users", users), ("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
+    for name, value in (("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if rank > dim:
@@ -148,16 +182,103 @@ def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int
         raise UsageError(f"dtype must be float32 or float64, got {dtype}")
 
 
-def check_retrain(like: Version, *, noise: float, churn: float, seed: int) -> None:
-    """The parameters of :func:`synth_like`, checked before anything starts."""
+def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int) -> None:
+    """The parameters of :func:`synth`, checked before anything starts."""
+    for name, value in (("items", items), ("users", users)):
+        if value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    check_synth_tables({"items": items, "users": users}, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
+
+
+def retrain_structure(
+    like: Version, *, sides: str | Structure | None = None, symmetric: bool = False
+) -> Structure:
+    """The structure a retrain keeps: the one asked for, else the one ``like`` recorded, else the default."""
+    return resolve(like.names, sides=sides, symmetric_all=symmetric, recorded=like.structure, label=f"--like {like.url or 'version'}")
+
+
+def check_retrain(
+    like: Version, *, noise: float, churn: float, seed: int, sides: str | Structure | None = None, symmetric: bool = False
+) -> Structure:
+    """The parameters of :func:`synth_like`, checked before anything starts; the structure the retrain keeps."""
     if not noise >= 0:
         raise UsageError(f"--noise must be 0 or more, got {noise}")
     if not 0 <= churn < 1:
         raise UsageError(f"--churn must be in [0, 1), got {churn}")
     if seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {seed}")
-    if churn > 0 and (like.items.ids is None or like.users.ids is None):
-        raise UsageError("--churn needs a version with items/ids and users/ids (rows are replaced by id)")
+    if churn > 0:
+        # rows are replaced by id: every table needs integer ids (new ids are drawn as integers)
+        lacking = [name for name, t in like.tables.items() if t.ids is None or np.dtype(t.ids.dtype).kind not in "iu"]
+        if lacking:
+            listed = ", ".join(f"{n}/ids" for n in like.names)
+            raise UsageError(
+                f"--churn needs a version whose tables all have integer ids ({listed}); {lacking[0]} has "
+                f"{'none' if like.table(lacking[0]).ids is None else 'string ids'} (rows are replaced by id)"
+            )
+    return retrain_structure(like, sides=sides, symmetric=symmetric)
+
+
+def synth_tables(
+    out: str | os.PathLike[str],
+    tables: dict[str, int],
+    *,
+    dim: int,
+    structure: Structure | str | None = None,
+    symmetric: bool = False,
+    rank: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    counts: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    params: dict[str, Any] | None = None,
+) -> Version:
+    """Write a synthetic version of named tables (``{"words": 6_000_000}``) whose scores have rank ``rank``.
+
+    Rows are ``(Z + mean) @ B``, ``Z`` standard normal: two-sided, the
+    candidate tables share one loading matrix ``B`` and the query tables
+    another; symmetric, every table shares one, so every table's rows live in
+    one ``rank``-dimensional space and score against every other's. The
+    structure is ``structure`` (or ``--symmetric``), else the default for the
+    names (users:items, one table symmetric), and is recorded in the version.
+    Ids are unique across tables; with ``counts``, each table also gets
+    ``NAME/counts`` (:func:`counts_for_ids`), for the anchor options.
+    """
+    tables = dict(tables)
+    rank = dim if rank is None else rank
+    check_synth_tables(tables, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
+    shape = resolve(tuple(tables), sides=structure, symmetric_all=symmetric, label="the synthetic version")
+    model = _model(dim, rank, seed)
+    # the candidate side (or, symmetric, every table) takes the loadings items always had; the query side the users'
+    loadings = {name: model["items" if shape.side_of(name) == 0 else "users"] for name in tables}
+    codes = table_codes(tuple(tables))
+    staging = Staging(os.fspath(out), inputs=[], overwrite=overwrite)
+    tasks = []
+    for name, n in tables.items():
+        rows = min(chunk_rows, n)
+        target = staging.create_array(f"{name}/vectors", shape=(n, dim), chunks=(rows, dim), dtype=np.dtype(dtype))
+        ids_target = staging.create_array(f"{name}/ids", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64))
+        counts_target = (
+            staging.create_array(f"{name}/counts", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64)) if counts else None
+        )
+        id_base = codes[name] * ID_STRIDE  # items from 0, users from 10**12: no two tables share an id
+        for index, start in enumerate(range(0, n, rows)):
+            tasks.append(
+                dask.delayed(_synth_block, pure=True)(
+                    loadings[name], model["mean"], seed, codes[name], index, min(rows, n - start), dtype,
+                    target, ids_target, start, id_base, counts_target,
+                )
+            )  # fmt: skip
+    if params is None:
+        params = {
+            "tables": tables, "structure": shape.to_attrs(), "dim": dim, "rank": rank, "seed": seed, "dtype": dtype,
+            "counts": counts,
+        }  # fmt: skip
+    attrs = {**_base_attrs(**params), "structure": shape.to_attrs()}
+    _finish(staging, tasks, attrs, progress)
+    return open_version(out)
 
 
 def synth(
@@ -174,33 +295,17 @@ def synth(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Version:
-    """Write a synthetic version whose scores have rank ``rank`` (default ``dim``).
+    """Write a synthetic two-sided version (users scored against items) whose scores have rank ``rank`` (default ``dim``).
 
     With ``counts``, each side also gets ``SIDE/counts`` (:func:`counts_for_ids`), for the anchor options.
     """
     rank = dim if rank is None else rank
     check_synth(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
-    model = _model(dim, rank, seed)
-    staging = Staging(os.fspath(out), inputs=[], overwrite=overwrite)
-    tasks = []
-    for side, n in (("items", items), ("users", users)):
-        rows = min(chunk_rows, n)
-        target = staging.create_array(f"{side}/vectors", shape=(n, dim), chunks=(rows, dim), dtype=np.dtype(dtype))
-        ids_target = staging.create_array(f"{side}/ids", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64))
-        counts_target = (
-            staging.create_array(f"{side}/counts", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64)) if counts else None
-        )
-        id_base = 0 if side == "items" else 10**12  # item and user ids never collide
-        for index, start in enumerate(range(0, n, rows)):
-            tasks.append(
-                dask.delayed(_synth_block, pure=True)(
-                    model[side], model["mean"], seed, SIDE_CODE[side], index, min(rows, n - start), dtype,
-                    target, ids_target, start, id_base, counts_target,
-                )
-            )  # fmt: skip
-    attrs = _base_attrs(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, counts=counts)
-    _finish(staging, tasks, attrs, progress)
-    return open_version(out)
+    return synth_tables(
+        out, {"items": items, "users": users}, dim=dim, structure=two_sided((DEFAULT_QUERY,), (DEFAULT_CANDIDATE,)),
+        rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows, counts=counts, overwrite=overwrite, progress=progress,
+        params={"items": items, "users": users, "dim": dim, "rank": rank, "seed": seed, "dtype": dtype, "counts": counts},
+    )  # fmt: skip
 
 
 def random_basis(dim: int, seed: int, condition: float = 10.0) -> np.ndarray:
@@ -215,6 +320,28 @@ def random_basis(dim: int, seed: int, condition: float = 10.0) -> np.ndarray:
     return (q1 * np.logspace(0.0, np.log10(condition), dim)) @ q2
 
 
+def random_rotation(dim: int, seed: int) -> np.ndarray:
+    """A random orthogonal ``Q`` (Haar: QR of a Gaussian matrix, signs fixed by R's diagonal): keeps every dot product."""
+    rng = np.random.default_rng([seed, 8])
+    q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def retrain_bases(structure: Structure, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Each table's basis change: candidate tables ``G``, query tables ``G^-T``; symmetric, one orthogonal ``Q`` for all.
+
+    Two-sided scores ``(W G^-T)(T G)^T = W T^T`` are kept by any invertible
+    ``G``; a table scored against itself keeps its dot products only under an
+    orthogonal map, so a symmetric model's retrain rotates every table alike.
+    """
+    if structure.kind == "symmetric":
+        rotation = random_rotation(dim, seed)
+        return {name: rotation for name in structure.tables}
+    basis = random_basis(dim, seed)
+    inverse_t = np.linalg.inv(basis).T
+    return {name: basis if structure.side_of(name) == 0 else inverse_t for name in structure.tables}
+
+
 def synth_like(
     out: str | os.PathLike[str],
     like: Version,
@@ -222,34 +349,40 @@ def synth_like(
     noise: float = 0.0,
     churn: float = 0.0,
     seed: int = 1,
+    sides: str | Structure | None = None,
+    symmetric: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Version:
-    """A "retrain" of ``like``: items ``(T + noise) G``, users ``(W + noise) G^-T`` for a random invertible ``G``.
+    """A "retrain" of ``like``: every table's rows plus noise, in a new basis that keeps every score.
+
+    Two-sided (users:items): candidate tables ``(T + noise) G``, query tables
+    ``(W + noise) G^-T`` for a random invertible ``G``; symmetric: every table
+    ``(X + noise) Q`` for one random orthogonal ``Q``. The structure is
+    ``sides`` / ``symmetric``, else the one ``like`` recorded, else the default
+    for its tables; the retrain records it.
 
     With ``noise=0`` every score is the same as in ``like``; only the basis moved.
     ``noise`` is relative in every direction (shaped like the rows' second
-    moment), so chains of retrains do not compound it. With ``churn``, that share of each side's rows (drawn per block) leave and as
+    moment), so chains of retrains do not compound it. With ``churn``, that share of each table's rows (drawn per block) leave and as
     many new rows with new ids arrive, and the rows are reordered: whole blocks
     are shuffled and the rows inside each block too (out of core, block by block).
     Counts, when ``like`` has them, follow the ids (:func:`counts_for_ids` for new ones).
     """
-    check_retrain(like, noise=noise, churn=churn, seed=seed)
-    basis = random_basis(like.dim, seed)
-    bases = {"items": basis, "users": np.linalg.inv(basis).T}
+    structure = check_retrain(like, noise=noise, churn=churn, seed=seed, sides=sides, symmetric=symmetric)
+    bases = retrain_bases(structure, like.dim, seed)
+    codes = table_codes(like.names)
     inputs = [like.url] if like.url else []
     staging = Staging(os.fspath(out), inputs=inputs, overwrite=overwrite)
     tasks = []
-    for side in SIDES:
-        table = like.table(side)
+    for side in like.names:
+        table, code = like.table(side), codes[side]
         target = staging.create_table(side, table, table.dim)
         chunks = table.row_chunks()
         if churn == 0:
             for index, (block, start) in enumerate(zip(table.blocks(chunks), row_starts(chunks))):
                 tasks.append(
-                    dask.delayed(_retrain_block, pure=True)(
-                        block, bases[side], float(noise), seed, SIDE_CODE[side], index, target, start
-                    )
+                    dask.delayed(_retrain_block, pure=True)(block, bases[side], float(noise), seed, code, index, target, start)
                 )
             tasks += staging.copy_ids(side, table)
             continue
@@ -263,15 +396,16 @@ def synth_like(
             )
         blocks, id_blocks, starts = table.blocks(chunks), table.id_blocks(chunks), row_starts(chunks)
         full = [i for i, n in enumerate(chunks) if n == chunks[0]]  # blocks of one size trade places
-        moved = dict(zip(full, np.random.default_rng([seed, SIDE_CODE[side], 3]).permutation(full).tolist()))
+        moved = dict(zip(full, np.random.default_rng([seed, code, 3]).permutation(full).tolist()))
         for index in range(len(chunks)):
             src = moved.get(index, index)
             tasks.append(
                 dask.delayed(_retrain_block, pure=True)(
-                    blocks[src], bases[side], float(noise), seed, SIDE_CODE[side], src, target, starts[index],
+                    blocks[src], bases[side], float(noise), seed, code, src, target, starts[index],
                     float(churn), id_blocks[src], ids_target, counts_target,  # type: ignore[index]
                 )
             )  # fmt: skip
-    attrs = _base_attrs(like=canonical_url(like.url) if like.url else None, noise=noise, churn=churn, seed=seed)
-    _finish(staging, tasks, attrs, progress)
+    basis = "orthogonal" if structure.kind == "symmetric" else "invertible"
+    attrs = _base_attrs(like=canonical_url(like.url) if like.url else None, noise=noise, churn=churn, seed=seed, basis=basis)
+    _finish(staging, tasks, {**attrs, "structure": structure.to_attrs()}, progress)
     return open_version(out)

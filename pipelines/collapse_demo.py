@@ -22,8 +22,12 @@ import dask
 import numpy as np
 
 import dstab
-from dstab.collapse import make_dataset, train
 from dstab.diagnose import diagnose
+
+if __package__:  # imported as pipelines.collapse_demo (tests)
+    from .collapse_model import make_dataset, train
+else:  # run as `python pipelines/collapse_demo.py`: this folder is first on sys.path
+    from collapse_model import make_dataset, train  # type: ignore[import-not-found,no-redef]
 
 LAMBDAS = (1e-3, 0.0)
 

@@ -11,7 +11,7 @@ already stabilized are skipped, so the script can run every night on the same
 directory, and a run that died is simply run again. Progress goes to stderr: a
 bar per pass on a terminal, a few plain lines in a log file, none with --no-progress.
 
-    python pipelines/nightly.py DIR [--scheduler ADDRESS] [--rank auto|K] [--anchor both]
+    python pipelines/nightly.py DIR [--scheduler ADDRESS] [--rank auto|K] [--sides Q:C | --symmetric] [--anchor all]
                                     [--anchor-min-count N] [--anchor-weights uniform|counts]
 
 Catalogues may churn from day to day (ids added, removed, reordered): rows are
@@ -30,11 +30,14 @@ import dstab
 from dstab.cli import (
     OneLineParser,
     add_scheduler_options,
+    add_structure_options,
     parse_rank,
     scheduler_from_args,
 )
 from dstab.errors import DstabError, VersionNotFoundError
 from dstab.report import format_matching
+from dstab.stabilize import ANCHOR_WEIGHTS
+from dstab.structure import parse_sides
 
 
 def pending(directory: Path) -> list[tuple[Path, Path]]:
@@ -50,7 +53,9 @@ def run(
     directory: Path,
     *,
     rank: int | str = "auto",
-    anchor: str = "both",
+    sides: str | None = None,
+    symmetric: bool = False,
+    anchor: str = "all",
     anchor_min_count: float = 0.0,
     anchor_weights: str = "uniform",
     progress: bool = False,
@@ -69,7 +74,8 @@ def run(
         # the anchor options choose rows that fit the rotation onto a reference: the first day has none
         anchoring = {"anchor": anchor, "anchor_min_count": anchor_min_count, "anchor_weights": anchor_weights}
         result = dstab.stabilize(
-            dstab.open_version(raw_path), reference, rank=rank, progress=progress,  # type: ignore[arg-type]
+            # the structure: as asked, else recorded in the raw version or in yesterday's stable one, else the default
+            dstab.open_version(raw_path), reference, sides=sides, symmetric=symmetric, rank=rank, progress=progress,  # type: ignore[arg-type]
             **(anchoring if reference is not None else {}),  # type: ignore[arg-type]
         )  # fmt: skip
         reference = result.to_zarr(stable_path, progress=progress)
@@ -86,16 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, metavar="DIR")
     parser.add_argument("--rank", type=parse_rank, default="auto")
-    parser.add_argument("--anchor", choices=("items", "users", "both"), default="both")
+    add_structure_options(
+        parser, "default: recorded in the versions, else users:items for those two tables, symmetric for one",
+        sides="one transform per side", symmetric="one orthogonal transform",
+    )  # fmt: skip
+    parser.add_argument("--anchor", default="all", metavar="TABLES", help="tables that fix the rotation (default all)")
     parser.add_argument("--anchor-min-count", type=float, default=0.0, metavar="N")
-    parser.add_argument("--anchor-weights", choices=("uniform", "counts"), default="uniform")
+    parser.add_argument("--anchor-weights", choices=ANCHOR_WEIGHTS, default="uniform")
     add_scheduler_options(parser)
     args = parser.parse_args(argv)
     try:
         todo = [p for p in pending(args.directory) if not p[1].exists()]
+        if args.sides:
+            parse_sides(args.sides)  # a malformed --sides is refused before any cluster starts
         with scheduler_from_args(args) if todo else contextlib.nullcontext():
             run(
-                args.directory, rank=args.rank, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
+                args.directory, rank=args.rank, sides=args.sides, symmetric=args.symmetric, anchor=args.anchor, anchor_min_count=args.anchor_min_count,
                 anchor_weights=args.anchor_weights, progress=not args.no_progress,
             )  # fmt: skip
     except DstabError as exc:

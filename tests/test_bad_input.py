@@ -224,7 +224,8 @@ def test_corrupt_inputs_are_refused_clearly(kind: str, side: str, seed: int, n: 
         tables["items/ids"] = tables["items/ids"].astype(np.float64)
         expect = "ids must be integers or strings"
     elif kind == "missing-users":
-        del tables["users/vectors"]
+        del tables["users/vectors"]  # the users group stays (with ids) but has no vectors: a broken table
+        tables["users/ids"] = np.arange(n, dtype=np.int64)
         expect = "has no users/vectors"
     elif kind == "width-mismatch":
         tables[key] = rng.normal(size=(n, dim + 1)).astype(np.float32)

@@ -129,3 +129,23 @@ def test_nightly_memory_smoke(tmp_path: Path):
     result = json.loads((tmp_path / "m.json").read_text())
     assert [r["run"] for r in result["series"]] == [1, 2] and result["bootstrap"]["run"] == 0
     assert all(r["score_error"] < 1e-5 and r["peak_tree_rss_mib"] > 0 for r in result["series"])
+
+
+@pytest.mark.slow
+def test_models_smoke(tmp_path: Path):
+    """One table against two, each against its floor: both cases run, are real stabilizations, and are compared."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--rows", "30000", "--dim", "8", "--repeat", "1",
+         "--workers", "1", "--dir", str(tmp_path / "data"), "--json", str(tmp_path / "m.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "one-table ratio / two-table ratio:" in proc.stdout
+    result = json.loads((tmp_path / "m.json").read_text())
+    two, one = result["cases"]["two-table"], result["cases"]["one-table"]
+    assert two["tables"] == {"items": 20_000, "users": 10_000} and one["tables"] == {"emb": 30_000}
+    for case in (two, one):
+        assert len(case["ratios"]) == 1 and case["ratios"][0] == pytest.approx(case["dstab_s"][0] / case["floor_s"][0])
+        assert case["score_error"] < 1e-5  # float32 outputs keep every score to a few eps32
+    assert result["one_over_two"] == pytest.approx(one["median_ratio"] / two["median_ratio"])
+    assert not (tmp_path / "data" / "out").exists()  # each timed output is removed after its run

@@ -90,7 +90,8 @@ def inf_in_users(tmp_path: Path) -> str:
 BAD_INPUTS = {
     "missing path": (lambda p: str(p / "nope"), "does not exist"),
     "not a zarr group": (lambda p: (p / "file.txt").write_text("hello") and str(p / "file.txt"), "not a Zarr group"),
-    "no users array": (lambda p: zarr.open_group(str(p / "g"), mode="w").create_array("items/vectors", shape=(3, 2), dtype="f4").store and str(p / "g"), "no users/vectors"),  # noqa: E501
+    # a table group without vectors (a lone items/ is a valid one-table version now)
+    "no users array": (lambda p: zarr.open_group(str(p / "g"), mode="w").create_array("items/vectors", shape=(3, 2), dtype="f4").store and zarr.open_group(str(p / "g"), mode="a").create_array("users/ids", shape=(3,), dtype="i8").store and str(p / "g"), "no users/vectors"),  # noqa: E501
     "1-D vectors": (lambda p: _bad(p, GOOD_T[:, 0], GOOD_W), "items/vectors must be 2-D"),
     "integer dtype": (lambda p: _bad(p, GOOD_T.astype(np.int64), GOOD_W.astype(np.int64)), "items/vectors has dtype int64"),
     "dim mismatch": (lambda p: _bad(p, GOOD_T, GOOD_W[:, :5]), "width 8 but users/vectors has width 5"),

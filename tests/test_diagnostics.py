@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dstab
-from dstab import collapse, neighbours, spectrum
+from dstab import neighbours, spectrum
 from dstab.cli import main
 from dstab.report import measure_drift
+from pipelines import collapse_model as collapse
 from tests.conftest import random_basis, random_tables, read_tables, write_version
 from tests.test_churn import churn
 
@@ -60,7 +61,10 @@ def test_diagnose_version_and_table_against_numpy(tmp_path: Path, capsys: pytest
     code, out, err = run_cli(capsys, "diagnose", path, "--json", "--rtol", "1e-5", *FAST)
     assert code == 0, err
     got = json.loads(out)
-    assert set(got) == {"items", "users", "interaction"}
+    # the two-table layout keeps its keys; the structure and every table (under "tables") come with them
+    assert set(got) == {"items", "users", "interaction", "structure", "tables"}
+    assert got["structure"] == {"kind": "two-sided", "query": ["users"], "candidate": ["items"]}
+    assert got["tables"] == {"items": got["items"], "users": got["users"]}
     for name, X in (("items", T), ("users", W), ("interaction", W.astype(np.float64) @ T.astype(np.float64).T)):
         sv = np.linalg.svd(X.astype(np.float64), compute_uv=False)[:16]
         np.testing.assert_allclose(got[name]["singular_values"], sv, rtol=1e-6, atol=1e-6 * sv[0])  # noise floor aside

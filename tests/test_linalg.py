@@ -128,7 +128,7 @@ def test_alignment_with_different_widths(k_new, k_ref):
     ref_T, ref_W = rng.normal(size=(T.shape[0], k_ref)), rng.normal(size=(W.shape[0], k_ref))
     c = fit(T, W)
     probes = [(T.sum(axis=0), T[:20], len(T)), (W.sum(axis=0), W[:20], len(W))]
-    omega = linalg.alignment(c, T.T @ ref_T, W.T @ ref_W, k_ref, probes)
+    omega = linalg.alignment(c, [T.T @ ref_T, W.T @ ref_W], k_ref, probes)
     width = max(k_new, k_ref)
     assert omega.shape == (k_new, width)
     np.testing.assert_allclose(omega @ omega.T, np.eye(k_new), atol=1e-12)
@@ -145,7 +145,7 @@ def test_procrustes_recovers_a_rotation_and_statistics_predict_drift():
     XT, XW = T @ c.m_items, W @ c.m_users
     Q, _ = np.linalg.qr(np.random.default_rng(7).normal(size=(8, 8)))
     ref_T, ref_W = XT @ Q, XW @ Q
-    omega = linalg.alignment(c, T.T @ ref_T, W.T @ ref_W, 8, [])
+    omega = linalg.alignment(c, [T.T @ ref_T, W.T @ ref_W], 8, [])
     np.testing.assert_allclose(omega, Q, atol=1e-9)
     A = c.m_items @ omega
     predicted = linalg.squared_drift(A, T.T @ T, T.T @ ref_T, float((ref_T**2).sum()))

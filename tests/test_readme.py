@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 SMALLER = {
     "--items 1000000 --users 500000": "--items 3000 --users 2000",
     "--items 200000 --users 100000": "--items 2000 --users 1000",
+    "words=300000": "words=3000",
+    "users=200000 --table items=300000 --table creators=20000": "users=2000 --table items=3000 --table creators=200",
+    "user=50000 --table item=80000": "user=500 --table item=800",
 }
 
 

@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dstab import ids as idm
-from dstab import stats
 from dstab.cli import main
 from tests.conftest import random_tables, write_version
 
@@ -29,7 +28,7 @@ STRINGS = np.dtypes.StringDType()  # how zarr-python 3 reads Zarr v3 string arra
 @pytest.fixture(autouse=True)
 def many_blocks_and_buckets(monkeypatch: pytest.MonkeyPatch):
     """Blocks of one 128-row chunk and 16 ids per bucket, so a duplicate spans blocks and buckets."""
-    monkeypatch.setattr(stats, "ID_BUCKET_ROWS", 16)
+    monkeypatch.setattr(idm, "ID_BUCKET_ROWS", 16)
     with dask.config.set({"dstab.block-bytes": 1}):
         yield
 

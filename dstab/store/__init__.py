@@ -14,6 +14,7 @@ from .model import (
     check_tables,
     checked_rows,
     from_arrays,
+    from_tables,
     load,
     row_starts,
 )
@@ -43,7 +44,7 @@ from .write import (
 __all__ = [
     "EXPORT_MARKER", "FORMAT", "SIDES", "ArrayTarget", "Claim", "RowBlock", "Side", "Staging", "Table", "Version",
     "block_sources", "canonical_url", "check_output", "check_replaceable", "check_tables", "checked_rows",
-    "copy_block", "from_arrays", "inspect_output", "is_local", "load", "local_path", "move_into_place", "open_group",
+    "copy_block", "from_arrays", "from_tables", "inspect_output", "is_local", "load", "local_path", "move_into_place", "open_group",
     "open_table", "open_version", "output_error", "read_attrs", "recover_local", "row_starts", "same_or_nested",
     "staging_name", "write_block",
 ]

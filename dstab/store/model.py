@@ -18,9 +18,9 @@ import zarr
 
 from ..errors import InputError, UsageError
 from ..linalg import transform_rows
+from ..structure import Structure
 
-Side = Literal["items", "users"]
-
+Side = Literal["items", "users"]  # the two tables of the default two-sided model
 
 SIDES: tuple[Side, Side] = ("items", "users")
 
@@ -138,50 +138,78 @@ def as_dask(source: Any, chunks: tuple) -> da.Array:
 
 @dataclass(frozen=True)
 class Version:
-    """An opened, validated version. Open one with :func:`open_version`."""
+    """An opened, validated version: named tables. Open one with :func:`open_version`."""
 
-    items: Table
-    users: Table
+    tables: dict[str, Table]
     url: str | None = None
     storage_options: dict[str, Any] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # attrs["dstab"], empty for raw inputs
-    # the e x w matrices that made a stabilized version (raw rows -> its rows), empty otherwise
+    # the e x w matrices that made a stabilized version (raw rows of a table -> its rows), empty otherwise
     transforms: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def table(self, side: Side) -> Table:
-        return self.items if side == "items" else self.users
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.tables)
 
-    def transform(self, side: Side, rows: Any) -> np.ndarray:
-        """Map raw rows of ``side`` (numpy, n x e, in the raw model's basis) into this version's space.
+    @property
+    def structure(self) -> Structure | None:
+        """The structure recorded in the version (dstab outputs), else ``None``."""
+        return Structure.from_attrs(self.attrs.get("structure"))
 
-        An extra user row mapped this way scores against this version's items
-        as the raw row scored against the raw items.
-        """
-        transform = self.saved_transform(side)
-        return transform_rows(checked_rows(side, rows, transform.shape[0]), transform)
-
-    def saved_transform(self, side: Side) -> np.ndarray:
-        if side not in self.transforms:
+    def table(self, name: str) -> Table:
+        try:
+            return self.tables[name]
+        except KeyError:
             raise InputError(
-                f"{self.url or 'this version'} has no transform/{side}: only versions written by "
+                f"{self.url or 'this version'} has no table {name!r}; its tables are {', '.join(self.tables)}"
+            ) from None
+
+    @property
+    def items(self) -> Table:
+        return self.table("items")
+
+    @property
+    def users(self) -> Table:
+        return self.table("users")
+
+    def transform(self, name: str, rows: Any) -> np.ndarray:
+        """Map raw rows of table ``name`` (numpy, n x e, in the raw model's basis) into this version's space.
+
+        An extra row mapped this way scores against this version's rows as the
+        raw row scored against the raw rows.
+        """
+        transform = self.saved_transform(name)
+        return transform_rows(checked_rows(name, rows, transform.shape[0]), transform)
+
+    def saved_transform(self, name: str) -> np.ndarray:
+        if name not in self.transforms:
+            if self.transforms:
+                raise InputError(
+                    f"{self.url or 'this version'} has no transform for a table {name!r}; it maps rows of "
+                    f"{', '.join(self.transforms)}"
+                )
+            raise InputError(
+                f"{self.url or 'this version'} has no transform/{name}: only versions written by "
                 "`dstab stabilize` keep the transforms that map new rows into them"
             )
-        return self.transforms[side]
+        return self.transforms[name]
+
+    @property
+    def first(self) -> Table:
+        return next(iter(self.tables.values()))
 
     @property
     def dim(self) -> int:
-        return self.items.dim
+        return self.first.dim
 
     @property
     def dtype(self) -> np.dtype:
-        return self.items.dtype
+        return self.first.dtype
 
     def __repr__(self) -> str:
         where = self.url or "<in memory>"
-        return (
-            f"Version({where!s}, items={self.items.n_rows:,} x {self.items.dim}, "
-            f"users={self.users.n_rows:,} x {self.users.dim}, dtype={self.dtype})"
-        )
+        shapes = ", ".join(f"{name}={t.n_rows:,} x {t.dim}" for name, t in self.tables.items())
+        return f"Version({where!s}, {shapes}, dtype={self.dtype})"
 
 
 def checked_rows(side: str, rows: Any, width: int) -> np.ndarray:
@@ -234,23 +262,71 @@ def check_counts(name: str, counts: Any, n_rows: int) -> None:
         raise InputError(f"{name} has dtype {counts.dtype}; counts must be integers or floats")
 
 
-def check_tables(items: Table, users: Table) -> None:
-    """Validate what can be checked without reading the data."""
-    for table in (items, users):
+def check_tables(*tables: Table) -> None:
+    """Validate what can be checked without reading the data: each table, and one width and dtype for all.
+
+    Every table of a version meets every other (directly or through a side's
+    shared transform), so all come from one model of one width.
+    """
+    if not tables:
+        raise InputError("a version needs at least one table (NAME/vectors)")
+    for table in tables:
         check_vectors(f"{table.name}/vectors", table.vectors)
         if table.ids is not None:
             check_ids(f"{table.name}/ids", table.ids, table.n_rows)
         if table.counts is not None:
             check_counts(f"{table.name}/counts", table.counts, table.n_rows)
-    if items.dim != users.dim:
-        raise InputError(
-            f"items/vectors has width {items.dim} but users/vectors has width {users.dim}; "
-            "both sides of a version must come from the same model"
+    first = tables[0]
+    for table in tables[1:]:
+        if table.dim != first.dim:
+            raise InputError(
+                f"{first.name}/vectors has width {first.dim} but {table.name}/vectors has width {table.dim}; "
+                "every table of a version must come from the same model (one width)"
+            )
+        if table.dtype != first.dtype:
+            raise InputError(
+                f"{first.name}/vectors is {first.dtype} but {table.name}/vectors is {table.dtype}; store every table in one dtype"
+            )
+
+
+def from_tables(
+    vectors: dict[str, Any],
+    *,
+    ids: dict[str, Any] | None = None,
+    counts: dict[str, Any] | None = None,
+    chunk_rows: int | None = None,
+) -> Version:
+    """A version of named tables from in-memory numpy, Dask or Zarr arrays (tests, notebooks, small tables).
+
+    >>> from_tables({"words": w}, ids={"words": vocab})           # one table: symmetric by default
+    >>> from_tables({"users": u, "items": i, "creators": c})      # say --sides users:items,creators
+    """
+    ids, counts = ids or {}, counts or {}
+    for label, given in (("ids", ids), ("counts", counts)):
+        unknown = [name for name in given if name not in vectors]
+        if unknown:
+            raise InputError(f"{label} given for the table {unknown[0]!r}, which has no vectors; tables: {', '.join(vectors)}")
+    tables = []
+    for name, table_vectors in vectors.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == "transform":
+            raise InputError(f"{name!r} cannot name a table: use a plain name without '/' (and not 'transform')")
+        if isinstance(table_vectors, da.Array):
+            rows = int(table_vectors.chunks[0][0]) if table_vectors.ndim and table_vectors.chunks[0] else 1
+        elif isinstance(table_vectors, zarr.Array):
+            rows = unit_rows(table_vectors)
+        else:
+            table_vectors = np.asarray(table_vectors)
+            rows = int(table_vectors.shape[0]) if table_vectors.ndim else 1
+        table_ids, table_counts = ids.get(name), counts.get(name)
+        if table_ids is not None and not isinstance(table_ids, (da.Array, zarr.Array)):
+            table_ids = np.asarray(table_ids)
+        if table_counts is not None and not isinstance(table_counts, (da.Array, zarr.Array)):
+            table_counts = np.asarray(table_counts)
+        tables.append(
+            Table(name=name, vectors=table_vectors, ids=table_ids, chunk_rows=max(1, chunk_rows or rows), counts=table_counts)
         )
-    if items.dtype != users.dtype:
-        raise InputError(
-            f"items/vectors is {items.dtype} but users/vectors is {users.dtype}; store both sides in one dtype"
-        )
+    check_tables(*tables)
+    return Version(tables={t.name: t for t in tables})
 
 
 def from_arrays(
@@ -263,23 +339,14 @@ def from_arrays(
     user_counts: Any | None = None,
     chunk_rows: int | None = None,
 ) -> Version:
-    """A version from in-memory numpy or Dask arrays (for tests, notebooks and small tables)."""
-    tables = []
-    for name, vectors, ids, counts in (("items", items, item_ids, item_counts), ("users", users, user_ids, user_counts)):
-        if isinstance(vectors, da.Array):
-            rows = int(vectors.chunks[0][0]) if vectors.ndim else 1
-        elif isinstance(vectors, zarr.Array):
-            rows = unit_rows(vectors)
-        else:
-            vectors = np.asarray(vectors)
-            rows = int(vectors.shape[0]) if vectors.ndim else 1
-        if ids is not None and not isinstance(ids, (da.Array, zarr.Array)):
-            ids = np.asarray(ids)
-        if counts is not None and not isinstance(counts, (da.Array, zarr.Array)):
-            counts = np.asarray(counts)
-        tables.append(Table(name=name, vectors=vectors, ids=ids, chunk_rows=max(1, chunk_rows or rows), counts=counts))
-    check_tables(*tables)
-    return Version(items=tables[0], users=tables[1])
+    """A two-table version (``items``, ``users``) from in-memory arrays: :func:`from_tables` for the default model."""
+    keep = lambda pairs: {name: value for name, value in pairs if value is not None}  # noqa: E731
+    return from_tables(
+        {"items": items, "users": users},
+        ids=keep((("items", item_ids), ("users", user_ids))),
+        counts=keep((("items", item_counts), ("users", user_counts))),
+        chunk_rows=chunk_rows,
+    )
 
 
 def unit_rows(arr: zarr.Array) -> int:

@@ -83,7 +83,7 @@ def _listing(names: list[str]) -> str:
 
 
 _CHUNK_KEY = re.compile(r"^(?P<array>(?:[^/]+/)*?)c(?:/\d+)+$")
-_EXPORT_FILE = re.compile(r"^(?:_dstab\.json|_SUCCESS|(?:items|users)/part-\d+\.parquet)$")
+_EXPORT_FILE = re.compile(r"^(?:_dstab\.json|_SUCCESS|(?:[^/]+)/part-\d+\.parquet)$")
 
 
 def _foreign(files: list[str], export: bool) -> list[str]:

@@ -1,13 +1,14 @@
 """Opening versions and tables (local paths or fsspec URLs) and validating them, from metadata only.
 
-A version is a Zarr v3 group::
+A version is a Zarr v3 group of named tables::
 
-    VERSION/                 attrs["dstab"]: format, complete flag, lineage, report
-    VERSION/items/vectors    [n_items, dim] float32|float64, chunked along rows
-    VERSION/items/ids        [n_items] int64 or string, optional on input
-    VERSION/users/vectors
-    VERSION/users/ids
-    VERSION/transform/...    outputs only: the e x w matrices that made it
+    VERSION/                 attrs["dstab"]: format, complete flag, structure, lineage, report
+    VERSION/NAME/vectors     [n, dim] float32|float64, chunked along rows (every table one width)
+    VERSION/NAME/ids         [n] int64 or string, optional on input
+    VERSION/NAME/counts      [n] how often each row was seen, optional
+    VERSION/transform/NAME   outputs only: the e x w matrix that made table NAME
+
+The two-table model names its tables ``items`` and ``users``; any names work.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import zarr
 
 from ..errors import IncompleteVersionError, InputError, VersionNotFoundError
 from .model import (
-    SIDES,
     Table,
     Version,
     check_counts,
@@ -38,7 +38,7 @@ def open_group(
     storage_options: dict[str, Any] | None,
     *,
     what: str = "version",
-    layout: str = "a Zarr group with items/vectors and users/vectors arrays",
+    layout: str = "a Zarr group of tables, each a group NAME/ with a vectors array (e.g. items/vectors and users/vectors)",
 ) -> zarr.Group:
     if is_local(url) and not local_path(url).exists():
         recover_local(local_path(url), restore_only=True)  # a publish killed between its renames: the old version is back
@@ -80,8 +80,8 @@ def _member(group: zarr.Group, url: str, path: str, required: bool) -> zarr.Arra
     except KeyError:
         if required:
             raise InputError(
-                f"{url} has no {path} array; a version needs items/vectors and users/vectors, a table "
-                "needs vectors (see the layout in the README)"
+                f"{url} has no {path} array; every table of a version (a group NAME/) needs NAME/vectors, "
+                "a loose table needs vectors (see the layout in the README)"
             ) from None
         return None
     if not isinstance(node, zarr.Array):
@@ -108,22 +108,48 @@ def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
             f"{url} is an incomplete dstab version (a run stopped while writing it); "
             "run the command that makes it again, with --overwrite"
         )
-    tables = []
-    for side in SIDES:
-        vectors = _member(group, url, f"{side}/vectors", required=True)
-        ids = _member(group, url, f"{side}/ids", required=False)
-        counts = _member(group, url, f"{side}/counts", required=False)
-        check_vectors(f"{side}/vectors", vectors)
-        tables.append(Table(name=side, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts))
+    tables = [_open_named_table(group, url, name) for name in table_names(group, url)]
     check_tables(*tables)
     transforms = {}
-    for side in SIDES:
-        saved = _member(group, url, f"transform/{side}", required=False)
+    for table in tables:
+        saved = _member(group, url, f"transform/{table.name}", required=False)
         if saved is not None:
-            transforms[side] = np.asarray(saved[...], dtype=np.float64)
+            transforms[table.name] = np.asarray(saved[...], dtype=np.float64)
     return Version(
-        items=tables[0], users=tables[1], url=url, storage_options=storage_options, attrs=attrs, transforms=transforms
+        tables={t.name: t for t in tables}, url=url, storage_options=storage_options, attrs=attrs, transforms=transforms
     )
+
+
+# Groups of a version that are not tables: the saved transforms of an output.
+RESERVED = ("transform",)
+
+
+def table_names(group: zarr.Group, url: str) -> list[str]:
+    """The version's tables: its subgroups (``items`` and ``users`` first when present, then by name)."""
+    try:
+        names = sorted(name for name, _ in group.groups() if name not in RESERVED)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise InputError(f"{url} has group metadata dstab cannot read ({exc})") from None
+    if not names:
+        if "vectors" in group:
+            raise InputError(
+                f"{url} is a single table (vectors at its top), not a version; a version holds tables as "
+                f"subgroups: move it to {url}/NAME/vectors, or use it where a table is expected (apply, diagnose)"
+            )
+        raise InputError(
+            f"{url} has no tables; a version is a Zarr group with one group per table, each holding a vectors "
+            "array (e.g. items/vectors and users/vectors; see the layout in the README)"
+        )
+    default = [n for n in ("items", "users") if n in names]
+    return default + [n for n in names if n not in default]
+
+
+def _open_named_table(group: zarr.Group, url: str, name: str) -> Table:
+    vectors = _member(group, url, f"{name}/vectors", required=True)
+    ids = _member(group, url, f"{name}/ids", required=False)
+    counts = _member(group, url, f"{name}/counts", required=False)
+    check_vectors(f"{name}/vectors", vectors)
+    return Table(name=name, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts)
 
 
 def open_table(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, name: str = "table") -> Table:

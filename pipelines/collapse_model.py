@@ -1,5 +1,7 @@
 """The two-field model of docs/design.md ("Dimension collapse"), in numpy: watch a low-cardinality field collapse the other.
 
+A toy trainer for pipelines/collapse_demo.py and its tests, not part of the dstab library.
+
 Field A has ``n_a`` values (users, say), field B ``n_b`` (gender: 2). The score
 of a pair is ``s(i, j) = <v_i, v_j>``, trained with binary cross-entropy and an
 L2 penalty ``λ/2 (||V_A||² + ||V_B||²)`` on labels drawn from a ground-truth
@@ -22,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .spectrum import effective_rank
-from .store import Staging, Version, open_version
+from dstab.spectrum import effective_rank
+from dstab.store import Staging, Version, open_version
 
 
 @dataclass
