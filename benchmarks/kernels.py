@@ -19,7 +19,8 @@ import numpy as np
 import zarr
 from threadpoolctl import threadpool_limits
 
-from dstab.stabilize import _apply_block, _apply_write_check
+from dstab.linalg import transform_rows
+from dstab.stabilize import _apply_write_check
 from dstab.stats import _block_stats
 from dstab.store import ArrayTarget, write_block
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             ("statistics: block + reference block", lambda: _block_stats(x, y, None, None, 0, 4, False)),
             ("statistics: block alone", lambda: _block_stats(x, None, None, None, 0, 4, False)),
             ("statistics with Householder TSQR", lambda: _block_stats(x, None, None, None, 0, 4, True)),
-            ("transform (float32 matmul)", lambda: _apply_block(x, a)),
+            ("transform (float32 matmul)", lambda: transform_rows(x, a)),
             ("transform + write + score check", lambda: _apply_write_check(x, a, target, 0, probe, probe)),
         ]
         print(f"per {args.rows:,} x {args.dim} float32 block, one BLAS thread, min of {args.repeat}")

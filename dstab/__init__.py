@@ -19,12 +19,11 @@ from .errors import (
 )
 from .interchange import export_version, import_version, open_npy, open_parquet
 from .lineage import chain
+from .release import __version__
 from .report import measure_drift
 from .stabilize import Stabilization, stabilize
 from .store import Table, Version, from_arrays, from_tables, open_table, open_version
 from .structure import Structure
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DstabError",

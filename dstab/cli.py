@@ -19,7 +19,6 @@ from typing import Any, NoReturn
 
 import dask
 
-from . import __version__
 from .apply import apply_table
 from .diagnose import diagnose, format_diagnosis, open_version_or_table
 from .errors import DstabError, UsageError
@@ -27,6 +26,7 @@ from .executor import spilled_bytes
 from .interchange import Source, export_version, import_version, open_npy, open_parquet
 from .lineage import chain, format_chain
 from .plots import plot_diagnosis, plot_report
+from .release import __version__
 from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import ANCHOR_WEIGHTS, METHODS, check_request, stabilize
 from .store import Table, Version, check_output, open_table, open_version, output_error

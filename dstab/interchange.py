@@ -30,6 +30,7 @@ from . import ids as idm
 from .errors import InputError, UsageError
 from .executor import compute, run_all, tree_reduce
 from .ids import IdKind, id_kind
+from .release import __version__
 from .stats import check_repeat
 from .store import (
     EXPORT_MARKER,
@@ -512,8 +513,6 @@ def import_version(
     staging = Staging(out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
     try:
         _write_tables(staging, sources, chunk_rows, progress)
-        from . import __version__
-
         attrs: dict[str, Any] = {
             "kind": "imported",
             "dstab_version": __version__,

@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
+from .release import __version__
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOFTWARE_PREFIX = "dstab "  # the PNG tEXt "Software" value of every plot dstab draws: "dstab <version>"
 
 
 def _software() -> str:
-    from . import __version__
-
     return SOFTWARE_PREFIX + __version__
 
 

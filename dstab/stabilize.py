@@ -29,6 +29,7 @@ from . import linalg, measures
 from .errors import InputError, UsageError
 from .executor import compute, tree_reduce
 from .faults import failpoint
+from .release import __version__
 from .spectrum import singular_values_from_gram
 from .stats import (
     ID_SAMPLE_BYTES,
@@ -63,12 +64,6 @@ METHODS: tuple[Method, ...] = ("auto", "gram", "tsqr")
 
 AnchorWeights = Literal["uniform", "counts"]
 ANCHOR_WEIGHTS: tuple[AnchorWeights, ...] = ("uniform", "counts")
-
-
-def _version_string() -> str:
-    from . import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- per-block kernels
@@ -241,7 +236,7 @@ class Stabilization:
         """What goes into ``attrs["dstab"]`` of the output (JSON only)."""
         attrs = {
             "kind": "stabilized",
-            "dstab_version": _version_string(),
+            "dstab_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": canonical_url(self.new.url) if self.new.url else None,
             "reference": canonical_url(self.reference.url) if self.reference is not None and self.reference.url else None,

@@ -104,9 +104,14 @@ class TableStats:
 SLICE_BYTES = 2**20
 
 
+def slice_rows(dim: int) -> int:
+    """Rows of one slice: about :data:`SLICE_BYTES` of float64 at width ``dim``."""
+    return max(256, SLICE_BYTES // (8 * max(dim, 1)))
+
+
 def row_slices(n_rows: int, dim: int) -> list[slice]:
-    """Consecutive row ranges of about :data:`SLICE_BYTES` of float64 each."""
-    step = max(256, SLICE_BYTES // (8 * max(dim, 1)))
+    """Consecutive row ranges of :func:`slice_rows` rows each."""
+    step = slice_rows(dim)
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
@@ -118,6 +123,102 @@ def _first_nonfinite_row(block: np.ndarray) -> int | None:
 
 
 # ----------------------------------------------------------------------------- per-block kernels
+#
+# A block's statistics are sums over its rows, taken slice by slice so that each
+# float64 slice stays in cache for every sum that needs it. Each sum is a small
+# accumulator with one ``add`` per slice; the block kernel only chooses which
+# ones run and packs their results.
+
+
+class _OwnSums:
+    """``X^T X`` and ``1^T X`` of the block's own rows."""
+
+    def __init__(self, e: int, step: int) -> None:
+        self.gram, self.row_sum = np.zeros((e, e)), np.zeros(e)
+        self._ones = np.ones(step)
+
+    def add(self, x: np.ndarray, rows: slice) -> None:
+        self.gram += x.T @ x
+        self.row_sum += self._ones[: len(x)] @ x  # on the cached float64 slice: 3x cheaper than a separate sum
+
+
+class _HouseholderR:
+    """TSQR inside the block: each slice's rows stacked under the running ``R`` and factored again."""
+
+    def __init__(self, e: int, step: int) -> None:
+        self._stack = np.zeros((e + step, e))  # the running R on top, the slice below
+        self._e, self._filled = e, 0
+
+    def add(self, x: np.ndarray, rows: slice) -> None:
+        self._stack[self._filled : self._filled + len(x)] = x
+        self._stack[: self._e] = qr_factor(self._stack[: self._filled + len(x)])
+        self._filled = self._e
+
+    @property
+    def r(self) -> np.ndarray:
+        return self._stack[: self._e].copy()
+
+
+class _CrossSums:
+    """Sums against the reference's same rows (matched by position), weighted when anchor weights apply."""
+
+    def __init__(self, ref_block: np.ndarray, weights: np.ndarray | None, e: int, step: int) -> None:
+        e_ref = ref_block.shape[1]
+        self._ref, self._weights = ref_block, weights
+        self.cross, self.ref_col_sumsq = np.zeros((e, e_ref)), np.zeros(e_ref)
+        self.anchor_gram = None if weights is None else np.zeros((e, e))
+        self._y = np.empty((step, e_ref))
+        self._xw = None if weights is None else np.empty((step, e))
+
+    def add(self, x: np.ndarray, rows: slice) -> None:
+        y = self._y[: len(x)]
+        np.copyto(y, self._ref[rows])
+        if self._weights is None:
+            self.cross += x.T @ y
+            self.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
+            return
+        w = self._weights[rows]
+        xw = self._xw[: len(x)]  # type: ignore[index]
+        np.multiply(x, w[:, None], out=xw)
+        self.cross += xw.T @ y
+        self.anchor_gram += xw.T @ x  # type: ignore[operator]
+        self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
+
+
+def _slice_sums(block: np.ndarray, accumulators: list[Any]) -> None:
+    """Feed every float64 slice of ``block`` to every accumulator."""
+    # One float64 buffer, reused for every slice: Dask's nanny sets
+    # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
+    # fresh 1 MiB temporary per slice was an mmap, page faults and a munmap
+    # each, and made this kernel 2.5x slower inside workers than outside.
+    slices = row_slices(*block.shape)
+    x_buf = np.empty((slices[0].stop if slices else 0, block.shape[1]))
+    for rows in slices:
+        x = x_buf[: rows.stop - rows.start]
+        np.copyto(x, block[rows])
+        for accumulator in accumulators:
+            accumulator.add(x, rows)
+
+
+def _first_nonfinite(
+    block: np.ndarray, ref_block: np.ndarray | None, own: _OwnSums, cross: _CrossSums | None, offset: int
+) -> tuple[int, bool] | None:
+    """``(row, in the reference)`` of the first NaN or Inf, or ``None``.
+
+    A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
+    float32 or float64 squares cannot overflow a float64 sum of this size), so
+    the full scan for the offending row runs only when there is one.
+    """
+    found = None
+    if not (np.isfinite(own.row_sum).all() and np.isfinite(np.diag(own.gram)).all()):
+        bad = _first_nonfinite_row(block)
+        if bad is not None:
+            found = (offset + bad, False)
+    if cross is not None and not (np.isfinite(cross.ref_col_sumsq).all() and np.isfinite(cross.cross).all()):
+        bad_ref = _first_nonfinite_row(ref_block)  # type: ignore[arg-type]
+        if bad_ref is not None and (found is None or offset + bad_ref < found[0]):
+            found = (offset + bad_ref, True)
+    return found
 
 
 def _block_stats(
@@ -144,94 +245,47 @@ def _block_stats(
     if ids is not None:
         ids = idm.normalize_ids(ids)
         hashes = idm.hash_ids(ids)  # once per block: the pairs, the buckets and the id sample all use them
-    e = block.shape[1]
-    n_rows = int(block.shape[0])
-    gram, row_sum = np.zeros((e, e)), np.zeros(e)
     first_bad_count = idm.first_bad_count(counts)
-    if first_bad_count is not None:
+    if first_bad_count is not None:  # reported by the caller; the block's counts are not used
         first_bad_count += offset
         counts = None
     weights = idm.anchor_weights(counts, spec.min_count, spec.weighted)
-    slices = row_slices(*block.shape)
-    # One float64 buffer per input, reused for every slice: Dask's nanny sets
-    # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
-    # fresh 1 MiB temporary per slice was an mmap, page faults and a munmap
-    # each, and made this kernel 2.5x slower inside workers than outside.
-    step = slices[0].stop if slices else 0
-    x_buf = np.empty((step, e))
-    ones = np.ones(step)
-    cross = anchor_gram = ref_col_sumsq = None
-    n_anchor = 0
-    if ref_block is not None:
-        cross = np.zeros((e, ref_block.shape[1]))
-        ref_col_sumsq = np.zeros(ref_block.shape[1])
-        y_buf = np.empty((step, ref_block.shape[1]))
-        if weights is not None:
-            anchor_gram = np.zeros((e, e))
-            xw_buf = np.empty((step, e))
-        n_anchor = int(n_rows if weights is None else np.count_nonzero(weights))
-    r = None
-    if qr:
-        stack = np.zeros((e + step, e))  # the running R on top, the slice below
-        r_rows = 0
-    for rows in slices:
-        n = rows.stop - rows.start
-        x = x_buf[:n]
-        np.copyto(x, block[rows])
-        gram += x.T @ x
-        row_sum += ones[:n] @ x  # on the cached float64 slice: 3x cheaper than a separate sum
-        if qr:
-            # TSQR inside the block: the slice's R stacked under the running R
-            stack[r_rows : r_rows + n] = x
-            stack[:e] = qr_factor(stack[: r_rows + n])
-            r_rows = e
-        if ref_block is not None:
-            y = y_buf[:n]
-            np.copyto(y, ref_block[rows])
-            if weights is None:
-                cross += x.T @ y
-                ref_col_sumsq += np.einsum("ij,ij->j", y, y)
-            else:
-                w = weights[rows]
-                xw = xw_buf[:n]
-                np.multiply(x, w[:, None], out=xw)
-                cross += xw.T @ y
-                anchor_gram += xw.T @ x
-                ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
-    if qr:
-        r = stack[:e].copy() if slices else np.zeros((e, e))
+    e, step = block.shape[1], slice_rows(block.shape[1])
+    own = _OwnSums(e, step)
+    householder = _HouseholderR(e, step) if qr else None
+    cross = _CrossSums(ref_block, weights, e, step) if ref_block is not None else None
+    _slice_sums(block, [a for a in (own, householder, cross) if a is not None])
     pairs = None
-    ref_sumsq = 0.0
     if ref_block is not None:
-        ref_sumsq = float(ref_col_sumsq.sum())
-        if ids is None:
-            keys = np.arange(offset, offset + len(block), dtype=np.int64)
-            pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, idm.hash_ids(keys))
-        else:
-            pairs = idm.Pairs.smallest(block, np.asarray(ref_block), ids, hashes)
-    # A NaN or Inf anywhere shows in the column sums or the Gram's diagonal (finite
-    # float32 or float64 squares cannot overflow a float64 sum of this size), so
-    # the full scan for the offending row runs only when there is one.
-    first_nonfinite = None
-    if not (np.isfinite(row_sum).all() and np.isfinite(np.diag(gram)).all()):
-        bad = _first_nonfinite_row(block)
-        if bad is not None:
-            first_nonfinite = (offset + bad, False)
-    if ref_block is not None and not (np.isfinite(ref_sumsq) and np.isfinite(cross).all()):
-        bad_ref = _first_nonfinite_row(ref_block)
-        if bad_ref is not None and (first_nonfinite is None or offset + bad_ref < first_nonfinite[0]):
-            first_nonfinite = (offset + bad_ref, True)
+        keys, key_hashes = (ids, hashes) if ids is not None else _position_keys(offset, len(block))
+        pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, key_hashes)
     stats = TableStats(
-        n_rows=n_rows, gram=gram, row_sum=row_sum, sample=block[:n_sample].astype(np.float64), r=r, cross=cross,
-        anchor_gram=anchor_gram, ref_sumsq=ref_sumsq, ref_col_sumsq=ref_col_sumsq, pairs=pairs, n_anchor=n_anchor,
-        first_nonfinite=first_nonfinite, first_bad_count=first_bad_count,
-    )  # fmt: skip
+        n_rows=int(block.shape[0]),
+        gram=own.gram,
+        row_sum=own.row_sum,
+        sample=block[:n_sample].astype(np.float64),
+        r=householder.r if householder is not None else None,
+        cross=cross.cross if cross is not None else None,
+        anchor_gram=cross.anchor_gram if cross is not None else None,
+        ref_sumsq=float(cross.ref_col_sumsq.sum()) if cross is not None else 0.0,
+        ref_col_sumsq=cross.ref_col_sumsq if cross is not None else None,
+        pairs=pairs,
+        n_anchor=0 if cross is None else int(block.shape[0] if weights is None else np.count_nonzero(weights)),
+        first_nonfinite=_first_nonfinite(block, ref_block, own, cross, offset),
+        first_bad_count=first_bad_count,
+    )
     id_sample = buckets = None
     if ids is not None and plan is not None:
         buckets = idm.buckets_of(hashes, plan.n_buckets)
         if plan.sample:
             id_sample = idm.IdSample.take(ids, hashes, block, weights, plan.threshold)
     return stats, id_sample, buckets
+
+
+def _position_keys(offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions as keys (and their hashes) for tables paired by position without ids."""
+    keys = np.arange(offset, offset + n, dtype=np.int64)
+    return keys, idm.hash_ids(keys)
 
 
 def _reference_block_ids(

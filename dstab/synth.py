@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import UsageError
 from .executor import run_all
+from .release import __version__
 from .store import (
     ArrayTarget,
     Staging,
@@ -133,8 +134,6 @@ def _finish(staging: Staging, tasks: list, attrs: dict[str, Any], progress: bool
 
 
 def _base_attrs(**params: Any) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "kind": "synthetic",
         "dstab_version": __version__,
