@@ -64,3 +64,42 @@ def test_nightly_processes_in_order_and_skips_done(tmp_path: Path, capsys: pytes
 def test_nightly_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert nightly.main([str(tmp_path / "nothing"), "--scheduler", "synchronous"]) == 2
     assert "raw does not exist" in capsys.readouterr().err
+
+
+def test_nightly_runs_any_structure_from_the_flag_then_from_the_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Raw days record no structure: --sides fixes it the first night; later nights read it from the stable days."""
+    import zarr
+
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(5)
+    users, items, creators = (rng.normal(size=(n, 6)).astype(np.float32) for n in (300, 400, 50))
+    g = rng.normal(size=(6, 6)) + 3 * np.eye(6)
+    days = {
+        "2026-11-01": (users, items, creators),
+        "2026-11-02": (users @ np.linalg.inv(g).T, items @ g, creators @ g),
+    }
+    for day, (u, i, c) in days.items():
+        group = zarr.open_group(str(raw / day), mode="w")
+        for name, rows in (("users", u), ("items", i), ("creators", c)):
+            group.create_array(f"{name}/vectors", data=rows.astype(np.float32), chunks=(100, 6))
+    # several tables and no structure anywhere: a usage error listing the tables
+    assert nightly.main([str(tmp_path), "--scheduler", "synchronous", "--no-progress"]) == 2
+    assert "--sides" in capsys.readouterr().err
+    args = [str(tmp_path), "--scheduler", "synchronous", "--no-progress", "--sides", "users:items,creators"]
+    assert nightly.main(args) == 0
+    first = dstab.open_version(tmp_path / "stable" / "2026-11-01")
+    second = dstab.open_version(tmp_path / "stable" / "2026-11-02")
+    assert second.structure == first.structure and second.structure.query == ("users",)
+    raw_scores = users.astype(np.float64) @ np.vstack([items, creators]).astype(np.float64).T
+    for version in (first, second):
+        u = version.table("users").vectors[:].astype(np.float64)
+        cand = np.vstack([version.table(n).vectors[:] for n in ("items", "creators")]).astype(np.float64)
+        assert np.linalg.norm(u @ cand.T - raw_scores) / np.linalg.norm(raw_scores) < 1e-5
+    # noise-free retrain: day 2 lands on day 1
+    assert np.abs(second.table("creators").vectors[:] - first.table("creators").vectors[:]).max() < 1e-3
+    # a third day needs no flag: the structure comes from the stabilized day before
+    group = zarr.open_group(str(raw / "2026-11-03"), mode="w")
+    for name, rows in (("users", users), ("items", items), ("creators", creators)):
+        group.create_array(f"{name}/vectors", data=rows, chunks=(100, 6))
+    assert nightly.main(args[:-2]) == 0
+    assert dstab.open_version(tmp_path / "stable" / "2026-11-03").structure == first.structure
