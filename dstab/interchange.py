@@ -50,7 +50,7 @@ from .store import (
     staging_name,
     write_block,
 )
-from .structure import Structure, check_tables_named
+from .structure import Structure, check_table_name, check_tables_named
 
 DEFAULT_CHUNK_ROWS = 131_072
 # Rows of a .npy file one task reads.
@@ -300,7 +300,7 @@ def _first_list_length(fs: Any, pieces: list[Piece], column: str) -> int:
             with fs.open(p.path, "rb") as handle:
                 col = pq.ParquetFile(handle).read_row_group(p.row_group, columns=[column]).column(column)
             return len(col[0].values)
-    raise InputError("the table has no rows; a version needs at least one row on each side")
+    raise InputError("the table has no rows; a version needs at least one row in every table")
 
 
 # ----------------------------------------------------------------------------- per-piece kernels
@@ -440,24 +440,6 @@ def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int,
         table = Table(side, vectors=staging.group[f"{side}/vectors"], ids=ids, chunk_rows=int(ids.chunks[0]))
         where = source.ids_url if source.kind == "npy" else f"{source.url} (column {source.id_column!r})"
         check_repeat(side, str(where), table, summary.repeat_new)
-
-
-
-# Names a table cannot take: the group of saved transforms, and what a Zarr group name or a --sides list cannot hold.
-RESERVED_TABLE_NAMES = ("transform",)
-
-
-def check_table_name(name: str, flag: str = "--table") -> None:
-    """A table name is one Zarr group name that --sides can list: :class:`UsageError` naming it and the fix."""
-    bad = (
-        not name or name != name.strip() or any(c in name for c in "/\\,:=") or name.startswith((".", "__"))
-        or name in RESERVED_TABLE_NAMES
-    )  # fmt: skip
-    if bad:
-        raise UsageError(
-            f"{flag}: {name!r} cannot name a table; use a plain name (letters, digits, '_' or '-'), not empty, "
-            "without '/', ',', ':' or '=', not starting with '.' or '__', and not 'transform'"
-        )
 
 
 def check_sources(sources: dict[str, Source]) -> None:

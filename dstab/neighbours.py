@@ -141,7 +141,12 @@ def neighbour_keys(found: tuple[np.ndarray, np.ndarray], query_keys: np.ndarray,
 
 
 def overlap(a: list[set], b: list[set], k: int) -> float:
-    """Mean share of a query's k neighbours found in both versions."""
+    """Mean share of a query's k neighbours found in both versions.
+
+    A table of k rows or fewer gives each query fewer than k neighbours: the
+    share is then of the neighbours there are, so that identical neighbourhoods
+    score 1 whatever the table's size.
+    """
     if not a:
         return float("nan")
-    return float(np.mean([len(x & y) / k for x, y in zip(a, b)]))
+    return float(np.mean([len(x & y) / max(1, min(k, max(len(x), len(y)))) for x, y in zip(a, b)]))

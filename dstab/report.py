@@ -52,7 +52,7 @@ def measure_drift(
 
     structure = structure_of(version)
     if structure is not None:
-        check_same_model(version, reference, structure)
+        check_same_model(version, reference, structure, what="compare a version with")
     elif set(version.names) != set(reference.names):
         raise_other_tables(version, reference)
     results = pass_statistics(version, reference, version.names, progress=progress)

@@ -49,7 +49,14 @@ from .store import (
     row_starts,
     write_block,
 )
-from .structure import Structure, parse_anchor, resolve
+from .structure import (
+    Structure,
+    check_agrees,
+    default_structure,
+    parse_anchor,
+    resolve,
+    same_structure,
+)
 
 # Rows of the other side (spread over its whole table) that checked rows are
 # scored against while writing.
@@ -264,12 +271,6 @@ class Request:
     notes: tuple[str, ...]
 
 
-def _structure_of(version: Version) -> Structure | None:
-    from .structure import default_structure
-
-    return version.structure or default_structure(version.names)
-
-
 def check_request(
     new: Version,
     reference: Version | None = None,
@@ -308,6 +309,8 @@ def check_request(
             raise UsageError(f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one")
     recorded = new.structure or (reference.structure if reference is not None else None)
     structure = resolve(new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}")
+    if sides is not None or symmetric:
+        check_agrees(structure, new.structure, f"the new version{_at(new)}")
     spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
     rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
     request = dict(structure=structure, spec=spec, rank=rank, rtol=rtol_used, method=method, neighbours=neighbours)
@@ -328,7 +331,7 @@ def check_request(
         if neighbours >= fewest:
             raise UsageError(
                 f"--neighbours {neighbours} asks for as many neighbours as a table has rows ({fewest:,}); "
-                f"choose K below {fewest:,} (10 is usual)"
+                f"choose K below {fewest:,}" + (" (10 is usual)" if fewest > 10 else "")
             )
     for name in anchors:
         if spec.uses_counts and new.table(name).counts is None:
@@ -354,23 +357,21 @@ def check_request(
     return Request(anchor_tables=anchors, notes=tuple(notes), **request)  # type: ignore[arg-type]
 
 
-def check_same_model(new: Version, reference: Version, structure: Structure) -> None:
-    """The reference holds the same tables, in the same structure, as the new version."""
+def check_same_model(new: Version, reference: Version, structure: Structure, *, what: str = "align a version onto") -> None:
+    """The reference holds the same tables, in the same structure, as the new version (``what`` words the fix)."""
     if set(reference.names) != set(new.names):
         raise InputError(
             f"the reference{_at(reference)} has the tables {', '.join(reference.names)} but the new version{_at(new)} "
-            f"has {', '.join(new.names)}; align a version onto one of the same model (same tables)"
+            f"has {', '.join(new.names)}; {what} one of the same model (same tables)"
         )
-    theirs = _structure_of(reference)
-    if theirs is not None and _sorted_sides(theirs) != _sorted_sides(structure):
+    theirs = reference.structure or default_structure(reference.names)
+    if theirs is not None and not same_structure(theirs, structure):
+        # a new version that records no structure of its own can be told the reference's
+        told = f", or pass {theirs.flag()}" if new.structure is None and what.startswith("align") else ""
         raise InputError(
-            f"the reference{_at(reference)} is {theirs} but this run is {structure}; "
-            f"align onto a reference of the same structure, or pass {theirs.flag()}"
+            f"the reference{_at(reference)} is {theirs} but the new version{_at(new)} is {structure}; "
+            f"{what} one of the same structure{told}"
         )
-
-
-def _sorted_sides(structure: Structure) -> tuple[str, tuple[tuple[str, ...], ...]]:
-    return structure.kind, tuple(tuple(sorted(side)) for side in structure.sides)
 
 
 def _at(version: Version) -> str:
@@ -460,7 +461,7 @@ def stabilize(
         canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=request.rtol)
     probes = [p.probe for p in pooled]
     if reference is not None:
-        _check_anchor_rows(stats, anchors, canonical.rank, request.spec)
+        _check_anchor_rows(stats, anchors, new.names, canonical.rank, request.spec)
         crosses = [_sum_or_none(stats[n].cross for n in side if n in anchors) for side in structure.sides]
         omega = linalg.alignment(canonical, crosses, reference.dim, probes)
     else:
@@ -613,15 +614,23 @@ def matching_report(stats: TableStats, new: Version, reference: Version | None, 
     }
 
 
-def _check_anchor_rows(stats: dict[str, TableStats], anchors: tuple[str, ...], width: int, spec: AnchorSpec) -> None:
+def _check_anchor_rows(
+    stats: dict[str, TableStats], anchors: tuple[str, ...], tables: tuple[str, ...], width: int, spec: AnchorSpec
+) -> None:
     """Procrustes of width k needs at least k anchor rows to fix the rotation."""
     total = sum(stats[s].n_anchor for s in anchors)
     if total >= width:
         return
     detail = ", ".join(f"{s} {stats[s].n_anchor:,}" for s in anchors)
-    hint = f" with count >= {spec.min_count:g}; lower --anchor-min-count" if spec.min_count > 0 else ""
+    fixes = []
+    if spec.min_count > 0:
+        detail += f" with count >= {spec.min_count:g}"
+        fixes.append("lower --anchor-min-count")
+    if set(anchors) != set(tables):
+        fixes.append("anchor on every table (--anchor all)")
+    fixes.append("or stabilize without --reference")
+    rows = "anchor row" if total == 1 else "anchor rows"
     raise InputError(
-        f"only {total:,} anchor rows ({detail}{hint}) to fit a rotation of width {width}; "
-        f"it needs at least {width} rows present in both versions: anchor on every table (--anchor all), "
-        "or stabilize without --reference"
+        f"only {total:,} {rows} ({detail}) to fit a rotation of width {width}; it needs at least {width} rows "
+        f"present in both versions: {', '.join(fixes)}"
     )

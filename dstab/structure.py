@@ -32,6 +32,10 @@ Kind = Literal["two-sided", "symmetric"]
 
 # The default two-sided structure: users are scored against items.
 DEFAULT_QUERY, DEFAULT_CANDIDATE = "users", "items"
+# Names a table may not have: a version keeps its saved transforms in the group ``transform``, one array per
+# table beside ``transform/singular_values``.
+RESERVED_TABLE_NAMES = ("transform", "singular_values")
+
 # The --anchor word for every table (``both`` is the two-table spelling kept for old scripts).
 ALL_TABLES = ("all", "both")
 
@@ -97,6 +101,20 @@ class Structure:
         return f"two-sided ({','.join(self.query)} scored against {','.join(self.candidate)})"
 
 
+def check_table_name(name: str, where: str = "--table", error: type[Exception] = UsageError) -> None:
+    """A table name is one Zarr group name that ``--sides`` and ``--anchor`` can list; ``error`` naming it and the fix if not."""
+    bad = (
+        not isinstance(name, str) or not name or name != name.strip() or any(c in name for c in "/\\,:= ")
+        or name.startswith((".", "__")) or name in RESERVED_TABLE_NAMES
+    )  # fmt: skip
+    if bad:
+        raise error(
+            f"{where}: {name!r} cannot name a table; use a plain name (letters, digits, '_' or '-'), not empty, "
+            "without '/', ',', ':', '=' or spaces, not starting with '.' or '__', and not 'transform' or "
+            "'singular_values' (dstab keeps the saved transforms there)"
+        )
+
+
 def _names(text: str, where: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(","))
     if not names or any(not n for n in names):
@@ -160,14 +178,14 @@ def resolve(
     names = tuple(names)
     if sides is not None and symmetric_all:
         raise UsageError("--sides and --symmetric each give the structure; pass one of them")
+    asked: Structure | None = None
     if isinstance(sides, str):
-        structure: Structure | None = parse_sides(sides)
+        asked = parse_sides(sides)
     elif isinstance(sides, Structure):
-        structure = sides
+        asked = sides
     elif symmetric_all:
-        structure = symmetric(names)
-    else:
-        structure = recorded or default_structure(names)
+        asked = symmetric(names)
+    structure = asked or recorded or default_structure(names)
     if structure is None:
         listed = ", ".join(names)
         query = DEFAULT_QUERY if DEFAULT_QUERY in names else names[0]  # users are the usual query side
@@ -176,24 +194,42 @@ def resolve(
             f"{label} has the tables {listed}: say which score against which, with --sides QUERY:CANDIDATE "
             f"(e.g. --sides {example}) for a two-sided model, or --symmetric when every table is scored against every other"
         )
-    check_tables_named(structure, names, label)
+    origin = structure.flag() if asked is not None else f"the structure recorded ({structure})" if recorded else f"the default ({structure})"
+    check_tables_named(structure, names, label, origin)
     return structure
 
 
-def check_tables_named(structure: Structure, names: Iterable[str], label: str) -> None:
-    """Every table the structure names exists, and every table of the version is in the structure."""
-    names = tuple(names)
+def check_agrees(asked: Structure, recorded: Structure | None, label: str) -> None:
+    """A structure asked for on the command line must be the one the input records (the model that made it)."""
+    if recorded is not None and same_structure(asked, recorded) is False:
+        raise InputError(
+            f"{label} records {recorded}, but {asked.flag()} asks for {asked}; the recorded structure is the model's "
+            f"(another would not keep its scores): drop {'--sides' if asked.kind == 'two-sided' else '--symmetric'}"
+        )
+
+
+def same_structure(a: Structure, b: Structure) -> bool:
+    """The same kind and the same tables on each side (the order of tables within a side does not matter)."""
+    return (a.kind, [sorted(side) for side in a.sides]) == (b.kind, [sorted(side) for side in b.sides])
+
+
+def check_tables_named(structure: Structure, names: Iterable[str], label: str, origin: str | None = None) -> None:
+    """Every table the structure names exists, and every table of the version is in the structure.
+
+    ``origin`` says where the structure came from (a flag, or what the version records).
+    """
+    names, origin = tuple(names), origin or structure.flag()
     missing = [n for n in structure.tables if n not in names]
     if missing:
         raise InputError(
-            f"{structure.flag()} names the table {missing[0]!r}, but {label} has only the tables {', '.join(names)}; "
+            f"{origin} names the table {missing[0]!r}, but {label} has only the tables {', '.join(names)}; "
             "name tables that exist"
         )
     left = [n for n in names if n not in structure.tables]
     if left:
         raise InputError(
-            f"{structure.flag()} leaves out the table {left[0]!r} of {label} (tables: {', '.join(names)}); "
-            "every table must be on a side, or the transform would not keep its scores"
+            f"{origin} leaves out the table {left[0]!r} of {label} (tables: {', '.join(names)}); "
+            "every table must be on a side: name it in --sides, or use --symmetric"
         )
 
 

@@ -28,7 +28,15 @@ from .store import (
     row_starts,
     write_block,
 )
-from .structure import DEFAULT_CANDIDATE, DEFAULT_QUERY, Structure, resolve, two_sided
+from .structure import (
+    DEFAULT_CANDIDATE,
+    DEFAULT_QUERY,
+    Structure,
+    check_agrees,
+    check_table_name,
+    resolve,
+    two_sided,
+)
 
 SIDE_CODE = {"items": 0, "users": 1}
 DEFAULT_CHUNK_ROWS = 131_072
@@ -159,7 +167,6 @@ def check_synth_tables(
     tables: dict[str, int], *, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int, flag: str = "--table"
 ) -> None:
     """The parameters of :func:`synth_tables`, checked before anything starts."""
-    from .interchange import check_table_name
 
     if not tables:
         raise UsageError("synth needs at least one table: --table NAME=ROWS (or --items N --users M)")
@@ -192,8 +199,11 @@ def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int
 def retrain_structure(
     like: Version, *, sides: str | Structure | None = None, symmetric: bool = False
 ) -> Structure:
-    """The structure a retrain keeps: the one asked for, else the one ``like`` recorded, else the default."""
-    return resolve(like.names, sides=sides, symmetric_all=symmetric, recorded=like.structure, label=f"--like {like.url or 'version'}")
+    """The structure a retrain keeps: the one asked for (which must agree with what ``like`` records), else the recorded one, else the default."""
+    label = f"--like {like.url or 'version'}"
+    structure = resolve(like.names, sides=sides, symmetric_all=symmetric, recorded=like.structure, label=label)
+    check_agrees(structure, like.structure, label)
+    return structure
 
 
 def check_retrain(

@@ -18,7 +18,7 @@ import zarr
 
 from ..errors import InputError, UsageError
 from ..linalg import transform_rows
-from ..structure import Structure
+from ..structure import Structure, check_table_name
 
 Side = Literal["items", "users"]  # the two tables of the default two-sided model
 
@@ -234,7 +234,7 @@ def check_vectors(name: str, arr: Any) -> None:
             f"e.g. arr.astype('float32'), and write it again"
         )
     if arr.shape[0] == 0:
-        raise InputError(f"{name} is empty (0 rows); a version needs at least one row on each side")
+        raise InputError(f"{name} is empty (0 rows); a version needs at least one row in every table")
     if arr.shape[1] == 0:
         raise InputError(f"{name} has width 0; embeddings need at least one dimension")
 
@@ -271,6 +271,7 @@ def check_tables(*tables: Table) -> None:
     if not tables:
         raise InputError("a version needs at least one table (NAME/vectors)")
     for table in tables:
+        check_table_name(table.name, "a table of the version", InputError)
         check_vectors(f"{table.name}/vectors", table.vectors)
         if table.ids is not None:
             check_ids(f"{table.name}/ids", table.ids, table.n_rows)
@@ -308,8 +309,7 @@ def from_tables(
             raise InputError(f"{label} given for the table {unknown[0]!r}, which has no vectors; tables: {', '.join(vectors)}")
     tables = []
     for name, table_vectors in vectors.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == "transform":
-            raise InputError(f"{name!r} cannot name a table: use a plain name without '/' (and not 'transform')")
+        check_table_name(name, "from_tables", InputError)
         if isinstance(table_vectors, da.Array):
             rows = int(table_vectors.chunks[0][0]) if table_vectors.ndim and table_vectors.chunks[0] else 1
         elif isinstance(table_vectors, zarr.Array):

@@ -108,7 +108,7 @@ def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
             f"{url} is an incomplete dstab version (a run stopped while writing it); "
             "run the command that makes it again, with --overwrite"
         )
-    tables = [_open_named_table(group, url, name) for name in table_names(group, url)]
+    tables = [_open_named_table(group, url, name) for name in table_names(group, url, saved_transforms=bool(attrs))]
     check_tables(*tables)
     transforms = {}
     for table in tables:
@@ -124,10 +124,14 @@ def open_version(url: str | os.PathLike[str], storage_options: dict[str, Any] | 
 RESERVED = ("transform",)
 
 
-def table_names(group: zarr.Group, url: str) -> list[str]:
-    """The version's tables: its subgroups (``items`` and ``users`` first when present, then by name)."""
+def table_names(group: zarr.Group, url: str, *, saved_transforms: bool) -> list[str]:
+    """The version's tables: its subgroups (``items`` and ``users`` first when present, then by name).
+
+    In a dstab output (``saved_transforms``) the group ``transform`` holds the saved transforms; anywhere
+    else a group of that name is a table with a reserved name, refused when the tables are checked.
+    """
     try:
-        names = sorted(name for name, _ in group.groups() if name not in RESERVED)
+        names = sorted(name for name, _ in group.groups() if not (saved_transforms and name in RESERVED))
     except (ValueError, TypeError, NotImplementedError) as exc:
         raise InputError(f"{url} has group metadata dstab cannot read ({exc})") from None
     if not names:

@@ -75,9 +75,20 @@ def check_output(
                 "dstab never writes over its inputs: choose another --out"
             )
     if is_local(out):
+        _check_not_inside_a_group(out)
         recover_local(local_path(out))
         _check_writable(out)
     check_replaceable(out, inspect_output(out, storage_options), overwrite=overwrite)
+
+
+def _check_not_inside_a_group(out: str) -> None:
+    """An output inside a Zarr group (a version or a table) would become part of it and change what it holds."""
+    for parent in local_path(out).parents:
+        if (parent / "zarr.json").is_file():
+            raise UsageError(
+                f"output {out} lies inside the Zarr group {parent} (a version or a table): writing there would add "
+                "to it and change what it holds; choose an --out outside it"
+            )
 
 
 def _check_writable(out: str) -> None:
