@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -173,16 +175,17 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
     # One thread per worker process: the kernels are BLAS and (de)compression,
     # which release the GIL but must not oversubscribe the cores.
     try:
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=memory_limit,
-            dashboard_address=args.dashboard_address,
-            # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
-            # the workers' own logging of it would only repeat it as pages of log lines
-            silence_logs=logging.CRITICAL,
-        )
+        with _workers_ignore_ctrl_c():
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=memory_limit,
+                dashboard_address=args.dashboard_address,
+                # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
+                # the workers' own logging of it would only repeat it as pages of log lines
+                silence_logs=logging.CRITICAL,
+            )
     except (RuntimeError, OSError, ValueError) as exc:
         raise UsageError(
             f"the local cluster could not start ({exc}); check --dashboard-address {args.dashboard_address} "
@@ -195,6 +198,37 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
         spilled = spilled_bytes(client)
         if spilled:
             print(f"dstab: workers spilled {spilled / 2**20:,.0f} MiB to disk (raise --memory-limit to avoid it)", file=sys.stderr)
+
+
+class _InterruptedGather(logging.Filter):
+    """Drop asyncio's report of the client's gather ended by Ctrl-C (``AllExit``): the interrupt is said in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "AllExit"
+
+
+logging.getLogger("asyncio").addFilter(_InterruptedGather())
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start the local cluster's processes with SIGINT ignored (they keep that through exec).
+
+    Ctrl-C reaches the whole process group: workers that took it died mid-task
+    with tracebacks, and a block write still in flight could put back the
+    staging this process had just removed. With the signal ignored there, only
+    this process stops: it cancels the compute, waits for the tasks in flight,
+    removes what it staged and closes the cluster.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
