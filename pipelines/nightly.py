@@ -34,7 +34,7 @@ from dstab.cli import (
     parse_rank,
     scheduler_from_args,
 )
-from dstab.errors import DstabError, VersionNotFoundError
+from dstab.errors import DstabError, OutputExistsError, VersionNotFoundError
 from dstab.report import format_matching
 from dstab.stabilize import ANCHOR_WEIGHTS
 from dstab.structure import parse_sides
@@ -78,7 +78,13 @@ def run(
             dstab.open_version(raw_path), reference, sides=sides, symmetric=symmetric, rank=rank, progress=progress,  # type: ignore[arg-type]
             **(anchoring if reference is not None else {}),  # type: ignore[arg-type]
         )  # fmt: skip
-        reference = result.to_zarr(stable_path, progress=progress)
+        try:
+            reference = result.to_zarr(stable_path, progress=progress)
+        except OutputExistsError:
+            # two nights at once (a cron overlap): the other run published this day first, and it is the same day
+            reference = dstab.open_version(stable_path)
+            print(f"{raw_path.name}: stabilized by another run meanwhile, kept as it is", file=sys.stderr)
+            continue
         report = {"name": raw_path.name, "seconds": time.perf_counter() - started, **result.report}
         done.append(report)
         drift = "" if report["drift_after"] is None else f", drift {report['drift_before']:.4g} -> {report['drift_after']:.4g}"
