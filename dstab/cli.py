@@ -12,9 +12,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -175,17 +173,17 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
     # One thread per worker process: the kernels are BLAS and (de)compression,
     # which release the GIL but must not oversubscribe the cores.
     try:
-        with _workers_ignore_ctrl_c():
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=1,
-                processes=True,
-                memory_limit=memory_limit,
-                dashboard_address=args.dashboard_address,
-                # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
-                # the workers' own logging of it would only repeat it as pages of log lines
-                silence_logs=logging.CRITICAL,
-            )
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=args.dashboard_address,
+            # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
+            # the workers' own logging of it would only repeat it as pages of log lines
+            silence_logs=logging.CRITICAL,
+            preload=["dstab.worker_setup"],  # the workers leave Ctrl-C to this process
+        )
     except (RuntimeError, OSError, ValueError) as exc:
         raise UsageError(
             f"the local cluster could not start ({exc}); check --dashboard-address {args.dashboard_address} "
@@ -209,26 +207,6 @@ class _InterruptedGather(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_InterruptedGather())
-
-
-@contextlib.contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """Start the local cluster's processes with SIGINT ignored (they keep that through exec).
-
-    Ctrl-C reaches the whole process group: workers that took it died mid-task
-    with tracebacks, and a block write still in flight could put back the
-    staging this process had just removed. With the signal ignored there, only
-    this process stops: it cancels the compute, waits for the tasks in flight,
-    removes what it staged and closes the cluster.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ def diagnosis_structure(target: Version | Table, *, sides: str | Structure | Non
         return None
     label = target.url or "the version"
     if sides is not None or symmetric:
+        # measuring another structure than the recorded one is a question, not a change: nothing is written
         return resolve(target.names, sides=sides, symmetric_all=symmetric, label=label)
     recorded = target.structure
     if recorded is None and default_structure(target.names) is None:

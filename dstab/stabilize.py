@@ -310,17 +310,20 @@ def check_request(
     recorded = new.structure or (reference.structure if reference is not None else None)
     structure = resolve(new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}")
     if sides is not None or symmetric:
-        check_agrees(structure, new.structure, f"the new version{_at(new)}")
+        check_agrees(structure, new.structure, f"the new version{_at(new)}", new.names)
     spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
     rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
     request = dict(structure=structure, spec=spec, rank=rank, rtol=rtol_used, method=method, neighbours=neighbours)
     if reference is None:
         if neighbours:
             raise UsageError("--neighbours measures overlap with a reference; give --reference or drop --neighbours")
-        if spec.uses_counts or anchor not in ("all", "both"):
+        given = [flag for flag, used in (("--anchor", anchor not in ("all", "both")),
+                                         ("--anchor-min-count", anchor_min_count > 0),
+                                         ("--anchor-weights", anchor_weights == "counts")) if used]  # fmt: skip
+        if given:
             raise UsageError(
-                "--anchor, --anchor-min-count and --anchor-weights choose the rows that fit the rotation onto a "
-                "reference; without --reference there is none: give --reference or drop them"
+                f"{' and '.join(given)} {'chooses' if len(given) == 1 else 'choose'} the rows that fit the rotation "
+                f"onto a reference; without --reference there is none: give --reference or drop {'it' if len(given) == 1 else 'them'}"
             )
         return Request(anchor_tables=(), notes=(), **request)  # type: ignore[arg-type]
     check_same_model(new, reference, structure)

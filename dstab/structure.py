@@ -199,9 +199,12 @@ def resolve(
     return structure
 
 
-def check_agrees(asked: Structure, recorded: Structure | None, label: str) -> None:
-    """A structure asked for on the command line must be the one the input records (the model that made it)."""
-    if recorded is not None and same_structure(asked, recorded) is False:
+def check_agrees(asked: Structure, recorded: Structure | None, label: str, names: Iterable[str]) -> None:
+    """A structure asked for on the command line must be the one the input records (the model that made it).
+
+    A record that no longer fits the tables (one was removed since) is stale: then the flag decides.
+    """
+    if recorded is not None and set(recorded.tables) == set(names) and not same_structure(asked, recorded):
         raise InputError(
             f"{label} records {recorded}, but {asked.flag()} asks for {asked}; the recorded structure is the model's "
             f"(another would not keep its scores): drop {'--sides' if asked.kind == 'two-sided' else '--symmetric'}"
@@ -241,6 +244,9 @@ def parse_anchor(anchor: str | Iterable[str], structure: Structure) -> tuple[str
         wanted = tuple(n.strip() for n in anchor.split(","))
     else:
         wanted = tuple(anchor)
+    repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+    if repeated:
+        raise UsageError(f"--anchor names {repeated[0]!r} twice; name each table once")
     unknown = [n for n in wanted if n not in structure.tables]
     if not wanted or unknown or any(not n for n in wanted):
         raise UsageError(

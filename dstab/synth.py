@@ -202,7 +202,7 @@ def retrain_structure(
     """The structure a retrain keeps: the one asked for (which must agree with what ``like`` records), else the recorded one, else the default."""
     label = f"--like {like.url or 'version'}"
     structure = resolve(like.names, sides=sides, symmetric_all=symmetric, recorded=like.structure, label=label)
-    check_agrees(structure, like.structure, label)
+    check_agrees(structure, like.structure, label, like.names)
     return structure
 
 

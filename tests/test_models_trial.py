@@ -85,3 +85,23 @@ def test_neighbour_overlap_of_a_tiny_table_is_a_share_of_the_neighbours_it_has(t
     assert run(capsys, "stabilize", raw, "--out", tmp_path / "s", *["--symmetric"], *FAST)[0] == 0
     report = dstab.report.measure_drift(dstab.open_version(tmp_path / "s"), dstab.open_version(tmp_path / "s"), k=10)
     assert report["country"]["neighbour_overlap"] == 1.0 and report["words"]["neighbour_overlap"] == 1.0
+
+
+def test_anchor_and_structure_flags_say_what_was_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A repeated --anchor table is refused like a repeated --sides one; advice names only the flags given;
+    a recorded structure that no longer fits the tables (one removed since) gives way to the flag."""
+    raw = write_raw(tmp_path / "raw", {"q1": 30, "c1": 40, "c2": 40})
+    assert run(capsys, "stabilize", raw, "--out", tmp_path / "s", "--sides", "q1:c1,c2", *FAST)[0] == 0
+    code, err = run(capsys, "stabilize", raw, "--out", tmp_path / "t", "--sides", "q1:c1,c2",
+                    "--reference", tmp_path / "s", "--anchor", "c1,c1", *FAST)  # fmt: skip
+    assert code == 2 and "--anchor names 'c1' twice" in err
+    code, err = run(capsys, "stabilize", raw, "--out", tmp_path / "t", "--sides", "q1:c1,c2", "--anchor", "c1", *FAST)
+    assert code == 2 and err.count("--anchor") == 1 and "drop it" in err and "--anchor-min-count" not in err
+    # a table removed from a version that records q1:c1,c2: the record is stale, the flag decides
+    import shutil
+
+    shutil.copytree(tmp_path / "s", tmp_path / "s2")
+    shutil.rmtree(tmp_path / "s2" / "c2")
+    code, err = run(capsys, "stabilize", tmp_path / "s2", "--out", tmp_path / "u", *FAST)
+    assert code == 2 and "the structure recorded" in err and "'c2'" in err
+    assert run(capsys, "stabilize", tmp_path / "s2", "--out", tmp_path / "u", "--sides", "q1:c1", *FAST)[0] == 0
