@@ -20,17 +20,47 @@ from typing import Any, NoReturn
 import dask
 
 from .apply import apply_table
-from .diagnose import diagnose, format_diagnosis, open_version_or_table
+from .diagnose import (
+    diagnose,
+    diagnosis_json,
+    diagnosis_structure,
+    format_diagnosis,
+    open_version_or_table,
+)
 from .errors import DstabError, UsageError
 from .executor import spilled_bytes
-from .interchange import Source, export_version, import_version, open_npy, open_parquet
+from .interchange import (
+    Source,
+    check_sources,
+    export_version,
+    import_version,
+    named_values,
+    open_npy,
+    open_parquet,
+)
 from .lineage import chain, format_chain
-from .plots import plot_diagnosis, plot_report
+from .plots import check_plot_target, plot_diagnosis, plot_report
 from .release import __version__
 from .report import describe, format_matching, format_report, format_side_drift
 from .stabilize import ANCHOR_WEIGHTS, METHODS, check_request, stabilize
-from .store import Table, Version, check_output, open_table, open_version, output_error
-from .synth import check_retrain, check_synth, synth, synth_like
+from .store import (
+    Table,
+    Version,
+    check_output,
+    open_table,
+    open_version,
+    output_error,
+    same_or_nested,
+)
+from .structure import resolve
+from .synth import (
+    check_retrain,
+    check_synth,
+    check_synth_tables,
+    synth,
+    synth_like,
+    synth_tables,
+)
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 
@@ -275,8 +305,6 @@ def _check_plot_path(args: argparse.Namespace) -> None:
     """
     if not args.plot:
         return
-    from .plots import check_plot_target
-    from .store import same_or_nested
 
     plot = os.fspath(args.plot)
     if os.path.splitext(plot)[1].lower() != ".png":
@@ -320,7 +348,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol}")
-    from .diagnose import diagnosis_json, diagnosis_structure
 
     structure = {"sides": args.sides, "symmetric": args.symmetric}
     diagnosis_structure(target, **structure)  # bad --sides / --symmetric: refused before any cluster starts
@@ -403,8 +430,6 @@ def _source(args: argparse.Namespace, name: str, path: str, ids: str | None, opt
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .interchange import check_sources, named_values
-    from .structure import resolve
 
     options = _storage_options(args)
     # every table option is checked (names, repeats, ids for tables that exist, the structure) before a file is opened
@@ -450,9 +475,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .interchange import named_values
-    from .structure import resolve
-    from .synth import check_synth_tables, synth_tables
 
     progress = not args.no_progress
     if args.like:
