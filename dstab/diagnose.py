@@ -25,12 +25,13 @@ from .executor import compute
 from .spectrum import (
     COLLAPSE_EXPLANATION,
     COLLAPSE_FRACTION,
+    score_singular_values,
     singular_values_from_gram,
     spectrum_metrics,
 )
 from .stats import check_finite, side_statistics
 from .store import Table, Version, open_group, open_table, open_version
-from .structure import Structure, default_structure, resolve
+from .structure import Structure, resolve
 
 # Keys of a diagnosis besides the tables'. A table of one of these names is found
 # under ``diagnosis["tables"][name]`` only (every table is there).
@@ -69,10 +70,9 @@ def diagnosis_structure(target: Version | Table, *, sides: str | Structure | Non
     if sides is not None or symmetric:
         # measuring another structure than the recorded one is a question, not a change: nothing is written
         return resolve(target.names, sides=sides, symmetric_all=symmetric, label=label)
-    recorded = target.structure
-    if recorded is None and default_structure(target.names) is None:
+    if target.known_structure is None:
         return None
-    return resolve(target.names, recorded=recorded, label=label)
+    return resolve(target.names, recorded=target.structure, label=label)
 
 
 def diagnose(
@@ -116,8 +116,7 @@ def diagnose(
         if name not in RESERVED_KEYS or (name == LOOSE_TABLE_KEY and isinstance(target, Table)):
             out[name] = measures
     if structure is not None and structure.kind == "two-sided":
-        candidate, query = (np.sum([grams[n] for n in side], axis=0) for side in structure.sides)
-        core = linalg.core_svd(linalg.gram_factor(candidate), linalg.gram_factor(query))[1]
+        core = score_singular_values([np.sum([grams[n] for n in side], axis=0) for side in structure.sides])
         out["interaction"] = spectrum_metrics(core, dim, rtol_used)
     elif structure is not None:
         out["pooled"] = spectrum_metrics(singular_values_from_gram(np.sum(list(grams.values()), axis=0)), dim, rtol_used)

@@ -12,7 +12,8 @@ from typing import Any
 from . import linalg, measures
 from .executor import compute
 from .lineage import KIND_WORDS, chain, made_words, origin_words
-from .spectrum import singular_values_from_gram
+from .spectrum import score_singular_values
+from .stabilize import check_same_model
 from .stats import check_finite, pass_statistics, side_statistics
 from .store import Version, canonical_url
 from .structure import Structure, default_structure
@@ -21,11 +22,6 @@ REPORT_KEYS = (
     "rank", "dim_in", "dim_out", "tables", "dtype", "singular_values",
     "score_error", "drift_before", "drift_after",
 )  # fmt: skip
-
-
-def structure_of(version: Version) -> Structure | None:
-    """The structure a version records, else the default for its tables, else ``None`` (it must be told)."""
-    return version.structure or default_structure(version.names)
 
 
 def measure_drift(
@@ -48,13 +44,9 @@ def measure_drift(
     are scored against, when the structure is known).
     """
     from .neighbours import overlap
-    from .stabilize import check_same_model
 
-    structure = structure_of(version)
-    if structure is not None:
-        check_same_model(version, reference, structure, what="compare a version with")
-    elif set(version.names) != set(reference.names):
-        raise_other_tables(version, reference)
+    structure = version.known_structure
+    check_same_model(version, reference, structure, what="compare a version with")
     results = pass_statistics(version, reference, version.names, progress=progress)
     out: dict[str, Any] = {"k": k, "tables": list(version.names)}
     total = scale = 0.0
@@ -88,15 +80,6 @@ def measure_drift(
     return out
 
 
-def raise_other_tables(version: Version, reference: Version) -> None:
-    from .errors import InputError
-
-    raise InputError(
-        f"{version.url or 'the version'} has the tables {', '.join(version.names)} but {reference.url or 'the other'} "
-        f"has {', '.join(reference.names)}; compare versions of the same model (same tables)"
-    )
-
-
 def describe(
     version: Version, reference: Version | None = None, *, base: Version | None = None, progress: bool = False
 ) -> dict[str, Any]:
@@ -110,7 +93,7 @@ def describe(
     attrs = version.attrs
     stored = attrs.get("report") if attrs.get("kind") == "stabilized" else None
     report: dict[str, Any] = {key: None for key in REPORT_KEYS}
-    structure = structure_of(version)
+    structure = version.known_structure
     report.update(
         url=version.url,
         kind=attrs.get("kind", "raw"),
@@ -131,7 +114,7 @@ def describe(
         for name, s in stats.items():
             check_finite(f"{name}/vectors", s, version.table(name))
         rtol = linalg.default_rtol(version.dtype, version.dim)
-        sv = score_spectrum(structure, stats)
+        sv = score_singular_values([sum(stats[n].gram for n in side) for side in structure.sides])
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
         key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "structure", "params", "sources") if key in attrs
@@ -156,14 +139,6 @@ def describe(
             "sum_of_step_drift_after": sum(s["drift_after"] or 0.0 for s in steps),
         }
     return report
-
-
-def score_spectrum(structure: Structure, stats: dict[str, Any]) -> Any:
-    """Singular values of the scores the structure defines, from each table's Gram (pooled per side)."""
-    grams = [sum(stats[n].gram for n in side) for side in structure.sides]
-    if structure.kind == "symmetric":
-        return singular_values_from_gram(grams[0]) ** 2  # the scores X X^T have the squares of X's singular values
-    return linalg.core_svd(linalg.gram_factor(grams[0]), linalg.gram_factor(grams[1]))[1]
 
 
 def _drift_lines(title: str, d: dict[str, Any]) -> list[str]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import linalg
+
 COLLAPSE_FRACTION = 0.25
 COLLAPSE_EXPLANATION = (
     "collapsed = effective rank below {frac:.0%} of the width: most dimensions carry almost nothing "
@@ -33,6 +35,18 @@ def singular_values_from_gram(gram: np.ndarray) -> np.ndarray:
     """Singular values of a table from its float64 Gram ``X^T X``, descending."""
     lam = np.linalg.eigvalsh(0.5 * (gram + gram.T))
     return np.sqrt(np.clip(lam, 0.0, None))[::-1]
+
+
+def score_singular_values(side_grams: list[np.ndarray]) -> np.ndarray:
+    """Singular values of a model's scores from its sides' pooled Grams, descending.
+
+    Two sides (candidate, query): those of the core ``R_C R_Q^T``. One side (a
+    symmetric model): the scores ``X X^T`` have the squares of the pooled rows' singular values.
+    """
+    if len(side_grams) == 1:
+        return singular_values_from_gram(side_grams[0]) ** 2
+    candidate, query = side_grams
+    return linalg.core_svd(linalg.gram_factor(candidate), linalg.gram_factor(query))[1]
 
 
 def effective_rank(sv: np.ndarray) -> float:

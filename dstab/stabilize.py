@@ -52,7 +52,6 @@ from .store import (
 from .structure import (
     Structure,
     check_agrees,
-    default_structure,
     parse_anchor,
     resolve,
     same_structure,
@@ -360,15 +359,20 @@ def check_request(
     return Request(anchor_tables=anchors, notes=tuple(notes), **request)  # type: ignore[arg-type]
 
 
-def check_same_model(new: Version, reference: Version, structure: Structure, *, what: str = "align a version onto") -> None:
-    """The reference holds the same tables, in the same structure, as the new version (``what`` words the fix)."""
+def check_same_model(
+    new: Version, reference: Version, structure: Structure | None, *, what: str = "align a version onto"
+) -> None:
+    """The reference holds the same tables, in the same structure, as the new version (``what`` words the fix).
+
+    With ``structure`` None (several tables, none recorded) only the tables are compared.
+    """
     if set(reference.names) != set(new.names):
         raise InputError(
             f"the reference{_at(reference)} has the tables {', '.join(reference.names)} but the new version{_at(new)} "
             f"has {', '.join(new.names)}; {what} one of the same model (same tables)"
         )
-    theirs = reference.structure or default_structure(reference.names)
-    if theirs is not None and not same_structure(theirs, structure):
+    theirs = reference.known_structure
+    if structure is not None and theirs is not None and not same_structure(theirs, structure):
         # a new version that records no structure of its own can be told the reference's
         told = f", or pass {theirs.flag()}" if new.structure is None and what.startswith("align") else ""
         raise InputError(

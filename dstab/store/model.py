@@ -18,7 +18,7 @@ import zarr
 
 from ..errors import InputError, UsageError
 from ..linalg import transform_rows
-from ..structure import Structure, check_table_name
+from ..structure import Structure, check_table_name, default_structure
 
 Side = Literal["items", "users"]  # the two tables of the default two-sided model
 
@@ -155,6 +155,11 @@ class Version:
     def structure(self) -> Structure | None:
         """The structure recorded in the version (dstab outputs), else ``None``."""
         return Structure.from_attrs(self.attrs.get("structure"))
+
+    @property
+    def known_structure(self) -> Structure | None:
+        """The structure recorded in the version, else the default for its tables, else ``None`` (it must be told)."""
+        return self.structure or default_structure(self.names)
 
     def table(self, name: str) -> Table:
         try:
