@@ -43,3 +43,7 @@ class UsageError(DstabError, ValueError):
 
 class StorageError(DstabError, OSError):
     """An object store cannot be reached or refuses the request: the message names the URL, the cause and the fix."""
+
+
+class MissingExtraError(UsageError, ImportError):
+    """An optional part of dstab was asked for and its packages are not installed: the message names the extra."""

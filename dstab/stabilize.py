@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any, Literal
 
 import dask
@@ -186,6 +187,7 @@ class Stabilization:
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
         progress: bool = False,
+        gate: Callable[[dict[str, Any]], None] | None = None,
     ) -> Version:
         """Write the stabilized version to ``out`` (second pass) and return it, opened.
 
@@ -195,6 +197,10 @@ class Stabilization:
         :data:`CHECK_ROWS` rows of every block of each table against
         :data:`PROBE_ROWS` rows spread over the tables it is scored against,
         as the written float32 values score them, and added to the report.
+
+        ``gate(report)``, if given, runs after the write pass and before the
+        version is published: raising there (a failed quality gate) publishes
+        nothing and removes what was staged.
         """
         out = os.fspath(out)
         inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
@@ -220,6 +226,8 @@ class Stabilization:
             for name, transform in self.transforms.items():
                 staging.write_small(f"transform/{name}", transform)
             staging.write_small("transform/singular_values", self.singular_values)
+            if gate is not None:
+                gate(self.report)
             staging.publish(self.attrs())
         except BaseException:
             staging.discard()
