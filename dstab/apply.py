@@ -18,7 +18,6 @@ import dask
 import numpy as np
 
 from .errors import InputError
-from .executor import run_all
 from .linalg import transform_rows
 from .store import (
     Staging,
@@ -32,13 +31,13 @@ from .store import (
 )
 
 
-def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int, label: str) -> None:
+def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int, label: str) -> Any:
     block = load(source)
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
         row = start + int(np.flatnonzero(~finite)[0])
         raise InputError(f"{label}/vectors row {row} is not finite (NaN or Inf); fix or drop that row and run apply again")
-    write_block(transform_rows(block, transform), target, start)
+    return write_block(transform_rows(block, transform), target, start)  # the receipt
 
 
 def apply_table(
@@ -74,7 +73,7 @@ def apply_table(
             for block, start in zip(table.blocks(chunks), row_starts(chunks))
         ]
         tasks += staging.copy_ids("", table)
-        run_all(tasks, progress=progress, stage="applying the saved transform")
+        staging.run(tasks, progress=progress, stage="applying the saved transform")
         staging.publish(
             {
                 "kind": "applied",

@@ -1,68 +1,67 @@
-"""The ``dstab`` command: stabilize, apply, report, diagnose, log, import, export, synth.
+"""The ``dstab`` command: stabilize, apply, report, diagnose, log, import, export, synth, nightly.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr naming the
-array, the row or id, and the fix), 1 unexpected failure (with a traceback).
-Inputs and the output location are checked before any cluster starts.
+array, the row or id, and the fix), 3 a quality gate crossed (``nightly
+--max-score-error`` / ``--max-drift``: the day is not published), 1
+unexpected failure (with a traceback). Inputs and the output location are
+checked before any cluster starts. With ``--json`` every command prints
+exactly one JSON object on stdout (also on failure: ``{"ok": false, "error":
+..., "exit_code": N}``); progress and notes go to stderr through the
+``dstab`` logger (``-v`` adds debug lines, ``-q`` keeps warnings and errors).
+
+Start-up: building the parser imports nothing heavy (no dask, zarr, scipy or
+distributed, none of the command modules), so ``dstab --help`` answers at
+once; each command imports what it needs inside its handler.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any, NoReturn
+import traceback
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import dask
-
-from .apply import apply_table
-from .diagnose import (
-    diagnose,
-    diagnosis_json,
-    diagnosis_structure,
-    format_diagnosis,
-    open_version_or_table,
-)
 from .errors import DstabError, UsageError
-from .executor import spilled_bytes
-from .interchange import (
-    Source,
-    check_sources,
-    export_version,
-    import_version,
-    named_values,
-    open_npy,
-    open_parquet,
-)
-from .lineage import chain, format_chain
-from .plots import check_plot_target, plot_diagnosis, plot_report
 from .release import __version__
-from .report import describe, format_matching, format_report, format_side_drift
-from .stabilize import ANCHOR_WEIGHTS, METHODS, check_request, stabilize
-from .store import (
-    Table,
-    Version,
-    check_output,
-    open_table,
-    open_version,
-    output_error,
-    same_or_nested,
-)
-from .structure import resolve
-from .synth import (
-    check_retrain,
-    check_synth,
-    check_synth_tables,
-    synth,
-    synth_like,
-    synth_tables,
-)
+
+if TYPE_CHECKING:
+    from .store import Table, Version
+
+log = logging.getLogger("dstab")
 
 LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
+# The choices of --method and --anchor-weights, written here so that building the parser does not import
+# dstab.stabilize (and with it dask.array); tests/test_cli_json.py checks they are stabilize's METHODS and ANCHOR_WEIGHTS.
+METHODS = ("auto", "gram", "tsqr")
+ANCHOR_WEIGHTS = ("uniform", "counts")
+
+# Names this module once imported at its top, still reachable as dstab.cli.NAME (imported on first use).
+_LAZY = {
+    "open_version": ".store",
+    "open_table": ".store",
+    "check_output": ".store",
+    "describe": ".report",
+    "diagnose": ".diagnose",
+    "open_version_or_table": ".diagnose",
+    "stabilize": ".stabilize",
+    "apply_table": ".apply",
+    "chain": ".lineage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __package__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- schedulers
@@ -86,7 +85,10 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="local cluster: memory limit per worker, e.g. 2GiB (default: auto, the machine's memory split evenly)",
     )
-    g.add_argument("--dashboard-address", default=":8787", metavar="ADDR", help="local cluster: dashboard (default :8787)")
+    g.add_argument(
+        "--dashboard-address", default=":8787", metavar="ADDR",
+        help="local cluster: dashboard (default :8787; needs the dashboard extra, pip install 'dstab[dashboard]')",
+    )  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,13 +118,27 @@ def parse_memory_limit(value: str) -> str:
     """``auto`` or a size Dask understands (2GiB, 500MB, 1e9); anything else is a usage error."""
     if value == "auto":
         return value
+    from dask.utils import (
+        parse_bytes,  # here, not at the top: start-up (only when the option is given)
+    )
+
     try:
-        size = dask.utils.parse_bytes(value)
+        size = parse_bytes(value)
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"must be a size such as 2GiB, 512MiB or 4e9 (or auto), got {value!r}") from None
     if size <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive size such as 2GiB, got {value!r}")
     return value
+
+
+def parse_gate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, e.g. 1e-5, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, e.g. 1e-5, got {value!r}")
+    return number
 
 
 def _local_cluster_options(args: argparse.Namespace) -> list[str]:
@@ -131,11 +147,13 @@ def _local_cluster_options(args: argparse.Namespace) -> list[str]:
 
 def _worker_need(tables: list[Table]) -> tuple[int, str]:
     """Bytes one worker needs to run a task on the largest block of ``tables``, and that block in words."""
+    from dask.utils import format_bytes
+
     if not tables:
         return WORKER_BASE_BYTES, "no table"
     table = max(tables, key=lambda t: t.block_rows() * t.dim * t.dtype.itemsize)
     block = min(table.block_rows(), table.n_rows) * table.dim * table.dtype.itemsize
-    words = f"blocks of {min(table.block_rows(), table.n_rows):,} rows x {table.dim} {table.dtype} ({dask.utils.format_bytes(block)})"
+    words = f"blocks of {min(table.block_rows(), table.n_rows):,} rows x {table.dim} {table.dtype} ({format_bytes(block)})"
     need = WORKER_BASE_BYTES + BLOCKS_IN_FLIGHT * block
     return -(-need // (64 * 2**20)) * 64 * 2**20, words  # rounded up to 64 MiB: a figure to type
 
@@ -143,14 +161,15 @@ def _worker_need(tables: list[Table]) -> tuple[int, str]:
 def _check_memory_limit(limit: str, n_workers: int, tables: list[Table]) -> None:
     """Refuse a per-worker memory limit that one block's working set cannot fit in, before any worker starts."""
     import psutil
+    from dask.utils import format_bytes, parse_bytes
 
-    per_worker = psutil.virtual_memory().total // n_workers if limit == "auto" else dask.utils.parse_bytes(limit)
+    per_worker = psutil.virtual_memory().total // n_workers if limit == "auto" else parse_bytes(limit)
     need, words = _worker_need(tables)
     if per_worker >= need:
         return
     given = f"--memory-limit {limit}" if limit != "auto" else f"{n_workers} workers sharing this machine's memory"
     raise UsageError(
-        f"{given} leaves {dask.utils.format_bytes(per_worker)} per worker, but a worker needs about "
+        f"{given} leaves {format_bytes(per_worker)} per worker, but a worker needs about "
         f"{need // 2**20} MiB for {words}: pass --memory-limit {need // 2**20}MiB or more "
         f"(or fewer --workers), or make blocks smaller with DASK_DSTAB__BLOCK_BYTES (down to one storage chunk)"
     )
@@ -163,7 +182,10 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
     Every check that needs no cluster runs first: options that do nothing with
     the chosen scheduler, and a memory limit too small for the blocks of ``tables``.
     """
-    from distributed import Client, LocalCluster
+    import dask
+
+    from .executor import spilled_bytes
+    from .extras import available, install_hint
 
     address = args.scheduler or dask.config.get("scheduler-address", None)
     if address and _local_cluster_options(args):
@@ -174,9 +196,12 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             "so they would be ignored: drop them"
         )
     if address in LOCAL_SCHEDULERS:
+        log.debug("dstab: scheduler %s, in this process", address)
         with dask.config.set(scheduler=address):
             yield
         return
+    from distributed import Client, LocalCluster
+
     if address:
         kwargs: dict[str, Any]
         if address.endswith(".json") or os.path.isfile(address):
@@ -194,12 +219,17 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
                 "(tcp://HOST:PORT) or the scheduler file, or start one with `dask scheduler` and `dask worker ADDRESS`"
             ) from None
         with client, _killed_worker_as_error("the cluster's workers' memory limit"):
-            print(f"dstab: attached to {client.scheduler.address} ({len(client.scheduler_info()['workers'])} workers)", file=sys.stderr)
+            workers = client.scheduler_info()["workers"]
+            log.info("dstab: attached to %s (%d workers)", client.scheduler.address, len(workers))
+            for worker, info in workers.items():
+                log.debug("dstab: worker %s: %s threads, memory limit %s", worker, info.get("nthreads"), info.get("memory_limit"))
             yield
         return
     n_workers = args.workers or os.cpu_count() or 1
     memory_limit = args.memory_limit or "auto"
     _check_memory_limit(memory_limit, n_workers, tables or [])
+    # The dashboard is an extra (bokeh): without it the cluster starts with none, and says how to get one.
+    dashboard = available("bokeh")
     # One thread per worker process: the kernels are BLAS and (de)compression,
     # which release the GIL but must not oversubscribe the cores.
     try:
@@ -208,7 +238,7 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             threads_per_worker=1,
             processes=True,
             memory_limit=memory_limit,
-            dashboard_address=args.dashboard_address,
+            dashboard_address=args.dashboard_address if dashboard else None,
             # a failed task reaches this process as its exception (a one-line error, or a traceback for a bug);
             # the workers' own logging of it would only repeat it as pages of log lines
             silence_logs=logging.CRITICAL,
@@ -220,12 +250,19 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             "(HOST:PORT or :PORT, e.g. :0 for any free port)"
         ) from None
     with cluster, Client(cluster) as client:
-        print(f"dstab: local cluster of {n_workers} worker{'s' if n_workers > 1 else ''}; dashboard at {client.dashboard_link}", file=sys.stderr)
+        workers = f"{n_workers} worker{'s' if n_workers > 1 else ''}"
+        if dashboard:
+            log.info("dstab: local cluster of %s; dashboard at %s", workers, client.dashboard_link)
+        else:
+            log.info("dstab: local cluster of %s (no dashboard: %s for one)", workers, install_hint("bokeh"))
+        log.debug(
+            "dstab: scheduler %s, %s, 1 thread each, memory limit %s per worker", client.scheduler.address, workers, memory_limit
+        )
         with _killed_worker_as_error(f"--memory-limit {memory_limit}"):
             yield
         spilled = spilled_bytes(client)
         if spilled:
-            print(f"dstab: workers spilled {spilled / 2**20:,.0f} MiB to disk (raise --memory-limit to avoid it)", file=sys.stderr)
+            log.warning("dstab: workers spilled %s MiB to disk (raise --memory-limit to avoid it)", f"{spilled / 2**20:,.0f}")
 
 
 class _InterruptedGather(logging.Filter):
@@ -253,6 +290,45 @@ def _killed_worker_as_error(limit: str) -> Iterator[None]:
         ) from None
 
 
+# ----------------------------------------------------------------------------- output: text or one JSON object
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays, paths: what json.dumps does not take by itself."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, default=_jsonable)
+
+
+def _finish(args: argparse.Namespace, data: dict[str, Any], lines: Callable[[], list[str]]) -> int:
+    """The command's result: ``{"ok": true, "command": ..., **data}`` with --json, else ``lines()`` on stdout."""
+    if getattr(args, "json", False):
+        print(_dumps({"ok": True, "command": args.command, **data}))
+    else:
+        for line in lines():
+            print(line)
+    return 0
+
+
+def _notes(args: argparse.Namespace, notes: list[str]) -> list[str]:
+    """Notes as ``note:`` lines: on stdout with the text result, on stderr (the log) beside a JSON one."""
+    lines = [f"note: {note}" for note in notes]
+    if getattr(args, "json", False):
+        for line in lines:
+            log.info("%s", line)
+        return []
+    return lines
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress on stderr unless --no-progress or -q."""
+    return not args.no_progress and args.verbosity >= 0
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -262,14 +338,25 @@ def parse_rank(value: str) -> int | str:
 
 def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The stabilize options as :func:`dstab.stabilize` takes them."""
-    return dict(
-        sides=args.sides, symmetric=args.symmetric, rank=args.rank, rtol=args.rtol, anchor=args.anchor,
-        anchor_min_count=args.anchor_min_count, anchor_weights=args.anchor_weights, method=args.method,
-        neighbours=args.neighbours,
-    )  # fmt: skip
+    return {
+        "sides": args.sides, "symmetric": args.symmetric, "rank": args.rank, "rtol": args.rtol, "anchor": args.anchor,
+        "anchor_min_count": args.anchor_min_count, "anchor_weights": args.anchor_weights, "method": args.method,
+        "neighbours": args.neighbours,
+    }  # fmt: skip
+
+
+def _key_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """What a scheduler gates on, from a stabilization's report."""
+    keys = ("rank", "dim_in", "dim_out", "structure", "tables", "dtype", "method", "drift_before", "drift_after",
+            "score_error", "score_max_abs_error", "score_max_abs", "anchor", "drift", "notes")  # fmt: skip
+    return {key: report.get(key) for key in keys}
 
 
 def cmd_stabilize(args: argparse.Namespace) -> int:
+    from .report import format_matching, format_side_drift
+    from .stabilize import check_request, stabilize
+    from .store import check_output, open_version
+
     options = _storage_options(args)
     new = open_version(args.new, options)
     reference = open_version(args.reference, options) if args.reference else None
@@ -278,20 +365,24 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     request = check_request(new, reference, **_fit_options(args))
     started = time.perf_counter()
     with scheduler_from_args(args, _tables(new, reference)):
-        result = stabilize(new, reference, **_fit_options(args), progress=not args.no_progress)
-        result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
+        result = stabilize(new, reference, **_fit_options(args), progress=_progress(args))
+        result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=_progress(args))
     r = result.report
-    shapes = ", ".join(f"{name} {n:,} x {r['dim_out']}" for name, n in r["tables"].items())
-    print(f"wrote {args.out}: {shapes}, rank {r['rank']} of {r['dim_in']}, {request.structure}, "
-          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
-    print(f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}")
-    if r["drift_before"] is not None:
-        print(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
-    for line in format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}):
-        print(line)
-    for note in r.get("notes") or []:
-        print(f"note: {note}")
-    return 0
+    seconds = time.perf_counter() - started
+
+    def lines() -> list[str]:
+        shapes = ", ".join(f"{name} {n:,} x {r['dim_out']}" for name, n in r["tables"].items())
+        text = [
+            f"wrote {args.out}: {shapes}, rank {r['rank']} of {r['dim_in']}, {request.structure}, {seconds:.1f} s",
+            f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}",
+        ]
+        if r["drift_before"] is not None:
+            text.append(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
+        return text + format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}) + notes
+
+    notes = _notes(args, r.get("notes") or [])
+    data = {"out": args.out, **_key_figures(r), "matching": r.get("matching") or {}, "seconds": round(seconds, 3)}
+    return _finish(args, data, lines)
 
 
 def _tables(*versions: Version | None) -> list[Table]:
@@ -305,6 +396,8 @@ def _check_plot_path(args: argparse.Namespace) -> None:
     """
     if not args.plot:
         return
+    from .plots import check_plot_target
+    from .store import same_or_nested
 
     plot = os.fspath(args.plot)
     if os.path.splitext(plot)[1].lower() != ".png":
@@ -323,7 +416,7 @@ def _emit(args: argparse.Namespace, data: Any, text: Any, plot: Any) -> None:
     if args.plot:
         plot(args.plot)
     if args.json:
-        print(json.dumps(data))
+        print(_dumps(data))
         return
     print(text())
     if args.plot:
@@ -331,6 +424,10 @@ def _emit(args: argparse.Namespace, data: Any, text: Any, plot: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .plots import plot_report
+    from .report import describe, format_report
+    from .store import open_version
+
     _check_plot_path(args)
     options = _storage_options(args)
     version = open_version(args.version, options)
@@ -338,12 +435,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     base = open_version(args.base, options) if args.base else None
     needs_pass = reference is not None or base is not None or version.attrs.get("kind") != "stabilized"
     with scheduler_from_args(args, _tables(version, reference, base)) if needs_pass else contextlib.nullcontext():
-        report = describe(version, reference, base=base, progress=needs_pass and not args.no_progress and not args.json)
+        report = describe(version, reference, base=base, progress=needs_pass and _progress(args) and not args.json)
     _emit(args, report, lambda: format_report(report), lambda path: plot_report(report, path))
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import (
+        diagnose,
+        diagnosis_json,
+        diagnosis_structure,
+        format_diagnosis,
+        open_version_or_table,
+    )
+    from .plots import plot_diagnosis
+    from .store import Version
+
     _check_plot_path(args)
     target = open_version_or_table(args.path, _storage_options(args))
     if args.rtol is not None and not (0.0 <= args.rtol < 1.0):
@@ -352,7 +459,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     structure = {"sides": args.sides, "symmetric": args.symmetric}
     diagnosis_structure(target, **structure)  # bad --sides / --symmetric: refused before any cluster starts
     with scheduler_from_args(args, _tables(target) if isinstance(target, Version) else [target]):
-        result = diagnose(target, **structure, rtol=args.rtol, progress=not args.no_progress and not args.json)
+        result = diagnose(target, **structure, rtol=args.rtol, progress=_progress(args) and not args.json)
     _emit(args, diagnosis_json(result), lambda: format_diagnosis(result), lambda path: plot_diagnosis(result, path))
     return 0
 
@@ -372,6 +479,9 @@ def _apply_target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from .apply import apply_table
+    from .store import check_output, open_table, open_version
+
     options = _storage_options(args)
     version = open_version(args.version, options)
     side, rows = _apply_target(args)
@@ -380,15 +490,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options)
     started = time.perf_counter()
     with scheduler_from_args(args, [table]):
-        apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=not args.no_progress)
-    print(f"wrote {args.out}: {table.n_rows:,} rows of {side} x {transform.shape[1]} in the space of {args.version}, "
-          f"{time.perf_counter() - started:.1f} s")  # fmt: skip
-    return 0
+        apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=_progress(args))
+    seconds = time.perf_counter() - started
+    data = {"out": args.out, "version": args.version, "table": side, "rows": table.n_rows, "dim_in": int(transform.shape[0]),
+            "dim_out": int(transform.shape[1]), "seconds": round(seconds, 3)}  # fmt: skip
+    return _finish(args, data, lambda: [
+        f"wrote {args.out}: {table.n_rows:,} rows of {side} x {transform.shape[1]} in the space of {args.version}, {seconds:.1f} s"
+    ])  # fmt: skip
 
 
 def cmd_log(args: argparse.Namespace) -> int:
+    from .lineage import chain, format_chain
+    from .store import open_version
+
     entries = chain(open_version(args.version, _storage_options(args)))
-    print(json.dumps(entries) if args.json else format_chain(entries))
+    print(_dumps(entries) if args.json else format_chain(entries))
     return 0
 
 
@@ -400,7 +516,7 @@ def add_storage_option(p: argparse.ArgumentParser) -> None:
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    if not args.storage_options:
+    if not getattr(args, "storage_options", None):
         return None
     try:
         options = json.loads(args.storage_options)
@@ -411,8 +527,10 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options
 
 
-def _source(args: argparse.Namespace, name: str, path: str, ids: str | None, options: dict[str, Any] | None) -> Source:
+def _source(args: argparse.Namespace, name: str, path: str, ids: str | None, options: dict[str, Any] | None) -> Any:
     """Table ``name`` of an import: a .npy file (ids from another .npy) or Parquet (ids from a column)."""
+    from .interchange import open_npy, open_parquet
+
     if path.endswith(".npy"):
         if args.vector_column or args.vector_columns:
             raise UsageError("--vector-column / --vector-columns apply to Parquet sources, not .npy files")
@@ -429,7 +547,21 @@ def _source(args: argparse.Namespace, name: str, path: str, ids: str | None, opt
     )  # fmt: skip
 
 
+def _version_figures(version: Version) -> dict[str, Any]:
+    """A written version's key figures: rows per table, width, dtype, structure."""
+    structure = version.structure
+    return {
+        "tables": {name: t.n_rows for name, t in version.tables.items()},
+        "dim": version.dim,
+        "dtype": str(version.dtype),
+        "structure": structure.to_attrs() if structure is not None else None,
+    }
+
+
 def cmd_import(args: argparse.Namespace) -> int:
+    from .interchange import check_sources, import_version, named_values
+    from .store import check_output
+    from .structure import resolve
 
     options = _storage_options(args)
     # every table option is checked (names, repeats, ids for tables that exist, the structure) before a file is opened
@@ -455,28 +587,42 @@ def cmd_import(args: argparse.Namespace) -> int:
     with scheduler_from_args(args):
         version = import_version(
             args.out, sources, structure=structure, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
-            storage_options=options, progress=not args.no_progress,
+            storage_options=options, progress=_progress(args),
         )  # fmt: skip
-    print(f"wrote {args.out}: {version!r}" + (f", {structure}" if structure is not None else ""))
-    return 0
+    data = {"out": args.out, **_version_figures(version), "sources": {name: src.url for name, src in sources.items()}}
+    return _finish(args, data, lambda: [f"wrote {args.out}: {version!r}" + (f", {structure}" if structure is not None else "")])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .interchange import export_version
+    from .store import check_output, open_version
+
     options = _storage_options(args)
     version = open_version(args.version, options)
     check_output(args.out, inputs=[version.url] if version.url else [], overwrite=args.overwrite, storage_options=options)
     with scheduler_from_args(args, _tables(version)):
         written = export_version(
             version, args.out, layout=args.layout, overwrite=args.overwrite, storage_options=options,
-            progress=not args.no_progress,
+            progress=_progress(args),
         )  # fmt: skip
-    print(f"wrote {', '.join(written)} (Parquet, {args.layout} layout)")
-    return 0
+    data = {"out": args.out, "layout": args.layout, "written": written, "tables": {n: t.n_rows for n, t in version.tables.items()}}
+    return _finish(args, data, lambda: [f"wrote {', '.join(written)} (Parquet, {args.layout} layout)"])
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from .interchange import named_values
+    from .store import check_output, open_version
+    from .structure import resolve
+    from .synth import (
+        check_retrain,
+        check_synth,
+        check_synth_tables,
+        synth,
+        synth_like,
+        synth_tables,
+    )
 
-    progress = not args.no_progress
+    progress = _progress(args)
     if args.like:
         given = [name for name in ("items", "users", "dim", "rank") if getattr(args, name) is not None]
         given += ["table"] if args.table else []
@@ -497,9 +643,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     elif args.table or args.sides or args.symmetric:
         # named tables (--items N and --users M are shorthands for --table items=N, --table users=M)
         shorthands = {name: None if getattr(args, name) is None else str(getattr(args, name)) for name in ("items", "users")}
-        given = named_values("--table", args.table, "ROWS", shorthands, example="words=100000")
+        named = named_values("--table", args.table, "ROWS", shorthands, example="words=100000")
         tables = {}
-        for name, text in given.items():
+        for name, text in named.items():
             try:
                 tables[name] = int(text)
             except ValueError:
@@ -536,7 +682,65 @@ def cmd_synth(args: argparse.Namespace) -> int:
                 dtype=args.dtype, chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite,
                 progress=progress,
             )  # fmt: skip
-    print(f"wrote {args.out}: {out!r}" + (f", {out.structure}" if out.structure is not None else ""))
+    data = {"out": args.out, **_version_figures(out), "seed": args.seed, "like": args.like}
+    return _finish(args, data, lambda: [f"wrote {args.out}: {out!r}" + (f", {out.structure}" if out.structure is not None else "")])
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from . import nightly
+    from .report import format_matching
+    from .stabilize import check_request
+    from .store import open_version
+    from .structure import parse_sides
+
+    options = _storage_options(args)
+    source = os.fspath(args.source)
+    stable = args.stable if args.stable is not None else nightly.join(source, "stable")
+    gates = nightly.Gates(max_score_error=args.max_score_error, max_drift=args.max_drift)
+    if args.sides:
+        parse_sides(args.sides)  # a malformed --sides is refused before anything is opened
+    names = nightly.list_raw_days(source, options)
+    days = nightly.plan(source, names, (), stable=stable)
+    done = nightly.find_done(days, options)
+    todo = [day for day in days if day.name not in done]
+    log.debug("nightly: %d days under %s: %d done, %d to do; stable versions in %s", len(days), nightly.join(source, "raw"),
+              len(done), len(todo), stable)  # fmt: skip
+    for day in days:
+        log.debug("nightly: %s %s -> %s%s", "skip" if day.name in done else "todo", day.raw, day.stable,
+                  f" (onto {day.reference})" if day.reference and day.name not in done else "")  # fmt: skip
+    fit = {
+        "sides": args.sides, "symmetric": args.symmetric, "rank": args.rank, "rtol": args.rtol, "anchor": args.anchor,
+        "anchor_min_count": args.anchor_min_count, "anchor_weights": args.anchor_weights, "method": args.method,
+    }  # fmt: skip
+    tables: list[Table] = []
+    if todo:
+        # the first day to do, checked (structure, anchors, rank) before any cluster starts; its reference is done
+        first = todo[0]
+        new = open_version(first.raw, options)
+        reference = done[first.reference] if first.reference is not None else None
+        check_request(new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")})
+        tables = _tables(new, reference)
+
+    def said(record: dict[str, Any]) -> None:
+        if not args.json:
+            print(nightly.describe_day(record), flush=True)
+            for line in format_matching(record.get("matching") or {}):
+                print(f"  {line}", flush=True)
+        for note in record.get("notes") or []:
+            log.info("%s: note: %s", record["name"], note)
+
+    night = nightly.Night(source=source, stable=stable, gates=gates)
+    try:
+        with scheduler_from_args(args, tables) if todo else contextlib.nullcontext():
+            nightly.run(
+                days, done, source=source, stable=stable, options=fit, gates=gates, storage_options=options,
+                progress=_progress(args), on_day=said, night=night,
+            )  # fmt: skip
+    except DstabError as exc:
+        exc.night = night  # type: ignore[attr-defined]  # the failure's JSON object says what the night did before it
+        raise
+    if args.json:
+        print(_dumps({"ok": True, "command": "nightly", **night.as_dict()}))
     return 0
 
 
@@ -550,8 +754,29 @@ def add_structure_options(p: argparse.ArgumentParser, title: str, *, sides: str,
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (what is wrong, and where the options are), exit 2, like every other error."""
 
+    last_error: str | None = None  # the message of the last usage error, for --json
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        OneLineParser.last_error = f"{message} (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {OneLineParser.last_error}\n")
+
+
+def add_output_options(p: argparse.ArgumentParser, json_help: str | None = None) -> None:
+    """--json, -v and -q on a command (they are also accepted before it: ``dstab -q nightly ...``)."""
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help=json_help or 'print one JSON object on stdout ({"ok": true, ...} with what was written and its key figures; '
+        '{"ok": false, "error": ..., "exit_code": N} on failure); progress and notes stay on stderr',
+    )  # fmt: skip
+    add_verbosity_options(g, default=argparse.SUPPRESS)
+
+
+def add_verbosity_options(p: Any, default: Any) -> None:
+    p.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                   help="also debug lines on stderr (the plan, the cluster)")  # fmt: skip
+    p.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="only warnings and errors on stderr (no progress, no notes)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,8 +784,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dstab",
         description="Stabilize recommender embeddings across retrains: every user-item score kept, "
         "coordinates aligned to yesterday's.",
+        epilog="Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the array, the row or id, "
+        "and the fix; nothing written); 3 a quality gate crossed (nightly --max-score-error / --max-drift: that day "
+        "is not published, the days before it stay); 1 an unexpected failure (a traceback). With --json, stdout is "
+        'one JSON object, also on failure: {"ok": false, "error": ..., "exit_code": N}.',
     )
     parser.add_argument("--version", action="version", version=f"dstab {__version__}")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (any command; also after it)")
+    add_verbosity_options(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("stabilize", help="stabilize a version (optionally onto a reference) and write it")
@@ -607,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)
     add_storage_option(p)
+    add_output_options(p)
     p.set_defaults(func=cmd_stabilize)
 
     p = sub.add_parser("report", help="what is known of a version: sizes, spectrum, rank, drift, score error")
@@ -617,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIRST",
         help="also measure the drift accumulated since FIRST (e.g. the first version of the chain) and list the steps",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_output_options(p, json_help="print one JSON object: the report")
     p.add_argument("--plot", metavar="FILE.png", help="also draw spectra, drift per side and per dimension")
     add_scheduler_options(p)
     add_storage_option(p)
@@ -625,11 +857,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="dimension collapse: spectra and ranks of each table and of the interaction")
     p.add_argument("path", metavar="PATH", help="a version, or a table (a Zarr group with vectors)")
-    p.add_argument(
-        "--json", action="store_true",
-        help='print one JSON object: {"items": ..., "users": ..., "interaction": ...}, each table under its name '
+    add_output_options(
+        p,
+        json_help='print one JSON object: {"items": ..., "users": ..., "interaction": ...}, each table under its name '
         '(and all under "tables"), "pooled" for a symmetric model, "structure"; {"table": ...} for a loose table',
-    )  # fmt: skip
+    )
     add_structure_options(
         p, "default: recorded in PATH, else users:items for those two tables, symmetric for one; otherwise each table is measured alone",
         sides="also measure the interaction of the pooled query tables with the pooled candidate tables",
@@ -652,11 +884,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace TABLE_OUT if it exists")
     add_scheduler_options(p)
     add_storage_option(p)
+    add_output_options(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("log", help="the chain of versions a stabilized version was aligned onto, back to the first")
     p.add_argument("version", metavar="VERSION")
-    p.add_argument("--json", action="store_true", help="print a JSON list, newest first")
+    add_output_options(p, json_help='print the chain as a JSON list, newest first ({"ok": false, ...} on failure)')
     add_storage_option(p)
     p.set_defaults(func=cmd_log)
 
@@ -683,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace VERSION if it exists")
     add_scheduler_options(p)
+    add_output_options(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a version's tables as Parquet: OUT/NAME/part-*.parquet for every table")
@@ -695,6 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     add_scheduler_options(p)
+    add_output_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic version, or a synthetic retrain of one (--like)")
@@ -727,35 +962,119 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_scheduler_options(p)
+    add_output_options(p)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "nightly", help="stabilize SOURCE/raw/<date> into SOURCE/stable/<date> in order, each day onto the day before",
+        description="Stabilize every day under SOURCE/raw/ in order, each onto the stabilized day before it, into "
+        "SOURCE/stable/<date> (or --stable LOCATION/<date>). Days already stabilized are skipped: run it every night, "
+        "and again after a night that died. Exit 3 when a day crosses a quality gate: that day is not published and "
+        "the night stops there; the days before it stay published.",
+    )  # fmt: skip
+    p.add_argument("source", metavar="SOURCE", help="a directory or fsspec URL (s3://bucket/prefix) with one raw version per day in raw/<date>/")
+    p.add_argument(
+        "--stable", "--out-repo", dest="stable", metavar="LOCATION",
+        help="where the stabilized days go, LOCATION/<date> (default SOURCE/stable): a directory, an fsspec URL, "
+        "or an Icechunk repository (a URL with a .icechunk component)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
+    p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
+    add_structure_options(
+        p, "default: recorded in the days, else users:items for those two tables, symmetric for one",
+        sides="one transform per side", symmetric="one orthogonal transform",
+    )  # fmt: skip
+    p.add_argument("--anchor", default="all", metavar="TABLES", help="the tables whose rows fix the rotation (default all)")
+    p.add_argument("--anchor-min-count", type=float, default=0.0, metavar="N", help="only rows seen at least N times anchor")
+    p.add_argument("--anchor-weights", choices=ANCHOR_WEIGHTS, default="uniform", help="weight anchor rows equally or by counts")
+    p.add_argument("--method", choices=METHODS, default="auto", help="how R is found (as for stabilize)")
+    g = p.add_argument_group("quality gates (a day that crosses one is not published; the night stops, exit 3)")
+    g.add_argument(
+        "--max-score-error", type=parse_gate, metavar="X",
+        help="the relative score error measured in the write pass must be at most X (e.g. 1e-5)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-drift", type=parse_gate, metavar="X",
+        help="the relative drift after stabilization, against the day before, must be at most X (not gated on the first day)",
+    )  # fmt: skip
+    add_scheduler_options(p)
+    add_storage_option(p)
+    add_output_options(p)
+    p.set_defaults(func=cmd_nightly)
     return parser
+
+
+def _configure_logging(verbosity: int) -> Callable[[], None]:
+    """The ``dstab`` logger at the level -v / -q ask for, writing to stderr; returns what puts the level back."""
+    from .executor import log_to_stderr
+
+    logger = logging.getLogger("dstab")
+    before = logger.level
+    log_to_stderr()
+    logger.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+    return lambda: logger.setLevel(before)
+
+
+def _failed(args: argparse.Namespace | None, code: int, message: str, extra: dict[str, Any] | None = None) -> int:
+    """A failure: its one line on stderr, and with --json one JSON object on stdout."""
+    print(f"dstab: error: {message}" if code != 130 else "dstab: interrupted", file=sys.stderr)
+    if args is not None and getattr(args, "json", False):
+        command = getattr(args, "command", None)
+        print(_dumps({"ok": False, "command": command, "error": message, "exit_code": code, **(extra or {})}), flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    OneLineParser.last_error = None
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help / --version exit 0
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        if code and "--json" in argv:  # the one line is on stderr already
+            print(_dumps({"ok": False, "command": None, "error": OneLineParser.last_error or "usage error", "exit_code": code}), flush=True)
+        return code
+    args.json = getattr(args, "json", False)
+    restore = _configure_logging(args.verbosity)
+    try:
+        return _run(args)
+    finally:
+        restore()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except DstabError as exc:
-        print(f"dstab: error: {exc}", file=sys.stderr)
-        return 2
+        # exit 2 for bad input or usage; a crossed quality gate (dstab.nightly.GateError) says 3, with the night so far
+        night = getattr(exc, "night", None)
+        return _failed(args, int(getattr(exc, "exit_code", 2)), str(exc), night.as_dict() if night is not None else None)
     except BrokenPipeError:
         # the reader went away (`dstab log V | head -1`): not an error; keep Python from complaining at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        return _failed(args, 130, "interrupted")
     except OSError as exc:
+        from .store import output_error
+
         error = output_error(getattr(args, "out", None) or "the output", exc)
         if error is exc:
-            raise
-        print(f"dstab: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dstab: interrupted", file=sys.stderr)
-        return 130
+            return _unexpected(args, exc)
+        return _failed(args, 2, str(error))
+    except Exception as exc:  # noqa: BLE001 - every failure still gives the one JSON object with --json
+        return _unexpected(args, exc)
+
+
+def _unexpected(args: argparse.Namespace, exc: BaseException) -> int:
+    """A bug or an unforeseen failure: the traceback (exit 1); with --json also the one JSON object on stdout."""
+    if not args.json:
+        raise exc
+    traceback.print_exc(file=sys.stderr)
+    print(_dumps({"ok": False, "command": args.command, "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}), flush=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,11 +8,17 @@ schedulers (with Dask's threads, multi-threaded BLAS inside tasks was measured
 in its workers), and can show progress on stderr: a bar on a terminal, and
 otherwise (a log file, a pipe) two plain lines per stage, when it starts (with
 its number of tasks) and when it ends (with its time), never a ``\\r``.
+
+Those lines (and the CLI's notes) go through the ``dstab`` logger, which
+writes them to stderr by default (:func:`log_to_stderr`, as distributed does
+for its own loggers); its level is what the CLI's ``-v`` and ``-q`` set.
+An application that wants them elsewhere replaces the logger's handlers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -23,6 +29,8 @@ from typing import Any
 import dask
 import dask.threaded
 from threadpoolctl import threadpool_limits
+
+from . import config
 
 
 def active_client() -> Any | None:
@@ -47,10 +55,45 @@ def _on_terminal(stream: Any) -> bool:
         return False
 
 
+log = logging.getLogger("dstab")
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each message to ``sys.stderr`` as it is then (a redirect, a test's capture), not as it was at import."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if sys.stderr is not None:  # no stderr at all (pythonw): nowhere to say it
+            super().emit(record)
+
+
+def log_to_stderr() -> None:
+    """Give the ``dstab`` logger its default: plain lines on stderr at INFO, unless it has handlers already."""
+    if log.handlers:
+        return
+    log.addHandler(_Stderr())
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.propagate = False  # the lines are said once, here, not again by a root handler
+
+
+log_to_stderr()
+
+
 def _say(line: str) -> None:
-    """One plain line on stderr."""
-    if sys.stderr is not None:
-        print(f"dstab: {line}", file=sys.stderr, flush=True)
+    """One plain line on stderr (through the ``dstab`` logger, at INFO)."""
+    log.info("dstab: %s", line)
 
 
 def _started(stage: str, n_tasks: int) -> None:
@@ -167,7 +210,7 @@ def _settle(client: Any, futures: list[Any]) -> None:
     """
     try:
         client.cancel(futures, force=True)
-        deadline = time.monotonic() + SETTLE_SECONDS
+        deadline = time.monotonic() + config.get("settle-seconds")  # dask config dstab.settle-seconds, on the client
         while time.monotonic() < deadline and any(client.run(_executing).values()):
             time.sleep(0.05)
     except Exception:  # the cluster itself is going away: nothing left to wait for

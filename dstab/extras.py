@@ -9,6 +9,7 @@ naming the extra, so a missing package never surfaces as a traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from .errors import MissingExtraError

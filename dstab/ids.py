@@ -27,12 +27,12 @@ from typing import Literal
 
 import numpy as np
 
+from . import config
+
 IdKind = Literal["integer", "string"]
 
 _SEED_INT = np.uint64(0x9E3779B97F4A7C15)
 _SEED_STR = np.uint64(0xD1B54A32D192ED03)
-# Rows joined per step: bounds the float64 copies the join makes.
-_JOIN_ROWS = 65_536
 
 
 def id_kind(dtype: np.dtype) -> IdKind:
@@ -86,13 +86,12 @@ def hash_ids(ids: np.ndarray) -> np.ndarray:
     return h
 
 
-# Id hashes per duplicate-check bucket (8 bytes each).
-ID_BUCKET_ROWS = 2**22
-
-
 def bucket_count(n_rows: int) -> int:
-    """Duplicate-check buckets for a table of ``n_rows`` ids: a power of two, each about :data:`ID_BUCKET_ROWS` hashes."""
-    return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / ID_BUCKET_ROWS)))
+    """Duplicate-check buckets for a table of ``n_rows`` ids: a power of two, each about ``dstab.id-bucket-rows`` hashes.
+
+    Reads dask config, so call it on the client while the graph is built (the count travels in the tasks).
+    """
+    return 1 << max(0, math.ceil(math.log2(max(1, n_rows) / config.get("id-bucket-rows"))))
 
 
 def buckets_of(hashes: np.ndarray, n_buckets: int) -> list[np.ndarray]:
@@ -214,14 +213,13 @@ def merge_samples(a: IdSample, b: IdSample) -> IdSample:
     )
 
 
-# Row pairs (new, reference) kept for the row-level drift measures: mean row
-# cosine, neighbour overlap (as queries), score error between versions.
-PAIR_ROWS = 1024
-
-
 @dataclass
 class Pairs:
-    """Up to :data:`PAIR_ROWS` rows of the new table and the reference rows they match, with their keys.
+    """Up to ``n`` rows of the new table and the reference rows they match, with their keys.
+
+    Kept for the row-level drift measures (mean row cosine, neighbour overlap as
+    queries, score error between versions); ``n`` is dask config ``dstab.pair-rows``,
+    read on the client and passed to the kernels.
 
     The rows with the smallest key hashes: a random sample, the same in any
     version and for any split into blocks. Keys are ids, or global row
@@ -234,7 +232,7 @@ class Pairs:
     hashes: np.ndarray
 
     @classmethod
-    def smallest(cls, new: np.ndarray, ref: np.ndarray, keys: np.ndarray, hashes: np.ndarray, n: int = PAIR_ROWS) -> Pairs:
+    def smallest(cls, new: np.ndarray, ref: np.ndarray, keys: np.ndarray, hashes: np.ndarray, n: int) -> Pairs:
         if len(hashes) > n:
             first = np.argpartition(hashes, n - 1)[:n]
             order = first[np.argsort(hashes[first], kind="stable")]
@@ -243,12 +241,13 @@ class Pairs:
         return cls(new=new[order], ref=ref[order], keys=keys[order], hashes=hashes[order])
 
 
-def merge_pairs(a: Pairs | None, b: Pairs | None) -> Pairs | None:
+def merge_pairs(a: Pairs | None, b: Pairs | None, n: int) -> Pairs | None:
+    """The ``n`` pairs of ``a`` and ``b`` with the smallest key hashes."""
     if a is None or b is None:
         return b if a is None else a
     return Pairs.smallest(
         np.concatenate([a.new, b.new]), np.concatenate([a.ref, b.ref]),
-        np.concatenate([a.keys, b.keys]), np.concatenate([a.hashes, b.hashes]),
+        np.concatenate([a.keys, b.keys]), np.concatenate([a.hashes, b.hashes]), n,
     )  # fmt: skip
 
 
@@ -264,16 +263,21 @@ class Matched:
     pairs: Pairs | None = None
 
 
-def match_samples(new: IdSample, ref: IdSample) -> Matched:
-    """Join two samples on id and accumulate the anchor statistics in float64."""
+def match_samples(new: IdSample, ref: IdSample, *, join_rows: int, pair_rows: int) -> Matched:
+    """Join two samples on id and accumulate the anchor statistics in float64.
+
+    ``join_rows`` rows of ``new`` are looked up at a time (dstab.join-rows: it bounds
+    the float64 copies the join makes), and
+    up to ``pair_rows`` matched pairs are kept (dstab.pair-rows).
+    """
     e, e_ref = new.rows.shape[1], ref.rows.shape[1]
     out = Matched(cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_col_sumsq=np.zeros(e_ref))
     if len(ref.ids) == 0 or len(new.ids) == 0:
         return out
     order = np.argsort(ref.ids, kind="stable")
     sorted_ids = ref.ids[order]
-    for start in range(0, len(new.ids), _JOIN_ROWS):
-        part = slice(start, start + _JOIN_ROWS)
+    for start in range(0, len(new.ids), join_rows):
+        part = slice(start, start + join_rows)
         pos = np.minimum(np.searchsorted(sorted_ids, new.ids[part]), len(sorted_ids) - 1)
         hit = np.flatnonzero(sorted_ids[pos] == new.ids[part])
         if hit.size == 0:
@@ -289,8 +293,10 @@ def match_samples(new: IdSample, ref: IdSample) -> Matched:
         out.ref_sumsq += float(col.sum())
         out.n_rows += int(hit.size)
         if new.hashes is not None:
-            found = Pairs.smallest(new.rows[part][hit], ref.rows[order[pos[hit]]], new.ids[part][hit], new.hashes[part][hit])
-            out.pairs = merge_pairs(out.pairs, found)
+            found = Pairs.smallest(
+                new.rows[part][hit], ref.rows[order[pos[hit]]], new.ids[part][hit], new.hashes[part][hit], pair_rows
+            )
+            out.pairs = merge_pairs(out.pairs, found, pair_rows)
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from . import ids as idm
 from .errors import InputError, UsageError
 from .executor import compute, run_all, tree_reduce
+from .extras import require
 from .ids import IdKind, id_kind
 from .release import __version__
 from .stats import check_repeat
@@ -50,6 +51,7 @@ from .store import (
     staging_name,
     write_block,
 )
+from .store.write import merge_receipts
 from .structure import Structure, check_table_name, check_tables_named
 
 DEFAULT_CHUNK_ROWS = 131_072
@@ -170,7 +172,7 @@ def open_parquet(
     against the schema in its order; without either vector option, the one
     list column of the schema is taken.
     """
-    import pyarrow as pa
+    pa = require("pyarrow")
 
     fs, files = _parquet_files(url, storage_options, label)
     pieces: list[Piece] = []
@@ -249,13 +251,13 @@ def open_parquet(
 
 
 def _is_list(t: Any) -> bool:
-    import pyarrow as pa
+    pa = require("pyarrow")
 
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
 def _is_number(t: Any) -> bool:
-    import pyarrow as pa
+    pa = require("pyarrow")
 
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
@@ -279,8 +281,8 @@ def _not_parquet(label: str, path: str, exc: Exception) -> InputError:
 
 def _parquet_file(handle: Any, path: str, label: str) -> Any:
     """``pyarrow.parquet.ParquetFile`` of an open file; :class:`InputError` naming it when it is not Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
 
     try:
         return pq.ParquetFile(handle)
@@ -293,7 +295,7 @@ def _parquet_file(handle: Any, path: str, label: str) -> Any:
 
 
 def _first_list_length(fs: Any, pieces: list[Piece], column: str) -> int:
-    import pyarrow.parquet as pq
+    pq = require("pyarrow.parquet")
 
     for p in pieces:
         if p.n_rows:
@@ -318,8 +320,8 @@ def _read_piece(source: Source, piece: Piece, offset: int) -> tuple[np.ndarray, 
 
 
 def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.ndarray, np.ndarray | None]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
 
     fs, _ = _fs(source.url, source.storage_options)
     columns = ([source.id_column] if source.id_column else []) + (source.vector_columns or [source.vector_column])  # type: ignore[list-item]
@@ -345,7 +347,7 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
                 )
         flat = col.flatten()
         if flat.null_count:  # a null inside a vector (e.g. [None, 1.0, ...]) would read as NaN
-            import pyarrow.compute as pc
+            pc = require("pyarrow.compute")
 
             first = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
             row = offset + int(pc.list_parent_indices(col)[first].as_py())
@@ -369,11 +371,11 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
 # ----------------------------------------------------------------------------- import
 
 
-def _write_ids(block: np.ndarray, target: Any, start: int, n_buckets: int) -> list[np.ndarray]:
-    """Write one block of ids and return their hashes by bucket: the duplicate check, on ids already in memory."""
-    write_block(block, target, start)
+def _write_ids(block: np.ndarray, target: Any, start: int, n_buckets: int) -> list[Any]:
+    """Write one block of ids and return their hashes by bucket (the duplicate check, on ids already in memory), then the receipt."""
+    receipt = write_block(block, target, start)
     block = np.asarray(block)
-    return idm.buckets_of(idm.hash_ids(block.astype(str) if block.dtype == object else block), n_buckets)
+    return [*idm.buckets_of(idm.hash_ids(block.astype(str) if block.dtype == object else block), n_buckets), receipt]
 
 
 def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -> tuple[list[Any], Any | None]:
@@ -392,7 +394,10 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
     vectors = da.concatenate(
         [da.from_delayed(p[0], shape=(piece.n_rows, source.dim), dtype=source.dtype) for p, piece in zip(parts, source.pieces)]
     ).rechunk((rows, source.dim))
-    target = staging.create_array(f"{side}/vectors", shape=(source.n_rows, source.dim), chunks=(rows, source.dim), dtype=source.dtype)
+    target = staging.create_array(
+        f"{side}/vectors", shape=(source.n_rows, source.dim), chunks=(rows, source.dim), dtype=source.dtype,
+        coordinates="ids" if source.ids_kind is not None else None,
+    )  # fmt: skip
     tasks = [
         dask.delayed(write_block, pure=True)(block, target, start)
         for block, start in zip(vectors.to_delayed().ravel(), row_starts(vectors.chunks[0]))
@@ -404,20 +409,18 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
             [da.from_delayed(p[1], shape=(piece.n_rows,), dtype=meta_ids) for p, piece in zip(parts, source.pieces)]
         ).rechunk((rows,))
         id_target = staging.create_array(
-            f"{side}/ids", shape=(source.n_rows,), chunks=(rows,), dtype=np.dtype(np.int64) if meta_ids.kind == "i" else str
-        )
+            f"{side}/ids", shape=(source.n_rows,), chunks=(rows,),
+            dtype=np.dtype(np.int64) if meta_ids.kind == "i" else np.dtypes.StringDType(),
+        )  # fmt: skip
         n_buckets = idm.bucket_count(source.n_rows)
         hashed = [
             dask.delayed(_write_ids, pure=True)(block, id_target, start, n_buckets)
             for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
         ]
         summaries = [dask.delayed(idm.bucket_summary, pure=True)([h[k] for h in hashed], None) for k in range(n_buckets)]
+        tasks += [h[n_buckets] for h in hashed]  # the id writes' receipts
         return tasks, tree_reduce(summaries, idm.merge_summaries)
     return tasks, None
-
-
-def _done(*_: Any) -> None:
-    return None
 
 
 def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int, progress: bool) -> None:
@@ -433,7 +436,8 @@ def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int,
         tasks += side_tasks
         if check is not None:
             checks[side] = check
-    _, *summaries = compute(tree_reduce(tasks, _done), *checks.values(), progress=progress, stage="import")
+    receipt, *summaries = compute(tree_reduce(tasks, merge_receipts), *checks.values(), progress=progress, stage="import")
+    staging.merge(receipt)  # the write tasks' Icechunk forks, before the ids are read back
     for side, summary in zip(checks, summaries):
         source = sources[side]
         ids = staging.group[f"{side}/ids"]
@@ -525,8 +529,8 @@ def import_version(
 
 
 def _export_block(source: Any, ids_source: Any, start: int, fs: Any, path: str, layout: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = require("pyarrow")
+    pq = require("pyarrow.parquet")
 
     from .store import load
 

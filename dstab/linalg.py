@@ -175,7 +175,7 @@ def gram_is_accurate(gram: np.ndarray, dtype: np.dtype | type) -> bool:
 def qr_factor(rows: np.ndarray) -> np.ndarray:
     """Householder ``R`` (e x e, zero-padded when fewer rows than columns) of ``rows`` in float64."""
     e = rows.shape[1]
-    r = np.linalg.qr(np.asarray(rows, dtype=np.float64), mode="r")
+    r: np.ndarray = np.linalg.qr(np.asarray(rows, dtype=np.float64), mode="r")  # type: ignore[assignment]  # mode="r" returns R alone
     if r.shape[0] < e:
         r = np.vstack([r, np.zeros((e - r.shape[0], e))])
     return r

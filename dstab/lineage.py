@@ -1,4 +1,8 @@
-"""Lineage: which version each stabilized version was made from and aligned onto, back to the first."""
+"""Lineage: which version each stabilized version was made from and aligned onto, back to the first.
+
+A version in an Icechunk repository also carries its place in the repository's
+history: the snapshots (id, commit time) that published it, newest first.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from .errors import DstabError
 from .store import Version, canonical_url, open_version
+from .store.icechunk_repo import history, is_repo_url
 
 
 def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -38,6 +43,12 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
             "sources": attrs.get("sources"),
             "structure": attrs.get("structure"),
         }
+        if url is not None and is_repo_url(url):
+            try:
+                entry["snapshots"] = history(url, current.storage_options)
+            except DstabError as exc:
+                entry["snapshots"] = []
+                entry["history_missing"] = str(exc)
         entries.append(entry)
         if url is not None:
             seen.add(url)
@@ -186,6 +197,20 @@ def origin_words(entry: dict[str, Any]) -> str:
     return f"{_words(kind)}" + (f" with {_words(params)}" if params else "")
 
 
+def _snapshot_lines(entry: dict[str, Any]) -> list[str]:
+    """Where an Icechunk version sits in its repository's history: the snapshot that published it, and any before."""
+    if "snapshots" not in entry:
+        return []
+    snaps = entry["snapshots"]
+    if not snaps:
+        return [f"     no commit of the repository names it{': ' + entry['history_missing'] if 'history_missing' in entry else ''}"]
+    when = str(snaps[0]["committed"]).replace("T", " ").replace("+00:00", " UTC")
+    line = f"     snapshot {snaps[0]['snapshot']}, committed {when}"
+    if len(snaps) > 1:
+        line += f"; replaced {len(snaps) - 1} earlier publish{'es' if len(snaps) > 2 else ''} ({', '.join(s['snapshot'] for s in snaps[1:4])}{', ...' if len(snaps) > 4 else ''})"
+    return [line]
+
+
 def format_chain(entries: list[dict[str, Any]]) -> str:
     """The chain in words, newest first: what each version is, how and when it was made."""
 
@@ -201,6 +226,7 @@ def format_chain(entries: list[dict[str, Any]]) -> str:
         if kind == "stabilized":
             drift = f"; drift onto the reference {num(e['drift_before'])} -> {num(e['drift_after'])}" if e["reference"] else ""
             lines.append(f"     rank {_words(e['rank'])}, width {_words(e['dim_out'])}{drift}")
+        lines += _snapshot_lines(e)
         if "missing" in e:
             lines.append(f"     chain ends here: {e['missing']}")
     return "\n".join(lines)

@@ -16,9 +16,9 @@ from . import linalg
 from .stats import TableStats
 from .store import Table
 
-NEIGHBOURS_K = 10
-# Rows of each table whose neighbours are searched (a sample of the common rows).
-QUERY_ROWS = 1000
+# Knobs (dask config, see dstab.config): dstab.neighbours-k, the k of neighbour
+# overlap@k (10), and dstab.query-rows, the rows of each table whose neighbours
+# are searched, a sample of the common rows (1,000).
 
 
 def mean_row_cosine(x: np.ndarray, y: np.ndarray) -> float | None:

@@ -17,12 +17,14 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from . import config
 from .executor import tree_reduce
 from .linalg import transform_rows
 from .store import Table, load, row_starts
 
-# Rows scored against all queries at once: 1,000 queries x 8,192 rows of float32 scores is 32 MiB.
-SLICE_ROWS = 8192
+# Rows scored against all queries at once: dask config dstab.neighbour-slice-rows
+# (8,192; 1,000 queries x 8,192 rows of float32 scores is 32 MiB), read on the
+# client by top_neighbours and passed to the kernels.
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -57,7 +59,13 @@ def _merge_candidates(
 
 
 def _block_topk(
-    block: Any, keys_block: Any | None, offset: int, queries: np.ndarray, transform: np.ndarray | None, k: int
+    block: Any,
+    keys_block: Any | None,
+    offset: int,
+    queries: np.ndarray,
+    transform: np.ndarray | None,
+    k: int,
+    slice_rows: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` cosine neighbours of each query among one block's rows (optionally transformed first).
 
@@ -71,12 +79,12 @@ def _block_topk(
     keys = load(keys_block)
     keys = normalize_ids(keys) if keys is not None else np.arange(offset, offset + len(rows), dtype=np.int64)
     best_s = best_k = None
-    for start in range(0, len(rows), SLICE_ROWS):
-        part = rows[start : start + SLICE_ROWS]
+    for start in range(0, len(rows), slice_rows):
+        part = rows[start : start + slice_rows]
         if transform is not None:
             part = transform_rows(part, transform)
         sims = queries @ unit_rows(part).T
-        part_keys = keys[start : start + SLICE_ROWS]
+        part_keys = keys[start : start + slice_rows]
         if best_s is None or best_s.shape[1] < k:
             merged_s = sims if best_s is None else np.hstack([best_s, sims])
             merged_k = np.broadcast_to(part_keys, sims.shape)
@@ -104,10 +112,11 @@ def top_neighbours(table: Table, queries: np.ndarray, k: int, *, transform: np.n
     table's ids, or row positions when it has none.
     """
     unit = unit_rows(queries)
+    slice_rows = config.get("neighbour-slice-rows")  # read here, on the client: workers do not see dask.config.set
     chunks = table.row_chunks()
     id_blocks = table.id_blocks(chunks) or [None] * len(chunks)
     parts = [
-        dask.delayed(_block_topk, pure=True)(block, ids, start, unit, transform, k + 1)
+        dask.delayed(_block_topk, pure=True)(block, ids, start, unit, transform, k + 1, slice_rows)
         for block, ids, start in zip(table.blocks(chunks), id_blocks, row_starts(chunks))
     ]
     return tree_reduce(parts, functools.partial(_merge_topk, k=k + 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import linalg, measures
+from . import config, linalg, measures
 from .executor import compute
 from .lineage import KIND_WORDS, chain, made_words, origin_words
 from .spectrum import score_singular_values
@@ -28,8 +28,8 @@ def measure_drift(
     version: Version,
     reference: Version,
     *,
-    k: int = measures.NEIGHBOURS_K,
-    queries: int = measures.QUERY_ROWS,
+    k: int | None = None,
+    queries: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """How far ``version`` is from ``reference``, over the rows both hold (paired as in :func:`dstab.stabilize`).
@@ -41,9 +41,13 @@ def measure_drift(
     versions; one more pass over both tables, ``k=0`` skips it); and
     ``total`` (Frobenius over every table) and ``score_error`` (relative change
     of the scores of sampled rows against the sampled rows of the tables they
-    are scored against, when the structure is known).
+    are scored against, when the structure is known). ``k`` and ``queries``
+    default to dask config ``dstab.neighbours-k`` (10) and ``dstab.query-rows`` (1,000).
     """
     from .neighbours import overlap
+
+    k = config.get("neighbours-k") if k is None else k
+    queries = config.get("query-rows") if queries is None else queries
 
     structure = version.known_structure
     check_same_model(version, reference, structure, what="compare a version with")

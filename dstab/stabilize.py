@@ -15,25 +15,27 @@ statistics (:mod:`dstab.measures`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import dask
 import dask.array as da
+from dask.delayed import Delayed
 import numpy as np
 
-from . import linalg, measures
+from . import config, executor, linalg, measures
 from .errors import InputError, UsageError
 from .executor import compute, tree_reduce
 from .faults import failpoint
+from .pending import PendingVersion
 from .release import __version__
 from .spectrum import singular_values_from_gram
 from .stats import (
-    ID_SAMPLE_BYTES,
     AnchorSpec,
     TableStats,
     check_pairable,
@@ -50,6 +52,8 @@ from .store import (
     row_starts,
     write_block,
 )
+from .store.coerce import as_version
+from .store.write import merge_receipts
 from .structure import (
     Structure,
     check_agrees,
@@ -58,13 +62,15 @@ from .structure import (
     same_structure,
 )
 
-# Rows of the other side (spread over its whole table) that checked rows are
-# scored against while writing.
-PROBE_ROWS = 64
-# Rows of each block whose scores are checked: checking every row cost more than
-# the transform and the write together; a few thousand per block, from every
-# block, measure the same float32 rounding.
-CHECK_ROWS = 4096
+# The write pass's score check (dask config, read on the client, see dstab.config):
+# - dstab.probe-rows (64): rows of the other side (spread over its whole table)
+#   that checked rows are scored against while writing;
+# - dstab.check-rows (4096): rows of each block whose scores are checked.
+#   Checking every row cost more than the transform and the write together; a
+#   few thousand per block, from every block, measure the same float32 rounding.
+
+# What the Python API takes as a version: see dstab.store.coerce.as_version.
+VersionLike = Version | str | os.PathLike[str] | Mapping[str, Any]
 
 Method = Literal["auto", "gram", "tsqr"]
 METHODS: tuple[Method, ...] = ("auto", "gram", "tsqr")
@@ -83,31 +89,53 @@ def _apply_write_check(
     start: int,
     probe_raw: np.ndarray,
     probe_out: np.ndarray,
-) -> np.ndarray:
+    check_rows: int | None = None,
+) -> tuple[np.ndarray, Any]:
     """Transform one block, write it, and measure the score error of its first rows against its partners' probe rows.
 
-    Returns ``[sum dS^2, sum S^2, max |dS|, max |S|]`` over the first
-    :data:`CHECK_ROWS` rows of the block (a sample spread over the whole table,
-    since every block contributes) against the probe rows, in float64.
+    Returns ``([sum dS^2, sum S^2, max |dS|, max |S|], receipt)`` over the first
+    ``check_rows`` rows of the block (dstab.check-rows: a sample spread over the
+    whole table, since every block contributes) against the probe rows, in float64.
     """
+    check_rows = check_rows or config.get("check-rows")  # the graph passes it; a direct call reads the local config
     block = load(source)
     out = linalg.transform_rows(block, transform)
-    write_block(out, target, start)
-    rows = slice(0, min(CHECK_ROWS, block.shape[0]))
+    receipt = write_block(out, target, start)
+    rows = slice(0, min(check_rows, block.shape[0]))
     raw_scores = block[rows].astype(np.float64) @ probe_raw.T
     diff = out[rows].astype(np.float64) @ probe_out.T - raw_scores
     if diff.size == 0:
-        return np.zeros(4)
+        return np.zeros(4), receipt
     return np.array(
         [np.vdot(diff, diff), np.vdot(raw_scores, raw_scores), np.abs(diff).max(), np.abs(raw_scores).max()]
+    ), receipt
+
+
+def _sum_checks(a: Any, b: Any) -> tuple[np.ndarray | None, Any]:
+    """Merge two ``(score check, receipt)`` results; a bare receipt comes from tasks that only copy ids."""
+    (ca, ra), (cb, rb) = (x if isinstance(x, tuple) else (None, x) for x in (a, b))
+    receipt = merge_receipts(ra, rb)
+    if ca is None or cb is None:
+        return (cb if ca is None else ca), receipt
+    return np.array([ca[0] + cb[0], ca[1] + cb[1], max(ca[2], cb[2]), max(ca[3], cb[3])]), receipt
+
+
+def transform_lazy(name: str, rows: da.Array, transform: np.ndarray, width: int) -> da.Array:
+    """``rows @ transform`` as a lazy Dask array, the rows' own row chunks and dtype; checked from metadata only."""
+    if rows.ndim != 2 or rows.shape[1] != width:
+        raise InputError(f"{name} rows must have shape (n, {width}) (the raw model's width), got {rows.shape}")
+    if rows.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(f"{name} rows have dtype {rows.dtype}; pass float32 or float64 rows")
+    if len(rows.chunks[1]) > 1:  # each task needs whole rows
+        rows = rows.rechunk({1: -1})
+    w = transform.shape[1]
+    return rows.map_blocks(
+        linalg.transform_rows,
+        transform,
+        chunks=(rows.chunks[0], (w,)),
+        dtype=rows.dtype,
+        meta=np.empty((0, w), dtype=rows.dtype),
     )
-
-
-def _sum_checks(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    """Merge two score checks; ``None`` comes from tasks that only copy ids."""
-    if a is None or b is None:
-        return b if a is None else a
-    return np.array([a[0] + b[0], a[1] + b[1], max(a[2], b[2]), max(a[3], b[3])])
 
 
 # ----------------------------------------------------------------------------- the fitted result
@@ -149,8 +177,10 @@ class Stabilization:
             f"{self.structure}, dim {self.new.dim} -> {self.dim_out}, rank {self.rank}, {rows}{drift}>"
         )
 
-    def transform(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Map raw rows of table ``name`` (numpy, k x e) into the stabilized space."""
+    def transform(self, name: str, rows: Any) -> Any:
+        """Map raw rows of table ``name`` (k x e) into the stabilized space: numpy in, numpy out; Dask in, lazy Dask out."""
+        if isinstance(rows, da.Array):
+            return transform_lazy(name, rows, self._transform_of(name), self.new.dim)
         return linalg.transform_rows(checked_rows(name, rows, self.new.dim), self._transform_of(name))
 
     def _transform_of(self, name: str) -> np.ndarray:
@@ -188,56 +218,88 @@ class Stabilization:
         storage_options: dict[str, Any] | None = None,
         progress: bool = False,
         gate: Callable[[dict[str, Any]], None] | None = None,
-    ) -> Version:
+        compute: bool = True,
+    ) -> Any:
         """Write the stabilized version to ``out`` (second pass) and return it, opened.
 
         Nothing is visible at ``out`` until every block is written and the
         version is marked complete; on failure nothing is left behind. The
         score error is measured during the write, on the first
-        :data:`CHECK_ROWS` rows of every block of each table against
-        :data:`PROBE_ROWS` rows spread over the tables it is scored against,
+        ``dstab.check-rows`` rows of every block of each table against
+        ``dstab.probe-rows`` rows spread over the tables it is scored against,
         as the written float32 values score them, and added to the report.
 
         ``gate(report)``, if given, runs after the write pass and before the
         version is published: raising there (a failed quality gate) publishes
         nothing and removes what was staged.
+
+        ``compute=False`` returns a :class:`~dstab.pending.PendingVersion`
+        instead: the write pass as a graph, staged but not run, that
+        ``.compute()`` or ``dask.compute(pending, ...)`` writes and publishes
+        (returning the opened version), as ``dask.array.to_zarr(...,
+        compute=False)`` defers its write.
         """
+        compute_now = compute
         out = os.fspath(out)
         inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
         staging = Staging(out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
         try:
-            checks = []
-            w = self.dim_out
-            for name, table in self.new.tables.items():
-                target = staging.create_table(name, table, w)
-                probe_raw, probe_out = self._probe_rows(name, table.dtype)
-                chunks = table.row_chunks()
-                for block, start in zip(table.blocks(chunks), row_starts(chunks)):
-                    checks.append(
-                        dask.delayed(_apply_write_check, pure=True)(
-                            block, self.transforms[name], target, start, probe_raw, probe_out
-                        )
-                    )
-                checks += staging.copy_ids(name, table)
-            (totals,) = compute(tree_reduce(checks, _sum_checks), progress=progress, stage="write pass")
-            self.report["score_error"] = float(np.sqrt(totals[0] / totals[1])) if totals[1] > 0 else 0.0
-            self.report["score_max_abs_error"] = float(totals[2])
-            self.report["score_max_abs"] = float(totals[3])
-            for name, transform in self.transforms.items():
-                staging.write_small(f"transform/{name}", transform)
-            staging.write_small("transform/singular_values", self.singular_values)
-            if gate is not None:
-                gate(self.report)
-            staging.publish(self.attrs())
+            write = self._write_pass(staging)
         except BaseException:
             staging.discard()
             raise
+        finish = functools.partial(self._publish, staging, out, storage_options, gate)
+        pending = PendingVersion(out, write, finish=finish, discard=staging.discard, compute=executor.compute)
+        if not compute_now:
+            return pending
+        version: Version = pending.compute(progress=progress)
+        return version
+
+    def _write_pass(self, staging: Staging) -> Delayed:
+        """The second pass as one graph: every block transformed and written, ids copied, score checks reduced."""
+        checks = []
+        w = self.dim_out
+        for name, table in self.new.tables.items():
+            target = staging.create_table(name, table, w)
+            probe_raw, probe_out = self._probe_rows(name, table.dtype)
+            chunks = table.row_chunks()
+            for block, start in zip(table.blocks(chunks), row_starts(chunks)):
+                checks.append(
+                    dask.delayed(_apply_write_check, pure=True)(
+                        block, self.transforms[name], target, start, probe_raw, probe_out, config.get("check-rows")
+                    )
+                )
+            checks += staging.copy_ids(name, table)
+        return tree_reduce(checks, _sum_checks)
+
+    def _publish(
+        self,
+        staging: Staging,
+        out: str,
+        storage_options: dict[str, Any] | None,
+        gate: Callable[[dict[str, Any]], None] | None,
+        result: tuple[np.ndarray | None, Any],
+    ) -> Version:
+        """After the write pass: score error into the report, transforms, the gate, then publish (the caller discards on failure)."""
+        totals, receipt = result
+        staging.merge(receipt)  # the write tasks' Icechunk forks (None for plain Zarr)
+        if totals is None:  # no rows at all
+            totals = np.zeros(4)
+        self.report["score_error"] = float(np.sqrt(totals[0] / totals[1])) if totals[1] > 0 else 0.0
+        self.report["score_max_abs_error"] = float(totals[2])
+        self.report["score_max_abs"] = float(totals[3])
+        for name, transform in self.transforms.items():
+            staging.write_small(f"transform/{name}", transform)
+        staging.write_small("transform/singular_values", self.singular_values)
+        if gate is not None:
+            gate(self.report)
+        staging.publish(self.attrs())
         return open_version(out, storage_options)
 
     def _probe_rows(self, name: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the tables ``name`` is scored against, raw and as written (float64): the write pass's score check."""
         partners = self.structure.partners(name)
-        per_table = max(1, PROBE_ROWS // len(partners))
+        per_table = max(1, config.get("probe-rows") // len(partners))
         raw, written = [], []
         for partner in partners:
             rows = self._probes[partner]
@@ -351,7 +413,8 @@ def check_request(
                 f"or anchor on other tables (--anchor)"
             )
     notes = []
-    if reference.attrs.get("kind") != "stabilized":
+    # in-memory tables carry no record of what made them: only a stored version can be told raw
+    if reference.url is not None and reference.attrs.get("kind") != "stabilized":
         notes.append(
             f"the reference{_at(reference)} was never stabilized: today's version is aligned onto its raw basis; "
             "align onto yesterday's stabilized output (dstab stabilize YESTERDAY --out YESTERDAY-stable) instead"
@@ -397,9 +460,13 @@ def _at(version: Version) -> str:
 
 
 def stabilize(
-    new: Version,
-    reference: Version | None = None,
+    new: VersionLike,
+    reference: VersionLike | None = None,
     *,
+    ids: Mapping[str, Any] | None = None,
+    counts: Mapping[str, Any] | None = None,
+    reference_ids: Mapping[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
     sides: str | Structure | None = None,
     symmetric: bool = False,
     rank: int | Literal["auto"] = "auto",
@@ -408,7 +475,7 @@ def stabilize(
     anchor_min_count: float = 0.0,
     anchor_weights: AnchorWeights = "uniform",
     method: Method = "auto",
-    id_sample_bytes: int = ID_SAMPLE_BYTES,
+    id_sample_bytes: int | None = None,
     neighbours: int = 0,
     progress: bool = False,
 ) -> Stabilization:
@@ -432,8 +499,8 @@ def stabilize(
     both list the same ids in the same order, and by id otherwise (ids added,
     removed, reordered): the rotation is fitted on the ids present in both,
     estimated from a consistent hash sample of at most ``id_sample_bytes`` of
-    rows per table (every common id when the tables are that small; see
-    :mod:`dstab.ids`). ``anchor`` names the tables whose rows fit the rotation
+    rows per table (default: dask config ``dstab.id-sample-bytes``, 32 MiB; every
+    common id when the tables are that small; see :mod:`dstab.ids`). ``anchor`` names the tables whose rows fit the rotation
     (comma-separated, or ``all``). ``anchor_min_count`` drops anchor rows whose
     ``counts`` is below it; ``anchor_weights="counts"`` weights them by it.
 
@@ -450,7 +517,19 @@ def stabilize(
     rows). ``neighbours=k`` also measures the neighbour overlap@k of 1,000
     sampled rows before and after, at the price of two more reads of the new
     tables and one of the reference's.
+
+    ``new`` and ``reference`` are each a :class:`Version`, the path or URL of
+    one (opened with ``storage_options``), or a mapping ``{name: X}`` of numpy,
+    Dask or Zarr arrays or paths of Zarr arrays or table groups
+    (:func:`dstab.store.coerce.as_version`); ``ids={name: array}`` and
+    ``counts={name: array}`` go with in-memory new tables, ``reference_ids``
+    with in-memory reference tables.
     """
+    new = as_version(new, ids=ids, counts=counts, label="new", storage_options=storage_options)
+    if reference is not None:
+        reference = as_version(reference, ids=reference_ids, label="reference", storage_options=storage_options)
+    elif reference_ids:
+        raise UsageError("reference_ids= name ids of the reference's tables, but no reference was given; drop it or give reference=")
     request = check_request(
         new, reference, sides=sides, symmetric=symmetric, rank=rank, rtol=rtol, anchor=anchor,
         anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, method=method, neighbours=neighbours,
@@ -596,7 +675,7 @@ def _measure_neighbours(
     """Neighbour overlap@k of sampled rows with the reference, before (raw) and after (stabilized)."""
     from .neighbours import overlap
 
-    q = slice(0, measures.QUERY_ROWS)
+    q = slice(0, config.get("query-rows"))
     groups, keys = {}, {}
     for name in anchors:
         pairs = stats[name].pairs

@@ -17,6 +17,7 @@ Rows of the new version are paired with the reference's in one of two ways:
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -25,6 +26,7 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from . import config
 from . import ids as idm
 from .errors import InputError
 from .executor import compute, tree_reduce
@@ -32,16 +34,16 @@ from .faults import failpoint
 from .linalg import qr_factor
 from .store import Table, Version, load, row_starts
 
-# Rows of each table kept as a sample spread over the whole table (the first
-# rows of every block): they probe the score error during the write pass and
-# break sign ties, at no extra read.
-SAMPLE_ROWS = 256
-# Bytes of rows per table that the id sample may hold (see dstab.ids): 128k
-# rows at width 64 in float32. The sample is the largest thing a worker holds
-# when rows are matched by id (both tables' samples meet in the join), and a
-# rotation fitted on 128k common rows is as good as one on all of them
-# (benchmarks/churn.py).
-ID_SAMPLE_BYTES = 32 * 2**20
+# The knobs of the pass (dask config, see dstab.config), all read on the client:
+# - dstab.sample-rows (256): rows of each table kept as a sample spread over the
+#   whole table (the first rows of every block); they probe the score error
+#   during the write pass and break sign ties, at no extra read.
+# - dstab.id-sample-bytes (32 MiB): bytes of rows per table that the id sample
+#   may hold (see dstab.ids), 128k rows at width 64 in float32. The sample is the
+#   largest thing a worker holds when rows are matched by id (both tables'
+#   samples meet in the join), and a rotation fitted on 128k common rows is as
+#   good as one on all of them (benchmarks/churn.py).
+# - dstab.slice-bytes, dstab.pair-rows, dstab.join-rows: see PassKnobs.
 
 Match = Literal["position", "id"]
 
@@ -97,21 +99,36 @@ class TableStats:
         return self.gram if self.anchor_gram is None else self.anchor_gram
 
 
-# Bytes of float64 rows a kernel converts and multiplies at once. About 1 MiB
-# keeps each slice in cache between the Gram and the cross-Gram: measured here,
-# a 262,144 x 64 block's statistics took 123 ms in 2,048-row slices and 160 ms
-# in 32,768-row ones, with two workers running side by side.
-SLICE_BYTES = 2**20
+@dataclass(frozen=True)
+class PassKnobs:
+    """The dask config knobs the pass's kernels use, read on the client and sent with the tasks.
+
+    A distributed worker is another process and does not see a ``dask.config.set``
+    made in the client, so no kernel reads the config itself.
+    """
+
+    # dstab.slice-bytes: bytes of float64 rows a kernel converts and multiplies at
+    # once. About 1 MiB keeps each slice in cache between the Gram and the
+    # cross-Gram: measured here, a 262,144 x 64 block's statistics took 123 ms in
+    # 2,048-row slices and 160 ms in 32,768-row ones, with two workers side by side.
+    slice_bytes: int
+    pair_rows: int  # dstab.pair-rows: matched row pairs kept for the row-level drift measures
+    join_rows: int  # dstab.join-rows: rows of the id sample joined per step
+
+    @classmethod
+    def read(cls) -> PassKnobs:
+        """The knobs as dask config holds them now (call on the client)."""
+        return cls(config.get("slice-bytes"), config.get("pair-rows"), config.get("join-rows"))
 
 
-def slice_rows(dim: int) -> int:
-    """Rows of one slice: about :data:`SLICE_BYTES` of float64 at width ``dim``."""
-    return max(256, SLICE_BYTES // (8 * max(dim, 1)))
+def slice_rows(dim: int, slice_bytes: int) -> int:
+    """Rows of one slice: about ``slice_bytes`` of float64 at width ``dim``."""
+    return max(256, slice_bytes // (8 * max(dim, 1)))
 
 
-def row_slices(n_rows: int, dim: int) -> list[slice]:
+def row_slices(n_rows: int, dim: int, slice_bytes: int) -> list[slice]:
     """Consecutive row ranges of :func:`slice_rows` rows each."""
-    step = slice_rows(dim)
+    step = slice_rows(dim, slice_bytes)
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
@@ -185,13 +202,13 @@ class _CrossSums:
         self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
 
 
-def _slice_sums(block: np.ndarray, accumulators: list[Any]) -> None:
+def _slice_sums(block: np.ndarray, accumulators: list[Any], slice_bytes: int) -> None:
     """Feed every float64 slice of ``block`` to every accumulator."""
     # One float64 buffer, reused for every slice: Dask's nanny sets
     # MALLOC_TRIM_THRESHOLD_, which pins glibc's mmap threshold at 128 KiB, so a
     # fresh 1 MiB temporary per slice was an mmap, page faults and a munmap
     # each, and made this kernel 2.5x slower inside workers than outside.
-    slices = row_slices(*block.shape)
+    slices = row_slices(block.shape[0], block.shape[1], slice_bytes)
     x_buf = np.empty((slices[0].stop if slices else 0, block.shape[1]))
     for rows in slices:
         x = x_buf[: rows.stop - rows.start]
@@ -231,6 +248,7 @@ def _block_stats(
     qr: bool,
     spec: AnchorSpec = AnchorSpec(),
     plan: IdPlan | None = None,
+    knobs: PassKnobs | None = None,
 ) -> tuple[TableStats, idm.IdSample | None, list[np.ndarray] | None]:
     """Statistics of one row block; ``offset`` is the block's first global row.
 
@@ -238,7 +256,10 @@ def _block_stats(
     reads its own rows. ``ref_block`` (the reference's same rows) is given when
     rows are matched by position. Returns the statistics, the block's id sample
     (when ``plan.sample``) and its id hashes by bucket (when it has ids).
+    The graph builder always passes ``knobs``; a direct call (tests, benchmarks)
+    may leave them to the local config.
     """
+    knobs = knobs or PassKnobs.read()
     failpoint("during-statistics")  # in a worker, mid-pass: the kill takes the whole process group
     block, ref_block, counts, ids = (load(a) for a in (block, ref_block, counts_block, ids_block))
     hashes = None
@@ -250,15 +271,15 @@ def _block_stats(
         first_bad_count += offset
         counts = None
     weights = idm.anchor_weights(counts, spec.min_count, spec.weighted)
-    e, step = block.shape[1], slice_rows(block.shape[1])
+    e, step = block.shape[1], slice_rows(block.shape[1], knobs.slice_bytes)
     own = _OwnSums(e, step)
     householder = _HouseholderR(e, step) if qr else None
     cross = _CrossSums(ref_block, weights, e, step) if ref_block is not None else None
-    _slice_sums(block, [a for a in (own, householder, cross) if a is not None])
+    _slice_sums(block, [a for a in (own, householder, cross) if a is not None], knobs.slice_bytes)
     pairs = None
     if ref_block is not None:
         keys, key_hashes = (ids, hashes) if ids is not None else _position_keys(offset, len(block))
-        pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, key_hashes)
+        pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, key_hashes, knobs.pair_rows)
     stats = TableStats(
         n_rows=int(block.shape[0]),
         gram=own.gram,
@@ -318,8 +339,8 @@ def _add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a + b
 
 
-def _merge(a: TableStats, b: TableStats) -> TableStats:
-    """Combine the statistics of two disjoint row ranges."""
+def _merge(a: TableStats, b: TableStats, pair_rows: int) -> TableStats:
+    """Combine the statistics of two disjoint row ranges (keeping ``pair_rows`` row pairs)."""
     return TableStats(
         n_rows=a.n_rows + b.n_rows,
         gram=a.gram + b.gram,
@@ -330,7 +351,7 @@ def _merge(a: TableStats, b: TableStats) -> TableStats:
         anchor_gram=_add(a.anchor_gram, b.anchor_gram),
         ref_sumsq=a.ref_sumsq + b.ref_sumsq,
         ref_col_sumsq=_add(a.ref_col_sumsq, b.ref_col_sumsq),
-        pairs=idm.merge_pairs(a.pairs, b.pairs),
+        pairs=idm.merge_pairs(a.pairs, b.pairs, pair_rows),
         n_anchor=a.n_anchor + b.n_anchor,
         first_nonfinite=_first(a.first_nonfinite, b.first_nonfinite),
         first_bad_count=_min_row(a.first_bad_count, b.first_bad_count),
@@ -344,11 +365,12 @@ def _finish_by_id(
     ref_nonfinite: tuple[int, bool] | None,
     summary: idm.IdSummary,
     fraction: float,
+    knobs: PassKnobs,
 ) -> TableStats:
     """``stats`` with the id samples joined: the anchor statistics, scaled to the whole table."""
     if new_sample is None or ref_sample is None:
         return replace(stats, ids=summary)
-    matched = idm.match_samples(new_sample, ref_sample)
+    matched = idm.match_samples(new_sample, ref_sample, join_rows=knobs.join_rows, pair_rows=knobs.pair_rows)
     # The sample holds about ``fraction`` of the common ids: scaling back keeps
     # the two sides' weights right when both anchor the rotation.
     return replace(
@@ -399,12 +421,14 @@ def side_statistics(
     ref_blocks = reference.blocks(chunks) if positional else [None] * n  # type: ignore[union-attr]
     counts = table.count_blocks(chunks) if spec.uses_counts and table.counts is not None else None
     ids = table.id_blocks(chunks) if plan is not None else None
-    n_sample = max(1, -(-SAMPLE_ROWS // n))
+    # read here, on the client: the kernels get the values as arguments (workers do not see dask.config.set)
+    knobs = PassKnobs.read()
+    n_sample = max(1, -(-config.get("sample-rows") // n))
     parts = [
-        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, spec, plan)
+        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, spec, plan, knobs)
         for b, r, c, i, off in zip(blocks, ref_blocks, counts or [None] * n, ids or [None] * n, row_starts(chunks))
     ]
-    stats = tree_reduce([p[0] for p in parts], _merge)
+    stats = tree_reduce([p[0] for p in parts], functools.partial(_merge, pair_rows=knobs.pair_rows))
     if ids is None:
         return stats
     assert plan is not None
@@ -427,7 +451,7 @@ def side_statistics(
         for k in range(plan.n_buckets)
     ]
     summary = tree_reduce(summaries, idm.merge_summaries)
-    return dask.delayed(_finish_by_id, pure=True)(stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction)
+    return dask.delayed(_finish_by_id, pure=True)(stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction, knobs)
 
 
 def _ids_equal(a: Any, b: Any) -> bool:
@@ -501,7 +525,7 @@ def pass_statistics(
     *,
     spec: AnchorSpec = AnchorSpec(),
     qr: bool = False,
-    id_sample_bytes: int = ID_SAMPLE_BYTES,
+    id_sample_bytes: int | None = None,
     tables: tuple[str, ...] | None = None,
     progress: bool = False,
 ) -> dict[str, TableStats]:
@@ -512,7 +536,10 @@ def pass_statistics(
 
     Checks the data on the way (non-finite values, bad counts, repeated ids, no
     common ids) and raises :class:`InputError` naming the row or id.
+    ``id_sample_bytes`` defaults to dask config ``dstab.id-sample-bytes``.
     """
+    if id_sample_bytes is None:
+        id_sample_bytes = config.get("id-sample-bytes")
     # that the anchor tables have counts when the spec uses them is checked before, by stabilize.check_request
     sides = new.names if tables is None else tables
     modes = match_modes(new, reference, anchor_tables, progress=progress) if reference is not None else {}

@@ -16,7 +16,6 @@ import dask
 import numpy as np
 
 from .errors import UsageError
-from .executor import run_all
 from .release import __version__
 from .store import (
     ArrayTarget,
@@ -28,6 +27,7 @@ from .store import (
     row_starts,
     write_block,
 )
+from .store.write import merge_receipts
 from .structure import (
     DEFAULT_CANDIDATE,
     DEFAULT_QUERY,
@@ -72,15 +72,15 @@ def counts_for_ids(ids: np.ndarray) -> np.ndarray:
 def _synth_block(
     loadings: np.ndarray, mean: np.ndarray, seed: int, side: int, index: int, n_rows: int, dtype: str,
     target: ArrayTarget, ids_target: ArrayTarget, start: int, id_base: int, counts_target: ArrayTarget | None = None,
-) -> int:  # fmt: skip
+) -> Any:  # fmt: skip
     rng = np.random.default_rng([seed, side, index])
     latent = rng.normal(size=(n_rows, loadings.shape[0])) + mean
-    write_block((latent @ loadings).astype(dtype), target, start)
+    receipts = [write_block((latent @ loadings).astype(dtype), target, start)]
     ids = np.arange(start, start + n_rows, dtype=np.int64) + id_base
-    write_block(ids, ids_target, start)
+    receipts.append(write_block(ids, ids_target, start))
     if counts_target is not None:
-        write_block(counts_for_ids(ids), counts_target, start)
-    return 0
+        receipts.append(write_block(counts_for_ids(ids), counts_target, start))
+    return merge_receipts(*receipts)
 
 
 def _shaped_noise(rng: np.random.Generator, x: np.ndarray, scale: float) -> np.ndarray:
@@ -108,8 +108,9 @@ def _retrain_block(
     source: Any, basis: np.ndarray, noise: float, seed: int, side: int, index: int,
     target: ArrayTarget, start: int, churn: float = 0.0, ids_source: Any = None, ids_target: ArrayTarget | None = None,
     counts_target: ArrayTarget | None = None,
-) -> int:  # fmt: skip
+) -> Any:  # fmt: skip
     """One block of a retrain; with ``churn``, that share of its rows are new ids and the rows are shuffled."""
+    receipts: list[Any] = []
     block = load(source)
     x = block.astype(np.float64)
     if noise > 0:
@@ -125,16 +126,16 @@ def _retrain_block(
         ids[gone] = _new_id_base(side) + (seed << 36) + start + gone
         order = rng.permutation(len(x))
         x, ids = x[order], ids[order]
-        write_block(ids, ids_target, start)  # type: ignore[arg-type]
+        receipts.append(write_block(ids, ids_target, start))  # type: ignore[arg-type]
         if counts_target is not None:
-            write_block(counts_for_ids(ids), counts_target, start)
-    write_block((x @ basis).astype(block.dtype), target, start)
-    return 0
+            receipts.append(write_block(counts_for_ids(ids), counts_target, start))
+    receipts.append(write_block((x @ basis).astype(block.dtype), target, start))
+    return merge_receipts(*receipts)
 
 
 def _finish(staging: Staging, tasks: list, attrs: dict[str, Any], progress: bool) -> None:
     try:
-        run_all(tasks, progress=progress, stage="writing the synthetic version")
+        staging.run(tasks, progress=progress, stage="writing the synthetic version")
         staging.publish(attrs)
     except BaseException:
         staging.discard()
@@ -267,10 +268,16 @@ def synth_tables(
     tasks = []
     for name, n in tables.items():
         rows = min(chunk_rows, n)
-        target = staging.create_array(f"{name}/vectors", shape=(n, dim), chunks=(rows, dim), dtype=np.dtype(dtype))
+        target = staging.create_array(
+            f"{name}/vectors", shape=(n, dim), chunks=(rows, dim), dtype=np.dtype(dtype), coordinates="ids"
+        )
         ids_target = staging.create_array(f"{name}/ids", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64))
         counts_target = (
-            staging.create_array(f"{name}/counts", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64)) if counts else None
+            staging.create_array(
+                f"{name}/counts", shape=(n,), chunks=(rows,), dtype=np.dtype(np.int64), coordinates="ids"
+            )
+            if counts
+            else None
         )
         id_base = codes[name] * ID_STRIDE  # items from 0, users from 10**12: no two tables share an id
         for index, start in enumerate(range(0, n, rows)):
@@ -401,8 +408,9 @@ def synth_like(
         counts_target = None
         if table.counts is not None:
             counts_target = staging.create_array(
-                f"{side}/counts", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),), dtype=np.dtype(np.int64)
-            )
+                f"{side}/counts", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),),
+                dtype=np.dtype(np.int64), coordinates="ids",
+            )  # fmt: skip
         blocks, id_blocks, starts = table.blocks(chunks), table.id_blocks(chunks), row_starts(chunks)
         full = [i for i, n in enumerate(chunks) if n == chunks[0]]  # blocks of one size trade places
         moved = dict(zip(full, np.random.default_rng([seed, code, 3]).permutation(full).tolist()))

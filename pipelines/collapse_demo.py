@@ -17,12 +17,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
 
 import dstab
 from dstab.diagnose import diagnose
+from dstab.extras import require
 
 if __package__:  # imported as pipelines.collapse_demo (tests)
     from .collapse_model import make_dataset, train
@@ -63,24 +65,40 @@ def run(directory: Path, *, n_a: int, n_b: int, d: int, steps: int, plot: Path |
     return summary
 
 
+def collapse_figure(histories: dict) -> Any:
+    """V_A's singular values at each recorded step, one panel per lambda (a matplotlib Figure).
+
+    The steps share one legend, outside the axes to their right, so it never covers the fall of the
+    singular values past the second (the collapse this picture is about); early steps are pale, late dark.
+    """
+    require("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(histories) + 1.8, 4.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(histories), squeeze=False, sharey=True)[0]
+    for ax, (lam, history) in zip(axes, histories.items()):
+        shades = np.linspace(0.15, 0.95, len(history))
+        for h, shade in zip(history, shades):
+            sv = np.maximum(np.asarray(h.singular_values_a), 1e-12)  # exact zeros would leave the log scale
+            ax.semilogy(np.arange(1, len(sv) + 1), sv, marker=".", color=_viridis(shade), label=f"step {h.step}")
+        ax.set_title(f"V_A spectrum over training, lambda = {lam:g}", fontsize=11)
+        ax.set_xlabel("singular value index i (largest first)", fontsize=10)
+        ax.set_ylabel("singular value σᵢ of V_A (log scale)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", title="training step", fontsize=9, title_fontsize=10, frameon=False)
+    return fig
+
+
+def _viridis(shade: float) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["viridis_r"](shade)
+
+
 def _plot(histories: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(histories), figsize=(6 * len(histories), 4), squeeze=False)
-    for ax, (lam, history) in zip(axes[0], histories.items()):
-        for h in history:
-            sv = np.maximum(np.asarray(h.singular_values_a), 1e-12)
-            ax.semilogy(np.arange(1, len(sv) + 1), sv, marker=".", label=f"step {h.step}")
-        ax.set_title(f"V_A spectrum over training, lambda = {lam:g}")
-        ax.set_xlabel("index")
-        ax.set_ylabel("singular value")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    collapse_figure(histories).savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

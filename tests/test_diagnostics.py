@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dask
 import matplotlib.image
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dstab
-from dstab import neighbours, spectrum
+from dstab import spectrum
 from dstab.cli import main
 from dstab.report import measure_drift
 from pipelines import collapse_model as collapse
@@ -154,13 +155,12 @@ def numpy_overlap(X: np.ndarray, keys: np.ndarray, Y: np.ndarray, ref_keys: np.n
     return float(np.mean([len(topk(X, keys, q) & topk(Y, ref_keys, q)) / k for q in queries]))
 
 
-def test_drift_measures_against_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str):
+def test_drift_measures_against_numpy(tmp_path: Path, scheduler: str):
     new, ref, (T, W, ids, uids), (T2, W2, ids2, uids2) = churned_pair(tmp_path)
-    # many blocks and slices, so that the out-of-core merges do the work
-    monkeypatch.setattr(dstab.store.model, "TARGET_BLOCK_BYTES", 3200)
-    monkeypatch.setattr(neighbours, "SLICE_ROWS", 37)
-    assert len(new.items.row_chunks()) == 15
-    d = measure_drift(new, ref, k=10, queries=60)
+    # many blocks and slices, so that the out-of-core merges do the work (on every scheduler: read on the client)
+    with dask.config.set({"dstab.block-bytes": 3200, "dstab.neighbour-slice-rows": 37}):
+        assert len(new.items.row_chunks()) == 15
+        d = measure_drift(new, ref, k=10, queries=60)
     where = {v: i for i, v in enumerate(ids.tolist())}
     common = np.array([i for i, v in enumerate(ids2.tolist()) if v in where])
     X, Y = T2[common].astype(np.float64), T[[where[v] for v in ids2[common]]].astype(np.float64)

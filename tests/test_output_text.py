@@ -19,7 +19,6 @@ from dstab.cli import main
 from dstab.executor import compute, run_all
 from dstab.synth import synth, synth_like
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["--scheduler", "synchronous", "--no-progress"]
 PLAIN = re.compile(r"dstab: [a-z][^\r]*: (\d[\d,]* tasks? \.\.\.|done in \d+\.\d s)")
 
@@ -70,7 +69,7 @@ def test_nightly_progress_into_a_log_file(tmp_path: Path):
     raw = tmp_path / "raw"
     base = synth(raw / "2026-11-01", items=1500, users=1000, dim=6, seed=3, chunk_rows=400)
     synth_like(raw / "2026-11-02", base, noise=0.01, seed=1)
-    lines = run_logged(tmp_path, sys.executable, str(REPO / "pipelines" / "nightly.py"), str(tmp_path), "--scheduler", "threads")
+    lines = run_logged(tmp_path, dstab_exe(), "nightly", str(tmp_path), "--scheduler", "threads")
     assert lines[0] == "2026-11-01: stabilizing (first: no reference)", lines
     assert any(line.startswith("2026-11-02: stabilizing (onto ") for line in lines), lines
     assert all(PLAIN.fullmatch(line) or ": stabilizing (" in line for line in lines) and len(lines) <= 14, lines

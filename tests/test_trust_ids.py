@@ -26,10 +26,9 @@ STRINGS = np.dtypes.StringDType()  # how zarr-python 3 reads Zarr v3 string arra
 
 
 @pytest.fixture(autouse=True)
-def many_blocks_and_buckets(monkeypatch: pytest.MonkeyPatch):
+def many_blocks_and_buckets():
     """Blocks of one 128-row chunk and 16 ids per bucket, so a duplicate spans blocks and buckets."""
-    monkeypatch.setattr(idm, "ID_BUCKET_ROWS", 16)
-    with dask.config.set({"dstab.block-bytes": 1}):
+    with dask.config.set({"dstab.block-bytes": 1, "dstab.id-bucket-rows": 16}):
         yield
 
 

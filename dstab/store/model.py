@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
 
-from ..errors import InputError, UsageError
+from .. import config
+from ..errors import InputError
 from ..linalg import transform_rows
 from ..structure import Structure, check_table_name, default_structure
 
@@ -26,22 +26,16 @@ SIDES: tuple[Side, Side] = ("items", "users")
 
 
 # Row blocks handed to one task are a whole number of storage chunks, grown
-# towards this many bytes so that per-task overhead stays small.
-TARGET_BLOCK_BYTES = 64 * 2**20
+# towards block_bytes() so that per-task overhead stays small.
+
+
+# Rows per chunk of an in-memory numpy table (the chunk dstab synth and import write).
+ARRAY_CHUNK_ROWS = 131_072
 
 
 def block_bytes() -> int:
-    """The target bytes of one task's block: dask config ``dstab.block-bytes`` (DASK_DSTAB__BLOCK_BYTES), else the default."""
-    value = dask.config.get("dstab.block-bytes", None)
-    if value is None:
-        return TARGET_BLOCK_BYTES
-    try:
-        size = int(dask.utils.parse_bytes(value) if isinstance(value, str) else value)
-    except (ValueError, TypeError):
-        size = 0
-    if size < 1:
-        raise UsageError(f"dstab.block-bytes (DASK_DSTAB__BLOCK_BYTES) must be a size such as 64MiB, got {value!r}")
-    return size
+    """The target bytes of one task's block: dask config ``dstab.block-bytes`` (64 MiB; DASK_DSTAB__BLOCK_BYTES)."""
+    return config.get("block-bytes")
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class Table:
         return np.dtype(self.vectors.dtype)
 
     def block_rows(self) -> int:
-        """Rows per task's block: whole storage chunks, about TARGET_BLOCK_BYTES each."""
+        """Rows per task's block: whole storage chunks, about :func:`block_bytes` each."""
         row_bytes = max(1, self.dim * self.dtype.itemsize)
         per_chunk = self.chunk_rows * row_bytes
         # dask config "dstab.block-bytes" (env DASK_DSTAB__BLOCK_BYTES) overrides the default
@@ -321,7 +315,8 @@ def from_tables(
             rows = unit_rows(table_vectors)
         else:
             table_vectors = np.asarray(table_vectors)
-            rows = int(table_vectors.shape[0]) if table_vectors.ndim else 1
+            # no storage chunk to follow: the CLI's chunk, so a large array is read (and written) in many blocks
+            rows = min(int(table_vectors.shape[0]), ARRAY_CHUNK_ROWS) if table_vectors.ndim else 1
         table_ids, table_counts = ids.get(name), counts.get(name)
         if table_ids is not None and not isinstance(table_ids, (da.Array, zarr.Array)):
             table_ids = np.asarray(table_ids)

@@ -32,13 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import dask
-
+from .. import config
 from ..errors import OutputBusyError, OutputExistsError
 
 Kind = Literal["absent", "empty", "abandoned", "dstab", "foreign"]
 EXPORT_MARKER = "_dstab.json"
-DEFAULT_CLAIM_LEASE = 120.0  # seconds a claim stays valid without a heartbeat
 
 
 def is_local(url: str) -> bool:
@@ -204,7 +202,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def claim_lease() -> float:
-    return float(dask.config.get("dstab.claim-lease", None) or DEFAULT_CLAIM_LEASE)
+    """Seconds a claim stays valid without a heartbeat: dask config ``dstab.claim-lease`` (120 by default)."""
+    return config.get("claim-lease")
 
 
 class Claim:

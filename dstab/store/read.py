@@ -1,4 +1,4 @@
-"""Opening versions and tables (local paths or fsspec URLs) and validating them, from metadata only.
+"""Opening versions and tables (local paths, fsspec URLs, or ``REPO.icechunk/VERSION``) and validating them, from metadata only.
 
 A version is a Zarr v3 group of named tables::
 
@@ -20,6 +20,8 @@ import numpy as np
 import zarr
 
 from ..errors import IncompleteVersionError, InputError, VersionNotFoundError
+from .icechunk_repo import is_repo_url
+from .icechunk_repo import open_group as open_repo_group
 from .model import (
     Table,
     Version,
@@ -40,6 +42,8 @@ def open_group(
     what: str = "version",
     layout: str = "a Zarr group of tables, each a group NAME/ with a vectors array (e.g. items/vectors and users/vectors)",
 ) -> zarr.Group:
+    if is_repo_url(url):  # a group in an Icechunk repository: its committed state, read-only
+        return open_repo_group(url, storage_options, what=what)
     if is_local(url) and not local_path(url).exists():
         recover_local(local_path(url), restore_only=True)  # a publish killed between its renames: the old version is back
     if is_local(url) and not local_path(url).exists():

@@ -23,9 +23,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import dask
-
+from .. import config
 from ..errors import StorageError
+from ..extras import install_hint
 
 T = TypeVar("T")
 
@@ -48,8 +48,6 @@ ROOT_KIND = {
     "abfs": "container",
     "abfss": "container",
 }
-# Wall-clock bound on the whole probe, for any store (dask config "dstab.probe-timeout", seconds).
-DEFAULT_PROBE_DEADLINE = 25.0
 
 _BARE_403 = {"403", "Forbidden", "AccessDenied"}
 _CREDENTIAL_CODES = {
@@ -71,6 +69,7 @@ _CONNECTION_ERRNOS = {
     errno.EHOSTUNREACH,
     errno.EHOSTDOWN,
 }
+# The fsspec backend each protocol needs; extras.install_hint names the dstab extra that installs it (s3fs: dstab[cloud]).
 _PACKAGES = {
     "s3": "s3fs",
     "s3a": "s3fs",
@@ -101,7 +100,8 @@ def protocol_of(url: str) -> str:
 
 
 def probe_deadline() -> float:
-    return float(dask.config.get("dstab.probe-timeout", None) or DEFAULT_PROBE_DEADLINE)
+    """Wall-clock bound on the whole probe, for any store: dask config ``dstab.probe-timeout`` (25 s by default)."""
+    return config.get("probe-timeout")
 
 
 def _copy(options: dict[str, Any]) -> dict[str, Any]:
@@ -486,9 +486,11 @@ def _explain(url: str, exc: BaseException, options: dict[str, Any], output: bool
             f"{check_endpoint}, the network and any proxy",
         )
     if isinstance(exc, ImportError):
+        package = _PACKAGES.get(protocol)
+        needs = f"{protocol}:// URLs need {package}, which is not installed" if package else f"a package for {protocol}:// URLs is missing"
         return (
-            f"a package for {protocol}:// URLs is missing ({_redact(str(exc), options)})",
-            f"pip install {_PACKAGES.get(protocol, 'the package it names')}",
+            f"{needs} ({_redact(str(exc), options)})",
+            install_hint(package) if package else "pip install the package it names",
         )
     if isinstance(exc, ValueError) and "protocol" in str(exc).lower():
         return (

@@ -2,7 +2,14 @@
 
 Local outputs are written to a hidden sibling and renamed into place; object
 stores are claimed, written in place and marked complete last
-(:mod:`dstab.store.outputs` decides what may be replaced and owns the claims).
+(:mod:`dstab.store.outputs` decides what may be replaced and owns the claims);
+versions in an Icechunk repository (``REPO.icechunk/VERSION``) are published by
+one commit (:mod:`dstab.store.icechunk_repo`).
+
+Write tasks return a *receipt* (:func:`write_block`): None for plain Zarr; for
+Icechunk, the session fork the task wrote into. Whoever computes write tasks
+reduces their receipts with :func:`merge_receipts` and hands the result to
+:meth:`Staging.merge` before the staging is read or published.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ import glob
 import os
 import shutil
 import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from dask.delayed import Delayed
 
 from ..errors import DstabError, OutputExistsError, OutputWriteError, UsageError
 from ..faults import failpoint
+from . import icechunk_repo
 from .model import Table, block_sources, load, row_starts
 from .outputs import (
     Claim,
@@ -38,15 +45,34 @@ from .outputs import (
 FORMAT = 1
 
 
+# What a write task hands back: None (plain Zarr), or the Icechunk session fork it wrote into.
+Receipt = Any
+
+
 @dataclass(frozen=True)
 class ArrayTarget:
-    """Where a task writes: picklable, so it travels to distributed workers."""
+    """Where a task writes: picklable, so it travels to distributed workers.
+
+    ``session`` is the Icechunk fork of a repository output (None otherwise):
+    pickled to a worker it becomes that worker's copy, which the task returns.
+    """
 
     store: str
     path: str
     storage_options: dict[str, Any] | None = None
+    session: Any = None
+    key: str = ""
+
+    def __dask_tokenize__(self) -> object:
+        # the fork is named by its staging's key: tokenizing it would serialize its whole change set per task
+        from dask.base import normalize_token
+
+        return ("ArrayTarget", self.store, self.path, normalize_token(self.storage_options), self.key)
 
     def open(self) -> zarr.Array:
+        if self.session is not None:
+            icechunk_repo.quiet_logs()
+            return zarr.open_array(store=self.session.store, path=self.path, mode="r+")
         opts = None if is_local(self.store) else self.storage_options
         store = str(local_path(self.store)) if is_local(self.store) else self.store
         return zarr.open_array(store=store, path=self.path, mode="r+", storage_options=opts)
@@ -74,6 +100,9 @@ def check_output(
                 f"output {out} is, contains, or lies inside the input {source}; "
                 "dstab never writes over its inputs: choose another --out"
             )
+    if icechunk_repo.is_repo_url(out):  # the repository decides, from its head: nothing beside it is touched
+        check_replaceable(out, icechunk_repo.inspect_output(out, storage_options), overwrite=overwrite)
+        return
     if is_local(out):
         _check_not_inside_a_group(out)
         recover_local(local_path(out))
@@ -205,7 +234,14 @@ class Staging:
         check_output(self.out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
         self.local = is_local(self.out)
         self.claim: Claim | None = None
-        if self.local:
+        self.repo: icechunk_repo.RepoStaging | None = None
+        self._key = uuid.uuid4().hex
+        if icechunk_repo.is_repo_url(self.out):
+            self.local = False
+            self.url = self.out
+            self.repo = icechunk_repo.RepoStaging(self.out, overwrite=overwrite, storage_options=storage_options)
+            self.group = self.repo.group
+        elif self.local:
             self._final = local_path(self.out)
             self._tmp = staging_name(self._final, "tmp")
             self.url = str(self._tmp)
@@ -236,18 +272,49 @@ class Staging:
         chunks: tuple[int, ...],
         dtype: np.dtype,
         like: Any | None = None,
+        coordinates: str | None = None,
     ) -> ArrayTarget:
-        """An empty array in the staging group; ``like`` lends its compressors when it is a Zarr array."""
+        """An empty array in the staging group; ``like`` lends its compressors when it is a Zarr array.
+
+        Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names`,
+        from its name), so xarray and other readers of the spec label its axes.
+        ``coordinates`` (CF: the arrays that label its rows, ``"ids"``) makes
+        xarray open those as coordinates of this one. Strings of any width are
+        stored as the spec's variable-length UTF-8 ``string``: fixed-width
+        unicode has no Zarr v3 specification (zarr warns, other readers refuse it).
+        """
         kwargs: dict[str, Any] = {}
         if isinstance(like, zarr.Array) and like.metadata.zarr_format == 3:
             kwargs["compressors"] = like.compressors
-        with warnings.catch_warnings():
-            # Fixed-width string ids have no Zarr v3 spec yet; zarr-python warns
-            # on creation but stores and reads them fine. Input ids of that
-            # dtype are copied as they are.
-            warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-            self.group.create_array(path, shape=shape, chunks=chunks, dtype=dtype, **kwargs)
-        return ArrayTarget(self.url, path, self.storage_options)
+        if coordinates:
+            kwargs["attributes"] = {"coordinates": coordinates}
+        stored = np.dtypes.StringDType() if np.dtype(dtype).kind in "USTO" else dtype
+        self.group.create_array(
+            path, shape=shape, chunks=chunks, dtype=stored, dimension_names=dimension_names(path, len(shape)), **kwargs
+        )
+        return self._target(path)
+
+    def _target(self, path: str) -> ArrayTarget:
+        """Where tasks write ``path``: the store's URL, or the repository's fork."""
+        if self.repo is not None:  # the fork's store is the whole repository: the path starts at its root
+            return ArrayTarget(self.url, f"{self.repo.r.group}/{path}", self.storage_options, session=self.repo.fork, key=self._key)
+        return ArrayTarget(self.url, path, self.storage_options, key=self._key)
+
+    def merge(self, receipt: Receipt) -> None:
+        """Take the write tasks' receipts back (reduced by :func:`merge_receipts`); a no-op for plain Zarr.
+
+        Call it after the write pass, before reading what was written or publishing.
+        """
+        if self.repo is not None:
+            self.repo.merge(receipt)
+
+    def run(self, tasks: list[Delayed], *, progress: bool = False, stage: str = "writing") -> None:
+        """Compute write tasks that return receipts, and merge them: the whole write pass for callers with no other results."""
+        from ..executor import compute, tree_reduce
+
+        if tasks:
+            (receipt,) = compute(tree_reduce(tasks, merge_receipts), progress=progress, stage=stage)
+            self.merge(receipt)
 
     def create_table(self, side: str, like: Table, width: int) -> ArrayTarget:
         """The ``side/vectors`` array for a table of ``like``'s rows and storage chunks, ``width`` wide.
@@ -263,6 +330,7 @@ class Staging:
             chunks=(min(like.chunk_rows, like.n_rows), width),
             dtype=like.dtype,
             like=like.vectors,
+            coordinates="ids" if like.ids is not None else None,
         )
 
     def copy_ids(self, side: str, like: Table) -> list[Delayed]:
@@ -278,6 +346,7 @@ class Staging:
                 chunks=(min(like.chunk_rows, like.n_rows),),
                 dtype=np.dtype(column.dtype),
                 like=column,
+                coordinates="ids" if name == "counts" and like.ids is not None else None,
             )
             tasks += [
                 dask.delayed(copy_block, pure=True)(block, target, start)
@@ -287,12 +356,24 @@ class Staging:
 
     def write_small(self, path: str, value: np.ndarray) -> None:
         """A small array written at once (transforms, spectra)."""
-        arr = self.group.create_array(path, shape=value.shape, chunks=value.shape or None, dtype=value.dtype)
+        arr = self.group.create_array(
+            path,
+            shape=value.shape,
+            chunks=value.shape or None,
+            dtype=value.dtype,
+            dimension_names=dimension_names(path, value.ndim),
+        )
         arr[...] = value
 
     def publish(self, attrs: dict[str, Any]) -> None:
-        """Mark complete (last write), then move into place; only the run that owns OUT publishes."""
+        """Mark complete (last write), then move into place; only the run that owns OUT publishes.
+
+        In a repository: one commit (the old version replaced in the same one), after :meth:`merge`.
+        """
         failpoint("after-write")
+        if self.repo is not None:
+            self.repo.commit({**attrs, "format": FORMAT, "complete": True})
+            return
         if self.claim is not None:
             self.claim.verify()
         self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
@@ -303,6 +384,9 @@ class Staging:
 
     def discard(self) -> None:
         """Remove what was staged (after a failure); an object-store output is removed only by its owner."""
+        if self.repo is not None:
+            self.repo.discard()  # never committed: nothing of it is visible
+            return
         if self.local:
             shutil.rmtree(self._tmp, ignore_errors=True)
             return
@@ -340,11 +424,45 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def write_block(block: np.ndarray, target: ArrayTarget, start: int) -> None:
-    """Write one row block at ``start``: whole storage chunks, so no two tasks share one."""
+# Zarr v3 dimension names by array name. A table's arrays share ``row``, so
+# ``xarray.open_zarr(OUT, group=TABLE)`` opens it as one Dataset; every saved
+# transform maps ``dim_in`` (the raw model's width) to ``dim_out``.
+_DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
+    "vectors": ("row", "dim"),
+    "ids": ("row",),
+    "counts": ("row",),
+    "singular_values": ("component",),
+}
+
+
+def dimension_names(path: str, ndim: int) -> tuple[str, ...]:
+    """The ``dimension_names`` of the array dstab writes at ``path`` (a group-relative path)."""
+    parent, _, leaf = path.rpartition("/")
+    names = _DIMENSION_NAMES.get(leaf)
+    if parent.rpartition("/")[2] == "transform" and leaf != "singular_values":
+        names = ("dim_in", "dim_out")
+    if names is not None and len(names) == ndim:
+        return names
+    return tuple(f"{leaf}_{axis}" for axis in range(ndim))  # no known role: still named, each axis apart
+
+
+def write_block(block: np.ndarray, target: ArrayTarget, start: int) -> Receipt:
+    """Write one row block at ``start``: whole storage chunks, so no two tasks share one.
+
+    Returns the receipt: None for plain Zarr, the fork written into for Icechunk.
+    """
     target.open()[start : start + block.shape[0]] = block
+    return target.session
 
 
-def copy_block(source: Any, target: ArrayTarget, start: int) -> None:
+def merge_receipts(*receipts: Receipt) -> Receipt:
+    """Receipts as one (a tree-reduce combiner too): None-cheap, so plain Zarr pays nothing."""
+    merged = None
+    for receipt in receipts:
+        merged = icechunk_repo.merge_forks(merged, receipt)
+    return merged
+
+
+def copy_block(source: Any, target: ArrayTarget, start: int) -> Receipt:
     """Read a block source and write it unchanged."""
-    write_block(load(source), target, start)
+    return write_block(load(source), target, start)

@@ -1,0 +1,301 @@
+"""Nightly: stabilize a location of dated versions in order, each onto the stabilized day before it.
+
+    SOURCE/raw/2026-11-20/      raw versions from training, one per day (any sortable names)
+    SOURCE/raw/2026-11-21/
+    SOURCE/stable/2026-11-20/   written by the nightly (or STABLE/<date> with --stable / --out-repo)
+    SOURCE/stable/2026-11-21/
+
+SOURCE is a local directory or an fsspec URL (``s3://bucket/prefix``). The
+first day is stabilized without a reference (deterministic signs); each later
+one is aligned onto the stabilized day before it. Days whose stabilized
+version opens as complete are skipped, so the same command runs every night,
+and a night that died is simply run again.
+
+The plan (:func:`day_names`, :func:`plan`, :func:`Gates.crossed`) is pure;
+:func:`list_raw_days` and :func:`find_done` look at the stores, and
+:func:`run` stabilizes the days not done, each written through
+:meth:`Stabilization.to_zarr`, so any location ``open_version`` and the
+staging writer accept (an Icechunk repository's version group included) is
+a stable location. Quality gates run inside ``to_zarr`` after the write pass
+and before publishing: a day that crosses one is not published, the night
+stops there (:class:`GateError`), and the days before it stay published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import (
+    DstabError,
+    IncompleteVersionError,
+    OutputExistsError,
+    VersionNotFoundError,
+)
+from .store import Version, is_local, local_path, open_version
+from .store.icechunk_repo import is_repo_url
+
+log = logging.getLogger("dstab.nightly")
+
+# the exit code of a night stopped by a quality gate (bad input is 2, a bug 1)
+GATE_EXIT = 3
+
+
+class GateError(DstabError):
+    """A stabilized day crossed a quality gate: it was not published and the night stopped there."""
+
+    exit_code = GATE_EXIT
+
+    def __init__(self, message: str, night: Night | None = None) -> None:
+        super().__init__(message)
+        self.night = night
+
+
+# ----------------------------------------------------------------------------- the plan (pure)
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for a local path or a URL (no normalisation of the URL beyond one slash)."""
+    return os.path.join(root, name) if is_local(root) else f"{root.rstrip('/')}/{name}"
+
+
+def day_names(entries: Iterable[tuple[str, bool]]) -> list[str]:
+    """The days, sorted, from (name, is a directory) entries of ``SOURCE/raw``: hidden names and files are not days."""
+    return sorted(name for name, is_dir in entries if is_dir and name and not name.startswith("."))
+
+
+@dataclass(frozen=True)
+class Day:
+    name: str
+    raw: str  # where the raw version is
+    stable: str  # where its stabilized version goes
+    done: bool  # its stabilized version is there, complete
+    reference: str | None  # the day it is aligned onto (None: the first day)
+
+
+def plan(source: str, names: list[str], done: Iterable[str], stable: str | None = None) -> list[Day]:
+    """Every day in order, whether it is done, and the day each is aligned onto (the one before it)."""
+    finished = set(done)
+    root = stable if stable is not None else join(source, "stable")
+    days, before = [], None
+    for name in names:
+        days.append(Day(name, join(join(source, "raw"), name), join(root, name), name in finished, before))
+        before = name
+    return days
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Quality gates a day must pass to be published (None: no gate)."""
+
+    max_score_error: float | None = None
+    max_drift: float | None = None
+
+    def crossed(self, report: dict[str, Any]) -> tuple[str, str, float, float] | None:
+        """(measure, flag, value, gate) of the first gate ``report`` crosses, or None.
+
+        A value that is not a number (NaN) crosses its gate; drift is not
+        gated on the first day, which has no reference to drift from.
+        """
+        for measure, flag, key, gate in (
+            ("score error", "--max-score-error", "score_error", self.max_score_error),
+            ("drift after", "--max-drift", "drift_after", self.max_drift),
+        ):
+            value = report.get(key)
+            if gate is None or value is None:
+                continue
+            if not float(value) <= gate:  # NaN crosses too
+                return measure, flag, float(value), gate
+        return None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"max_score_error": self.max_score_error, "max_drift": self.max_drift}
+
+
+# ----------------------------------------------------------------------------- what the stores hold
+
+
+def list_raw_days(source: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The day names under ``SOURCE/raw``, sorted; one line naming the location when there is none."""
+    raw = join(source, "raw")
+    missing = f"{raw} does not exist; put one raw version per day under SOURCE/raw/ (SOURCE/raw/2026-11-01/, ...)"
+    if is_local(raw):
+        path = local_path(raw)
+        if not path.is_dir():
+            raise VersionNotFoundError(missing)
+        return day_names((p.name, p.is_dir()) for p in path.iterdir())
+    from .store.remote import probe, storage_error
+
+    if not probe(raw, storage_options, what="directory of raw days"):
+        raise VersionNotFoundError(missing)
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(raw, **(storage_options or {}))
+        entries = fs.ls(path.rstrip("/"), detail=True, refresh=True)
+    except Exception as exc:  # noqa: BLE001 - a store failure is one line naming the URL
+        raise storage_error(raw, exc, storage_options, what="directory of raw days") from None
+    return day_names((str(e["name"]).rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries)
+
+
+def find_done(days: list[Day], storage_options: dict[str, Any] | None = None) -> dict[str, Version]:
+    """The days whose stabilized version opens as complete, opened (a killed run's incomplete one is not done)."""
+    done = {}
+    for day in days:
+        local_dir = is_local(day.stable) and not is_repo_url(day.stable)  # a version in a repository is no directory
+        if local_dir and not local_path(day.stable).exists() and not _staged_aside(day.stable):
+            continue  # the common case, without opening anything
+        try:
+            done[day.name] = open_version(day.stable, storage_options)
+        except (VersionNotFoundError, IncompleteVersionError):
+            continue  # not there, or a run died writing it: the writer replaces it
+    return done
+
+
+def _staged_aside(url: str) -> bool:
+    """A local version moved aside by a publish killed between its renames: opening it puts it back."""
+    path = local_path(url)
+    return path.parent.is_dir() and any(p.name.startswith(f".{path.name}.dstab-old-") for p in path.parent.iterdir())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Night:
+    """What a night did, day by day (``status``: done, skipped or failed), as a scheduler can read it."""
+
+    source: str
+    stable: str
+    gates: Gates
+    days: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(day["status"] == status for day in self.days)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "stable": self.stable,
+            "gates": self.gates.as_dict(),
+            "done": self.count("done"),
+            "skipped": self.count("skipped"),
+            "failed": self.count("failed"),
+            "days": self.days,
+        }
+
+
+def summary(name: str, out: str, report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The key figures of a stabilized day."""
+    keys = ("rank", "dim_in", "dim_out", "tables", "drift_before", "drift_after", "score_error", "anchor", "notes")
+    return {"name": name, "out": out, **{k: report.get(k) for k in keys}, "seconds": round(seconds, 3)}
+
+
+def run(
+    days: list[Day],
+    done: dict[str, Version],
+    *,
+    source: str,
+    stable: str,
+    options: dict[str, Any],
+    gates: Gates = Gates(),
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
+    on_day: Callable[[dict[str, Any]], None] | None = None,
+    night: Night | None = None,
+) -> Night:
+    """Stabilize the days not ``done`` in order, each onto the stabilized day before it.
+
+    ``options`` are :func:`dstab.stabilize`'s (sides, symmetric, rank, rtol,
+    anchor, anchor_min_count, anchor_weights, method); the anchor options are
+    dropped for a day with no reference. ``on_day(record)`` is called as each
+    stabilized day is published. A day crossing ``gates`` raises
+    :class:`GateError` (carrying the night so far) and nothing of it is published.
+    Any other failure of a day (bad input, a store) is recorded in ``night``
+    (given by the caller, who reports it with the error) as that day failed.
+    """
+    night = night if night is not None else Night(source=source, stable=stable, gates=gates)
+    reference: Version | None = None
+    for day in days:
+        if day.name in done:
+            reference = done[day.name]
+            night.days.append({"name": day.name, "out": day.stable, "status": "skipped"})
+            log.info("%s: already stabilized, skipped", day.name)
+            continue
+        try:
+            reference = _one_day(day, reference, night, options, gates, storage_options, progress, on_day)
+        except GateError:
+            raise  # recorded by the gate, with its measure
+        except DstabError as exc:
+            night.days.append({"name": day.name, "out": day.stable, "status": "failed", "error": str(exc)})
+            raise
+    return night
+
+
+def _one_day(
+    day: Day,
+    reference: Version | None,
+    night: Night,
+    options: dict[str, Any],
+    gates: Gates,
+    storage_options: dict[str, Any] | None,
+    progress: bool,
+    on_day: Callable[[dict[str, Any]], None] | None,
+) -> Version:
+    """Stabilize one day onto ``reference``, publish it if it passes the gates; the version the next day aligns onto."""
+    from .stabilize import stabilize
+
+    onto = f"onto {reference.url}" if reference is not None and reference.url else "first: no reference"
+    log.log(logging.INFO if progress else logging.DEBUG, "%s: stabilizing (%s)", day.name, onto)
+    started = time.perf_counter()
+    fit = dict(options)
+    if reference is None:  # the anchor options choose rows that fit the rotation onto a reference: the first day has none
+        for key in ("anchor", "anchor_min_count", "anchor_weights"):
+            fit.pop(key, None)
+    # the structure: as asked, else recorded in the raw version or in yesterday's stable one, else the default
+    result = stabilize(open_version(day.raw, storage_options), reference, **fit, progress=progress)
+    try:
+        written = result.to_zarr(day.stable, storage_options=storage_options, progress=progress, gate=_gate(night, gates, day, started))
+    except OutputExistsError:
+        # two nights at once (a cron overlap): the other run published this day first, and it is the same day
+        night.days.append({"name": day.name, "out": day.stable, "status": "skipped"})
+        log.info("%s: stabilized by another run meanwhile, kept as it is", day.name)
+        return open_version(day.stable, storage_options)
+    record = {**summary(day.name, day.stable, result.report, time.perf_counter() - started), "status": "done",
+              "matching": result.report.get("matching") or {}}  # fmt: skip
+    night.days.append(record)
+    if on_day is not None:
+        on_day(record)
+    return written
+
+
+def _gate(night: Night, gates: Gates, day: Day, started: float) -> Callable[[dict[str, Any]], None]:
+    """The check ``to_zarr`` runs after the write pass, before publishing: raising there publishes nothing."""
+
+    def gate(report: dict[str, Any]) -> None:
+        crossed = gates.crossed(report)
+        if crossed is None:
+            log.debug("%s: gates passed (%s)", day.name, gates.as_dict())
+            return
+        measure, flag, value, limit = crossed
+        record = summary(day.name, day.stable, report, time.perf_counter() - started)
+        night.days.append({**record, "status": "failed", "gate": {"measure": measure, "flag": flag, "value": value, "limit": limit}})
+        before = "; the days before it stay published" if night.count("done") + night.count("skipped") else ""
+        raise GateError(
+            f"{day.name}: {measure} {value:.4g} crosses the gate {flag} {limit:g}: not published, the night stops here{before}",
+            night,
+        )
+
+    return gate
+
+
+def describe_day(record: dict[str, Any]) -> str:
+    """A published day in one line: rank, score error, drift, time."""
+    drift = ""
+    if record.get("drift_after") is not None:
+        drift = f", drift {record['drift_before']:.4g} -> {record['drift_after']:.4g}"
+    return f"{record['name']}: rank {record['rank']}, score error {record['score_error']:.2e}{drift}, {record['seconds']:.1f} s"
