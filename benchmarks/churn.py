@@ -51,7 +51,9 @@ def make_churned(source: Path, out: Path, churn: float, seed: int) -> None:
     vectors[len(keep) :] = (rng.normal(size=(n_new, dim)) * scale).astype(items.dtype)
     out_ids[len(keep) :] = np.arange(n_new) + 5 * 10**12  # ids the reference never had
     # reorder: shuffle whole chunks, then rows inside each chunk
-    order = np.concatenate([rng.permutation(np.arange(s, min(s + chunk, n))) for s in rng.permutation(np.arange(0, n, chunk))])
+    order = np.concatenate(
+        [rng.permutation(np.arange(s, min(s + chunk, n))) for s in rng.permutation(np.arange(0, n, chunk))]
+    )
     for name, data in (("vectors", vectors[order]), ("ids", out_ids[order])):
         arr = group.create_array(f"items/{name}", shape=data.shape, chunks=(chunk,) + data.shape[1:], dtype=data.dtype)
         arr[...] = data
@@ -72,7 +74,9 @@ def make_data(directory: Path, items: int, users: int, dim: int, churn: float) -
     return {name: dstab.open_version(directory / name) for name in ("ref", "same", "churned")}
 
 
-def run_once(new: dstab.Version, ref: dstab.Version, out: Path, **kwargs: object) -> tuple[float, float, dstab.Stabilization]:
+def run_once(
+    new: dstab.Version, ref: dstab.Version, out: Path, **kwargs: object
+) -> tuple[float, float, dstab.Stabilization]:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = dstab.stabilize(new, ref, **kwargs)  # type: ignore[arg-type]
@@ -102,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.mkdtemp(prefix="dstab-churn-")
         directory = Path(tmp)
     try:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster):
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster),
+        ):
             data = make_data(directory, args.items, args.users, args.dim, args.churn)
             ref = data["ref"]
             contenders = {"positional": data["same"], "by-id": data["churned"]}
@@ -116,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     totals[name].append(total)
             # the exact join (every common id in the sample) once, for its drift and cost
             exact_bytes = 2 * args.items * args.dim * 4
-            fit_exact, total_exact, result_exact = run_once(data["churned"], ref, directory / "out-exact", id_sample_bytes=exact_bytes)
+            fit_exact, total_exact, result_exact = run_once(
+                data["churned"], ref, directory / "out-exact", id_sample_bytes=exact_bytes
+            )
             drift_sampled = measure_drift(dstab.open_version(directory / "out-by-id"), ref, k=0)["items"]["frobenius"]
             drift_exact = measure_drift(dstab.open_version(directory / "out-exact"), ref, k=0)["items"]["frobenius"]
     finally:

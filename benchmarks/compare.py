@@ -114,7 +114,10 @@ def _finish_from_factors(r_items, r_users, cross_items, cross_users, ref_dim, pr
 def _write_like(out: Path, side: str, table, values: np.ndarray) -> None:
     g = zarr.open_group(str(out), mode="a")
     g.create_array(
-        f"{side}/vectors", data=values, chunks=(table.chunk_rows, values.shape[1]), compressors=table.vectors.compressors
+        f"{side}/vectors",
+        data=values,
+        chunks=(table.chunk_rows, values.shape[1]),
+        compressors=table.vectors.compressors,
     )
     if table.ids is not None:
         g.create_array(f"{side}/ids", data=table.ids[...], chunks=(table.chunk_rows,))
@@ -142,11 +145,17 @@ def run_naive_dask(new: Version, ref: Version, out: Path) -> None:
         graphs[f"c_{s}"] = x[s].astype(np.float64).T @ y[s].rechunk(x[s].chunks).astype(np.float64)
         graphs[f"sum_{s}"] = x[s].sum(axis=0, dtype=np.float64)
     (res,) = dask.compute(graphs)
-    probes = [(res[f"sum_{s}"], np.asarray(new.table(s).vectors[:64], dtype=np.float64), new.table(s).n_rows) for s in SIDES]
-    a_items, a_users = _finish_from_factors(res["r_items"], res["r_users"], res["c_items"], res["c_users"], ref.dim, probes)
+    probes = [
+        (res[f"sum_{s}"], np.asarray(new.table(s).vectors[:64], dtype=np.float64), new.table(s).n_rows) for s in SIDES
+    ]
+    a_items, a_users = _finish_from_factors(
+        res["r_items"], res["r_users"], res["c_items"], res["c_users"], ref.dim, probes
+    )
     stores = []
     for side, a in (("items", a_items), ("users", a_users)):
-        stores.append(da.to_zarr((x[side] @ a.astype(x[side].dtype)), str(out), component=f"{side}/vectors", compute=False))
+        stores.append(
+            da.to_zarr((x[side] @ a.astype(x[side].dtype)), str(out), component=f"{side}/vectors", compute=False)
+        )
     dask.compute(*stores)
 
 
@@ -214,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (root): reads come from disk")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every run (root): reads come from disk"
+    )
     parser.add_argument("--dir", type=Path, help="keep the data here and reuse it (default: a temporary directory)")
     parser.add_argument("--only", help="comma-separated contenders to run (default: all)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -233,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     times: dict[str, list[float]] = {name: [] for name in chosen if not (name == "spark" and spark_missing)}
     try:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0") as cluster, Client(cluster) as client:  # noqa: E501
+        with (
+            LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=":0") as cluster,
+            Client(cluster) as client,
+        ):  # noqa: E501
             started = time.perf_counter()
             new, ref = make_data(work / "data", args.items, args.users, args.dim)
             print(f"data ready in {time.perf_counter() - started:.1f} s: {new!r}", file=sys.stderr)
@@ -254,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"name": "spark", "skipped": spark_missing})
     if "io-floor" in times and "dstab" in times:
         ratios = [d / f for d, f in zip(times["dstab"], times["io-floor"])]
-        print(f"dstab / io-floor per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}")
+        print(
+            f"dstab / io-floor per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}"
+        )
     floor = next((r["median_s"] for r in results if r["name"] == "io-floor"), None)
     ours = next((r["median_s"] for r in results if r["name"] == "dstab"), None)
     gb = (args.items + args.users) * args.dim * 4 / 1e9

@@ -61,7 +61,9 @@ def random_orthogonal(dim: int, seed: int) -> np.ndarray:
     return ortho_group.rvs(dim, random_state=np.random.default_rng([seed, 7])) if dim > 1 else np.ones((1, 1))
 
 
-def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[Version, Version]:
+def make_one_table(
+    directory: Path, rows: int, dim: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> tuple[Version, Version]:
     """Day 1 (one table, rows drawn like ``synth``'s items, int64 ids), its stabilized form (the
     reference), and day 2 = day 1 @ Q + 1% shaped noise for a random orthogonal Q (the new version)."""
     if not (directory / "new").exists():
@@ -70,7 +72,9 @@ def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int = DEFAU
         model = _model(dim, dim, seed=0)  # the same generating model as the two-table items
         staging = Staging(str(directory / "base"), inputs=[])
         rows_per = min(chunk_rows, rows)
-        target = staging.create_array(f"{ONE_TABLE}/vectors", shape=(rows, dim), chunks=(rows_per, dim), dtype=np.dtype(np.float32))
+        target = staging.create_array(
+            f"{ONE_TABLE}/vectors", shape=(rows, dim), chunks=(rows_per, dim), dtype=np.dtype(np.float32)
+        )
         ids = staging.create_array(f"{ONE_TABLE}/ids", shape=(rows,), chunks=(rows_per,), dtype=np.dtype(np.int64))
         tasks = [
             dask.delayed(_synth_block, pure=True)(
@@ -179,7 +183,9 @@ def summarize(runs: dict[str, list[tuple[float, float, float]]], tables: dict[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=6_000_000, help="rows in each case (two-table: 2/3 items, 1/3 users)")
+    parser.add_argument(
+        "--rows", type=int, default=6_000_000, help="rows in each case (two-table: 2/3 items, 1/3 users)"
+    )
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
@@ -195,10 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.dir or Path(tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
     check_disk(work, args.rows, args.dim)
-    runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {case: {"io-floor": [], "dstab": []} for case in CASES}
+    runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {
+        case: {"io-floor": [], "dstab": []} for case in CASES
+    }
     score_error: dict[str, float] = {}
     try:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:  # noqa: E501
+        with (
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+            Client(cluster) as client,
+        ):  # noqa: E501
             started = time.perf_counter()
             data = {
                 "two-table": make_two_table(work / "two-table", items, users, args.dim),
@@ -244,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(f'{r:.2f}' for r in c['ratios']):<24} {c['fit_over_floor_read']:>10.2f} "
               f"{c['write_over_floor_write']:>11.2f} {c['median_cpu_ratio']:>9.2f}")  # fmt: skip
     verdict = "no worse" if relative <= 1 else "WORSE"
-    print(f"one-table ratio / two-table ratio: {relative:.3f} (per repeat {', '.join(f'{r:.2f}' for r in per_repeat)}): {verdict}")
+    print(
+        f"one-table ratio / two-table ratio: {relative:.3f} (per repeat {', '.join(f'{r:.2f}' for r in per_repeat)}): {verdict}"
+    )
     print(f"the same in CPU seconds: {cpu_relative:.3f}")
     if args.json:
         args.json.write_text(json.dumps({

@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     directory = args.dir or Path(tmp)  # type: ignore[arg-type]
     times: dict[str, list[float]] = {"read": [], "drift k=0": [], f"drift k={args.k}": []}
     try:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster):
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster),
+        ):
             data = make_data(directory, args.items, args.users, args.dim, 0.10)
             new, ref = data["churned"], data["ref"]
             result = {}

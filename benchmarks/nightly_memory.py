@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             record = {"run": run, "day": name, "wall_s": round(wall, 2), "peak_tree_rss_mib": round(peak / 2**20, 1),
                       "score_error": error}  # fmt: skip
             label = "bootstrap, no reference" if run == 0 else "onto the day before"
-            print(f"run {run:>2} ({name}, {label}): peak {peak / 2**20:8.1f} MiB, {wall:6.1f} s, score error {error:.2e}", flush=True)
+            print(
+                f"run {run:>2} ({name}, {label}): peak {peak / 2**20:8.1f} MiB, {wall:6.1f} s, score error {error:.2e}",
+                flush=True,
+            )
             if run == 0:
                 bootstrap = record
             else:

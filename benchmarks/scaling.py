@@ -108,7 +108,9 @@ def plot(result: dict, path: Path) -> None:
     ax1.set(xscale="log", xlabel="rows (items + users)", ylabel="ns per row", title="Time per row against rows")
     ax1.set_ylim(bottom=0)
     ax2.plot(rows, [p["peak_rss_bytes"] / 2**30 for p in result["rows_sweep"]], "o-", label="peak RSS, all processes")
-    ax2.plot(rows, [p["vector_bytes_pair"] / 2**30 for p in result["rows_sweep"]], "s--", label="vectors read (new + ref)")
+    ax2.plot(
+        rows, [p["vector_bytes_pair"] / 2**30 for p in result["rows_sweep"]], "s--", label="vectors read (new + ref)"
+    )
     limit = result["memory_limit_bytes_total"] / 2**30
     ax2.axhline(limit, color="grey", linestyle=":", label=f"worker memory limit, total ({limit:.1f} GiB)")
     ax2.set(xscale="log", yscale="log", xlabel="rows (items + users)", ylabel="GiB", title="Peak memory against rows")
@@ -116,8 +118,12 @@ def plot(result: dict, path: Path) -> None:
     workers = [p["workers"] for p in result["workers_sweep"]]
     ax3.plot(workers, [p["median_s"] for p in result["workers_sweep"]], "o-")
     for p in result["workers_sweep"]:
-        ax3.annotate(f"{p['median_s']:.1f} s, {p['peak_rss_bytes'] / 2**30:.2f} GiB", (p["workers"], p["median_s"]), fontsize=8)
-    ax3.set(xlabel="workers", ylabel="seconds", title=f"Time against workers ({result['workers_sweep'][0]['rows']:,} rows)")
+        ax3.annotate(
+            f"{p['median_s']:.1f} s, {p['peak_rss_bytes'] / 2**30:.2f} GiB", (p["workers"], p["median_s"]), fontsize=8
+        )
+    ax3.set(
+        xlabel="workers", ylabel="seconds", title=f"Time against workers ({result['workers_sweep'][0]['rows']:,} rows)"
+    )
     ax3.set_xticks(workers)
     ax3.set_ylim(bottom=0)
     fig.suptitle(f"dstab stabilize with reference, dim {result['dim']} float32, {result['machine']}")
@@ -160,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     middle = sorted(args.rows)[len(args.rows) // 2]
     try:
         for workers in sorted(args.workers, reverse=True):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=args.memory_limit, dashboard_address=":0") as cluster, Client(cluster) as client:  # noqa: E501
+            with (
+                LocalCluster(
+                    n_workers=workers, threads_per_worker=1, memory_limit=args.memory_limit, dashboard_address=":0"
+                ) as cluster,
+                Client(cluster) as client,
+            ):  # noqa: E501
                 sizes = sorted(args.rows) if workers == max(args.workers) else [middle]
                 for rows in sizes:
                     new, ref = dataset(data, rows, args.dim)
@@ -191,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = result["time_per_row_spread"]
     print(f"time per row within {lo:+.0%} / {hi:+.0%} of the median across sizes")
     for p in sweep:
-        print(f"{p['workers']} workers at {p['rows']:,} rows: {p['median_s']:.2f} s, peak {p['peak_rss_bytes'] / 2**30:.2f} GiB")
+        print(
+            f"{p['workers']} workers at {p['rows']:,} rows: {p['median_s']:.2f} s, peak {p['peak_rss_bytes'] / 2**30:.2f} GiB"
+        )
     if result["speedup_1_to_max_workers"]:
-        print(f"speed-up from {sweep[0]['workers']} to {sweep[-1]['workers']} workers: {result['speedup_1_to_max_workers']:.2f}x")
+        print(
+            f"speed-up from {sweep[0]['workers']} to {sweep[-1]['workers']} workers: {result['speedup_1_to_max_workers']:.2f}x"
+        )
     print(f"wrote {args.out / 'scaling.json'} and {args.out / 'scaling.png'}")
     return 0
 

@@ -42,7 +42,9 @@ def commands() -> dict[str, list[str]]:
 
 def time_once(argv: list[str]) -> float:
     started = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120, check=False
+    )
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -52,7 +54,9 @@ def time_once(argv: list[str]) -> float:
 def heavy_modules(code: str) -> list[str]:
     """The heavy modules loaded after running ``code`` in a fresh interpreter."""
     probe = f"import sys\n{code}\nprint('\\n'.join(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     return proc.stdout.split() if proc.returncode == 0 else [f"(probe failed: {proc.stderr.strip()[-200:]})"]
 
 
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
         results.append(row)
     if args.json:
-        args.json.write_text(json.dumps({"runs": args.runs, "target_s": args.target, "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"runs": args.runs, "target_s": args.target, "results": results}, indent=2) + "\n"
+        )
     return 1 if failed and args.strict else 0
 
 

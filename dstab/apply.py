@@ -11,7 +11,7 @@ writes them; nothing is visible at the output until every block is written.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dask
@@ -36,7 +36,9 @@ def _transform_write(source: Any, transform: np.ndarray, target: Any, start: int
     finite = np.isfinite(block).all(axis=1)
     if not finite.all():
         row = start + int(np.flatnonzero(~finite)[0])
-        raise InputError(f"{label}/vectors row {row} is not finite (NaN or Inf); fix or drop that row and run apply again")
+        raise InputError(
+            f"{label}/vectors row {row} is not finite (NaN or Inf); fix or drop that row and run apply again"
+        )
     return write_block(transform_rows(block, transform), target, start)  # the receipt
 
 
@@ -80,7 +82,7 @@ def apply_table(
                 "side": side,  # the version's table whose transform mapped the rows
                 "version": canonical_url(version.url) if version.url else None,
                 "input": canonical_url(table.name) if table.name else None,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         )
     except BaseException:

@@ -125,7 +125,9 @@ def parse_memory_limit(value: str) -> str:
     try:
         size = parse_bytes(value)
     except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"must be a size such as 2GiB, 512MiB or 4e9 (or auto), got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a size such as 2GiB, 512MiB or 4e9 (or auto), got {value!r}"
+        ) from None
     if size <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive size such as 2GiB, got {value!r}")
     return value
@@ -142,7 +144,11 @@ def parse_gate(value: str) -> float:
 
 
 def _local_cluster_options(args: argparse.Namespace) -> list[str]:
-    return [flag for flag, value in (("--workers", args.workers), ("--memory-limit", args.memory_limit)) if value is not None]
+    return [
+        flag
+        for flag, value in (("--workers", args.workers), ("--memory-limit", args.memory_limit))
+        if value is not None
+    ]
 
 
 def _worker_need(tables: list[Table]) -> tuple[int, str]:
@@ -153,7 +159,9 @@ def _worker_need(tables: list[Table]) -> tuple[int, str]:
         return WORKER_BASE_BYTES, "no table"
     table = max(tables, key=lambda t: t.block_rows() * t.dim * t.dtype.itemsize)
     block = min(table.block_rows(), table.n_rows) * table.dim * table.dtype.itemsize
-    words = f"blocks of {min(table.block_rows(), table.n_rows):,} rows x {table.dim} {table.dtype} ({format_bytes(block)})"
+    words = (
+        f"blocks of {min(table.block_rows(), table.n_rows):,} rows x {table.dim} {table.dtype} ({format_bytes(block)})"
+    )
     need = WORKER_BASE_BYTES + BLOCKS_IN_FLIGHT * block
     return -(-need // (64 * 2**20)) * 64 * 2**20, words  # rounded up to 64 MiB: a figure to type
 
@@ -190,7 +198,11 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
     address = args.scheduler or dask.config.get("scheduler-address", None)
     if address and _local_cluster_options(args):
         where = f"--scheduler {address}" if args.scheduler else f"DASK_SCHEDULER_ADDRESS={address}"
-        how = "runs in this process" if address in LOCAL_SCHEDULERS else "attaches to a cluster sized where it was started"
+        how = (
+            "runs in this process"
+            if address in LOCAL_SCHEDULERS
+            else "attaches to a cluster sized where it was started"
+        )
         raise UsageError(
             f"{' and '.join(_local_cluster_options(args))} size the local cluster dstab starts, but {where} {how}, "
             "so they would be ignored: drop them"
@@ -206,7 +218,9 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
         kwargs: dict[str, Any]
         if address.endswith(".json") or os.path.isfile(address):
             if not os.path.isfile(address):
-                raise UsageError(f"scheduler file {address} does not exist; start `dask scheduler --scheduler-file {address}`")
+                raise UsageError(
+                    f"scheduler file {address} does not exist; start `dask scheduler --scheduler-file {address}`"
+                )
             kwargs = {"scheduler_file": address}
         else:
             kwargs = {"address": address}
@@ -222,7 +236,12 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             workers = client.scheduler_info()["workers"]
             log.info("dstab: attached to %s (%d workers)", client.scheduler.address, len(workers))
             for worker, info in workers.items():
-                log.debug("dstab: worker %s: %s threads, memory limit %s", worker, info.get("nthreads"), info.get("memory_limit"))
+                log.debug(
+                    "dstab: worker %s: %s threads, memory limit %s",
+                    worker,
+                    info.get("nthreads"),
+                    info.get("memory_limit"),
+                )
             yield
         return
     n_workers = args.workers or os.cpu_count() or 1
@@ -256,13 +275,18 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
         else:
             log.info("dstab: local cluster of %s (no dashboard: %s for one)", workers, install_hint("bokeh"))
         log.debug(
-            "dstab: scheduler %s, %s, 1 thread each, memory limit %s per worker", client.scheduler.address, workers, memory_limit
+            "dstab: scheduler %s, %s, 1 thread each, memory limit %s per worker",
+            client.scheduler.address,
+            workers,
+            memory_limit,
         )
         with _killed_worker_as_error(f"--memory-limit {memory_limit}"):
             yield
         spilled = spilled_bytes(client)
         if spilled:
-            log.warning("dstab: workers spilled %s MiB to disk (raise --memory-limit to avoid it)", f"{spilled / 2**20:,.0f}")
+            log.warning(
+                "dstab: workers spilled %s MiB to disk (raise --memory-limit to avoid it)", f"{spilled / 2**20:,.0f}"
+            )
 
 
 class _InterruptedGather(logging.Filter):
@@ -377,7 +401,9 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
             f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}",
         ]
         if r["drift_before"] is not None:
-            text.append(f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})")
+            text.append(
+                f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})"
+            )
         return text + format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}) + notes
 
     notes = _notes(args, r.get("notes") or [])
@@ -468,7 +494,9 @@ def _apply_target(args: argparse.Namespace) -> tuple[str, str]:
     """(the version's table whose transform applies, the raw rows): --table NAME --rows T, or --items T / --users T."""
     given = [flag for flag in ("items", "users", "table") if getattr(args, flag)]
     if len(given) != 1:
-        raise UsageError("say which table the rows belong to: --table NAME --rows TABLE (or --items TABLE / --users TABLE)")
+        raise UsageError(
+            "say which table the rows belong to: --table NAME --rows TABLE (or --items TABLE / --users TABLE)"
+        )
     if args.table:
         if not args.rows:
             raise UsageError(f"--table {args.table} names the table; give the raw rows with --rows TABLE")
@@ -487,10 +515,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     side, rows = _apply_target(args)
     table = open_table(rows, options)
     transform = version.saved_transform(side)  # fails early, before any cluster starts
-    check_output(args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options)
+    check_output(
+        args.out, inputs=[u for u in (version.url, table.name) if u], overwrite=args.overwrite, storage_options=options
+    )
     started = time.perf_counter()
     with scheduler_from_args(args, [table]):
-        apply_table(version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=_progress(args))
+        apply_table(
+            version, side, table, args.out, overwrite=args.overwrite, storage_options=options, progress=_progress(args)
+        )
     seconds = time.perf_counter() - started
     data = {"out": args.out, "version": args.version, "table": side, "rows": table.n_rows, "dim_in": int(transform.shape[0]),
             "dim_out": int(transform.shape[1]), "seconds": round(seconds, 3)}  # fmt: skip
@@ -565,7 +597,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     options = _storage_options(args)
     # every table option is checked (names, repeats, ids for tables that exist, the structure) before a file is opened
-    paths = named_values("--table", args.table, "SRC", {"items": args.items, "users": args.users}, example="words=words.npy")
+    paths = named_values(
+        "--table", args.table, "SRC", {"items": args.items, "users": args.users}, example="words=words.npy"
+    )
     ids = named_values(
         "--table-ids", args.table_ids, "IDS.npy", {"items": args.items_ids, "users": args.users_ids}, example="words=ids.npy"
     )  # fmt: skip
@@ -590,7 +624,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             storage_options=options, progress=_progress(args),
         )  # fmt: skip
     data = {"out": args.out, **_version_figures(version), "sources": {name: src.url for name, src in sources.items()}}
-    return _finish(args, data, lambda: [f"wrote {args.out}: {version!r}" + (f", {structure}" if structure is not None else "")])
+    return _finish(
+        args, data, lambda: [f"wrote {args.out}: {version!r}" + (f", {structure}" if structure is not None else "")]
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -599,13 +635,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = _storage_options(args)
     version = open_version(args.version, options)
-    check_output(args.out, inputs=[version.url] if version.url else [], overwrite=args.overwrite, storage_options=options)
+    check_output(
+        args.out, inputs=[version.url] if version.url else [], overwrite=args.overwrite, storage_options=options
+    )
     with scheduler_from_args(args, _tables(version)):
         written = export_version(
             version, args.out, layout=args.layout, overwrite=args.overwrite, storage_options=options,
             progress=_progress(args),
         )  # fmt: skip
-    data = {"out": args.out, "layout": args.layout, "written": written, "tables": {n: t.n_rows for n, t in version.tables.items()}}
+    data = {
+        "out": args.out,
+        "layout": args.layout,
+        "written": written,
+        "tables": {n: t.n_rows for n, t in version.tables.items()},
+    }
     return _finish(args, data, lambda: [f"wrote {', '.join(written)} (Parquet, {args.layout} layout)"])
 
 
@@ -642,20 +685,28 @@ def cmd_synth(args: argparse.Namespace) -> int:
             )  # fmt: skip
     elif args.table or args.sides or args.symmetric:
         # named tables (--items N and --users M are shorthands for --table items=N, --table users=M)
-        shorthands = {name: None if getattr(args, name) is None else str(getattr(args, name)) for name in ("items", "users")}
+        shorthands = {
+            name: None if getattr(args, name) is None else str(getattr(args, name)) for name in ("items", "users")
+        }
         named = named_values("--table", args.table, "ROWS", shorthands, example="words=100000")
         tables = {}
         for name, text in named.items():
             try:
                 tables[name] = int(text)
             except ValueError:
-                raise UsageError(f"--table {name}={text}: ROWS must be a whole number of rows, e.g. --table {name}=100000") from None
+                raise UsageError(
+                    f"--table {name}={text}: ROWS must be a whole number of rows, e.g. --table {name}=100000"
+                ) from None
         if args.dim is None:
             raise UsageError("synth needs --dim D (the width of every table)")
         if args.noise or args.churn:
             raise UsageError("--noise and --churn apply to --like retrains only")
-        check_synth_tables(tables, dim=args.dim, rank=args.rank, seed=args.seed, dtype=args.dtype, chunk_rows=args.chunk_rows)
-        structure = resolve(tuple(tables), sides=args.sides, symmetric_all=args.symmetric, label="the synthetic version")
+        check_synth_tables(
+            tables, dim=args.dim, rank=args.rank, seed=args.seed, dtype=args.dtype, chunk_rows=args.chunk_rows
+        )
+        structure = resolve(
+            tuple(tables), sides=args.sides, symmetric_all=args.symmetric, label="the synthetic version"
+        )
         check_output(args.out, inputs=[], overwrite=args.overwrite)
         with scheduler_from_args(args):
             out = synth_tables(
@@ -683,7 +734,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
                 progress=progress,
             )  # fmt: skip
     data = {"out": args.out, **_version_figures(out), "seed": args.seed, "like": args.like}
-    return _finish(args, data, lambda: [f"wrote {args.out}: {out!r}" + (f", {out.structure}" if out.structure is not None else "")])
+    return _finish(
+        args, data, lambda: [f"wrote {args.out}: {out!r}" + (f", {out.structure}" if out.structure is not None else "")]
+    )
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
@@ -718,7 +771,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         first = todo[0]
         new = open_version(first.raw, options)
         reference = done[first.reference] if first.reference is not None else None
-        check_request(new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")})
+        check_request(
+            new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")}
+        )
         tables = _tables(new, reference)
 
     def said(record: dict[str, Any]) -> None:
@@ -747,7 +802,11 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 def add_structure_options(p: argparse.ArgumentParser, title: str, *, sides: str, symmetric: str) -> None:
     """``--sides Q:C`` or ``--symmetric`` (one of them): which tables score against which (:mod:`dstab.structure`)."""
     how = p.add_argument_group(f"which tables score against which ({title})").add_mutually_exclusive_group()
-    how.add_argument("--sides", metavar="Q1[,Q2]:C1[,C2]", help=f"two-sided: the query tables, a colon, the candidate tables; {sides}")
+    how.add_argument(
+        "--sides",
+        metavar="Q1[,Q2]:C1[,C2]",
+        help=f"two-sided: the query tables, a colon, the candidate tables; {sides}",
+    )
     how.add_argument("--symmetric", action="store_true", help=f"every table is scored against every other; {symmetric}")
 
 
@@ -790,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
         'one JSON object, also on failure: {"ok": false, "error": ..., "exit_code": N}.',
     )
     parser.add_argument("--version", action="version", version=f"dstab {__version__}")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (any command; also after it)")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (any command; also after it)"
+    )
     add_verbosity_options(parser, default=0)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -868,18 +929,26 @@ def build_parser() -> argparse.ArgumentParser:
         symmetric="also measure the pooled rows, each table as a field of them",
     )  # fmt: skip
     p.add_argument("--plot", metavar="FILE.png", help="also draw the spectra")
-    p.add_argument("--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)")
+    p.add_argument(
+        "--rtol", type=float, metavar="X", help="numerical rank: singular values above X * max (default for the dtype)"
+    )
     add_scheduler_options(p)
     add_storage_option(p)
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("apply", help="map extra rows (a table) into a stabilized version's space with its saved transform")
+    p = sub.add_parser(
+        "apply", help="map extra rows (a table) into a stabilized version's space with its saved transform"
+    )
     p.add_argument("version", metavar="VERSION", help="a version written by dstab stabilize")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--table", metavar="NAME", help="the version's table the rows belong to (its transform maps them); with --rows")
+    which.add_argument(
+        "--table", metavar="NAME", help="the version's table the rows belong to (its transform maps them); with --rows"
+    )
     which.add_argument("--items", metavar="TABLE", help="raw item rows (same as --table items --rows TABLE)")
     which.add_argument("--users", metavar="TABLE", help="raw user rows (same as --table users --rows TABLE)")
-    p.add_argument("--rows", metavar="TABLE", help="with --table: the raw rows, a Zarr group with vectors and optional ids")
+    p.add_argument(
+        "--rows", metavar="TABLE", help="with --table: the raw rows, a Zarr group with vectors and optional ids"
+    )
     p.add_argument("--out", required=True, metavar="TABLE_OUT", help="where to write the mapped table")
     p.add_argument("--overwrite", action="store_true", help="replace TABLE_OUT if it exists")
     add_scheduler_options(p)
@@ -898,7 +967,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--table", action="append", metavar="NAME=SRC",
         help="a table of the version (repeatable): its vectors, FILE.npy, FILE.parquet or a directory of Parquet files",
     )  # fmt: skip
-    p.add_argument("--table-ids", action="append", metavar="NAME=IDS.npy", help=".npy sources: a table's ids (int or str), one per row")
+    p.add_argument(
+        "--table-ids",
+        action="append",
+        metavar="NAME=IDS.npy",
+        help=".npy sources: a table's ids (int or str), one per row",
+    )
     p.add_argument("--items", metavar="SRC", help="shorthand for --table items=SRC")
     p.add_argument("--users", metavar="SRC", help="shorthand for --table users=SRC")
     p.add_argument("--items-ids", metavar="IDS.npy", help="shorthand for --table-ids items=IDS.npy")
@@ -907,7 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
         p, "optional: recorded for the next stabilize", sides="recorded in VERSION", symmetric="recorded in VERSION"
     )
     p.add_argument("--id-column", default="id", metavar="NAME", help="Parquet: the id column (default id; '' for none)")
-    p.add_argument("--vector-column", metavar="NAME", help="Parquet: the list column of vectors (default: the only list column)")
+    p.add_argument(
+        "--vector-column", metavar="NAME", help="Parquet: the list column of vectors (default: the only list column)"
+    )
     p.add_argument(
         "--vector-columns", metavar="COLS", help="Parquet: D scalar columns, as a glob ('v*') or a comma-separated list"
     )
@@ -938,7 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, metavar="M", help="rows of the users table (shorthand for --table users=M)")
     p.add_argument("--table", action="append", metavar="NAME=ROWS", help="a table of ROWS rows (repeatable)")
     p.add_argument("--dim", type=int, metavar="D")
-    p.add_argument("--rank", type=int, metavar="K", help="rank of the scores (default D); symmetric: of the basis all tables share")
+    p.add_argument(
+        "--rank", type=int, metavar="K", help="rank of the scores (default D); symmetric: of the basis all tables share"
+    )
     add_structure_options(
         p, "default: users:items for those two, symmetric for one table; --like: recorded in VERSION",
         sides="query and candidate rows from two latent bases",
@@ -948,7 +1026,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--like", metavar="VERSION",
         help="retrain of VERSION: same scores, a random basis change (invertible two-sided, orthogonal symmetric)",
     )  # fmt: skip
-    p.add_argument("--noise", type=float, default=0.0, metavar="X", help="--like: relative noise added before the basis change")
+    p.add_argument(
+        "--noise", type=float, default=0.0, metavar="X", help="--like: relative noise added before the basis change"
+    )
     p.add_argument(
         "--churn", type=float, default=0.0, metavar="X",
         help="--like: share of rows replaced by new ids, rows reordered (default 0: same ids, same order)",
@@ -972,7 +1052,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and again after a night that died. Exit 3 when a day crosses a quality gate: that day is not published and "
         "the night stops there; the days before it stay published.",
     )  # fmt: skip
-    p.add_argument("source", metavar="SOURCE", help="a directory or fsspec URL (s3://bucket/prefix) with one raw version per day in raw/<date>/")
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a directory or fsspec URL (s3://bucket/prefix) with one raw version per day in raw/<date>/",
+    )
     p.add_argument(
         "--stable", "--out-repo", dest="stable", metavar="LOCATION",
         help="where the stabilized days go, LOCATION/<date> (default SOURCE/stable): a directory, an fsspec URL, "
@@ -984,9 +1068,15 @@ def build_parser() -> argparse.ArgumentParser:
         p, "default: recorded in the days, else users:items for those two tables, symmetric for one",
         sides="one transform per side", symmetric="one orthogonal transform",
     )  # fmt: skip
-    p.add_argument("--anchor", default="all", metavar="TABLES", help="the tables whose rows fix the rotation (default all)")
-    p.add_argument("--anchor-min-count", type=float, default=0.0, metavar="N", help="only rows seen at least N times anchor")
-    p.add_argument("--anchor-weights", choices=ANCHOR_WEIGHTS, default="uniform", help="weight anchor rows equally or by counts")
+    p.add_argument(
+        "--anchor", default="all", metavar="TABLES", help="the tables whose rows fix the rotation (default all)"
+    )
+    p.add_argument(
+        "--anchor-min-count", type=float, default=0.0, metavar="N", help="only rows seen at least N times anchor"
+    )
+    p.add_argument(
+        "--anchor-weights", choices=ANCHOR_WEIGHTS, default="uniform", help="weight anchor rows equally or by counts"
+    )
     p.add_argument("--method", choices=METHODS, default="auto", help="how R is found (as for stabilize)")
     g = p.add_argument_group("quality gates (a day that crosses one is not published; the night stops, exit 3)")
     g.add_argument(
@@ -1020,7 +1110,9 @@ def _failed(args: argparse.Namespace | None, code: int, message: str, extra: dic
     print(f"dstab: error: {message}" if code != 130 else "dstab: interrupted", file=sys.stderr)
     if args is not None and getattr(args, "json", False):
         command = getattr(args, "command", None)
-        print(_dumps({"ok": False, "command": command, "error": message, "exit_code": code, **(extra or {})}), flush=True)
+        print(
+            _dumps({"ok": False, "command": command, "error": message, "exit_code": code, **(extra or {})}), flush=True
+        )
     return code
 
 
@@ -1033,7 +1125,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: usage errors exit 2, --help / --version exit 0
         code = int(exc.code or 0)
         if code and "--json" in argv:  # the one line is on stderr already
-            print(_dumps({"ok": False, "command": None, "error": OneLineParser.last_error or "usage error", "exit_code": code}), flush=True)
+            print(
+                _dumps(
+                    {
+                        "ok": False,
+                        "command": None,
+                        "error": OneLineParser.last_error or "usage error",
+                        "exit_code": code,
+                    }
+                ),
+                flush=True,
+            )
         return code
     args.json = getattr(args, "json", False)
     restore = _configure_logging(args.verbosity)
@@ -1049,7 +1151,9 @@ def _run(args: argparse.Namespace) -> int:
     except DstabError as exc:
         # exit 2 for bad input or usage; a crossed quality gate (dstab.nightly.GateError) says 3, with the night so far
         night = getattr(exc, "night", None)
-        return _failed(args, int(getattr(exc, "exit_code", 2)), str(exc), night.as_dict() if night is not None else None)
+        return _failed(
+            args, int(getattr(exc, "exit_code", 2)), str(exc), night.as_dict() if night is not None else None
+        )
     except BrokenPipeError:
         # the reader went away (`dstab log V | head -1`): not an error; keep Python from complaining at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -1073,7 +1177,10 @@ def _unexpected(args: argparse.Namespace, exc: BaseException) -> int:
     if not args.json:
         raise exc
     traceback.print_exc(file=sys.stderr)
-    print(_dumps({"ok": False, "command": args.command, "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}), flush=True)
+    print(
+        _dumps({"ok": False, "command": args.command, "error": f"{type(exc).__name__}: {exc}", "exit_code": 1}),
+        flush=True,
+    )
     return 1
 
 

@@ -51,7 +51,9 @@ def open_version_or_table(path: str, storage_options: dict[str, Any] | None = No
     return open_version(path, storage_options)
 
 
-def diagnosis_structure(target: Version | Table, *, sides: str | Structure | None = None, symmetric: bool = False) -> Structure | None:
+def diagnosis_structure(
+    target: Version | Table, *, sides: str | Structure | None = None, symmetric: bool = False
+) -> Structure | None:
     """The structure a diagnosis measures: the flags, else the one recorded, else the default for the tables; or none.
 
     Unlike stabilizing, diagnosing needs no structure: several tables with none
@@ -107,7 +109,9 @@ def diagnose(
     for name, s in stats.items():
         check_finite(labels[name], s, tables[name])
     grams = {name: s.gram for name, s in stats.items()}
-    per_table = {name: spectrum_metrics(singular_values_from_gram(g), tables[name].dim, rtol_used) for name, g in grams.items()}
+    per_table = {
+        name: spectrum_metrics(singular_values_from_gram(g), tables[name].dim, rtol_used) for name, g in grams.items()
+    }
 
     out: dict[str, Any] = {"url": getattr(target, "url", None) or getattr(target, "name", None)}
     out["structure"] = structure.to_attrs() if structure is not None else None
@@ -119,7 +123,9 @@ def diagnose(
         core = score_singular_values([np.sum([grams[n] for n in side], axis=0) for side in structure.sides])
         out["interaction"] = spectrum_metrics(core, dim, rtol_used)
     elif structure is not None:
-        out["pooled"] = spectrum_metrics(singular_values_from_gram(np.sum(list(grams.values()), axis=0)), dim, rtol_used)
+        out["pooled"] = spectrum_metrics(
+            singular_values_from_gram(np.sum(list(grams.values()), axis=0)), dim, rtol_used
+        )
     elif isinstance(target, Version) and len(tables) > 1:
         out["note"] = (
             f"no interaction is measured: nothing says which of the tables {', '.join(tables)} score against which; "

@@ -29,7 +29,7 @@ import zarr
 
 from .errors import UsageError
 from .stabilize import AnchorWeights, Method, Stabilization, VersionLike, stabilize
-from .store import Table, Version
+from .store import Table
 from .store.coerce import checked_array, kind_of, open_path
 from .store.model import unit_rows
 from .structure import Structure

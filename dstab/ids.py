@@ -190,7 +190,12 @@ class IdSample:
 
     @classmethod
     def take(
-        cls, ids: np.ndarray, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray | None, threshold: np.uint64 | None
+        cls,
+        ids: np.ndarray,
+        hashes: np.ndarray,
+        rows: np.ndarray,
+        weights: np.ndarray | None,
+        threshold: np.uint64 | None,
     ) -> IdSample:
         keep = np.ones(len(ids), bool) if threshold is None else hashes < threshold
         if weights is not None:
@@ -206,7 +211,9 @@ class IdSample:
 def merge_samples(a: IdSample, b: IdSample) -> IdSample:
     weights = None
     if a.weights is not None or b.weights is not None:
-        weights = np.concatenate([w if w is not None else np.ones(len(s.ids)) for s, w in ((a, a.weights), (b, b.weights))])
+        weights = np.concatenate(
+            [w if w is not None else np.ones(len(s.ids)) for s, w in ((a, a.weights), (b, b.weights))]
+        )
     hashes = None if a.hashes is None or b.hashes is None else np.concatenate([a.hashes, b.hashes])
     return IdSample(
         ids=np.concatenate([a.ids, b.ids]), rows=np.concatenate([a.rows, b.rows]), weights=weights, hashes=hashes
@@ -271,7 +278,9 @@ def match_samples(new: IdSample, ref: IdSample, *, join_rows: int, pair_rows: in
     up to ``pair_rows`` matched pairs are kept (dstab.pair-rows).
     """
     e, e_ref = new.rows.shape[1], ref.rows.shape[1]
-    out = Matched(cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_col_sumsq=np.zeros(e_ref))
+    out = Matched(
+        cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_col_sumsq=np.zeros(e_ref)
+    )
     if len(ref.ids) == 0 or len(new.ids) == 0:
         return out
     order = np.argsort(ref.ids, kind="stable")

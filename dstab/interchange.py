@@ -18,7 +18,7 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,9 @@ def open_npy(path: str, *, ids: str | None = None, label: str = "items") -> Sour
     if ids is not None:
         id_arr = _npy_header(ids, f"{label} ids")
         if id_arr.shape != (arr.shape[0],):
-            raise InputError(f"{label}: {ids} has shape {id_arr.shape} for {arr.shape[0]:,} vector rows; write one id per row")
+            raise InputError(
+                f"{label}: {ids} has shape {id_arr.shape} for {arr.shape[0]:,} vector rows; write one id per row"
+            )
         if id_arr.dtype.kind not in "iuU":
             raise InputError(f"{label}: {ids} has dtype {id_arr.dtype}; ids must be integers or strings")
     n = int(arr.shape[0])
@@ -183,12 +185,16 @@ def open_parquet(
             if schema is None:
                 schema = meta.schema_arrow
             elif not meta.schema_arrow.equals(schema):
-                raise InputError(f"{label}: {f} has another schema than {files[0]}; all files of a table must share one")
+                raise InputError(
+                    f"{label}: {f} has another schema than {files[0]}; all files of a table must share one"
+                )
             pieces += [Piece(f, meta.metadata.row_group(i).num_rows, row_group=i) for i in range(meta.num_row_groups)]
     assert schema is not None
     names = schema.names
     if id_column is not None and id_column not in names:
-        raise InputError(f"{label}: {url} has no column {id_column!r} (columns: {', '.join(names)}); pass --id-column NAME")
+        raise InputError(
+            f"{label}: {url} has no column {id_column!r} (columns: {', '.join(names)}); pass --id-column NAME"
+        )
     ids_kind: IdKind | None = None
     if id_column is not None:
         id_type = schema.field(id_column).type
@@ -314,7 +320,9 @@ def _read_piece(source: Source, piece: Piece, offset: int) -> tuple[np.ndarray, 
         rows = np.load(piece.path, mmap_mode="r", allow_pickle=False)[piece.start : piece.start + piece.n_rows]
         ids = None
         if source.ids_url is not None:
-            ids = np.array(np.load(source.ids_url, mmap_mode="r", allow_pickle=False)[piece.start : piece.start + piece.n_rows])
+            ids = np.array(
+                np.load(source.ids_url, mmap_mode="r", allow_pickle=False)[piece.start : piece.start + piece.n_rows]
+            )
         return np.array(rows), ids
     return _read_parquet_piece(source, piece, offset)
 
@@ -334,7 +342,9 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
             row = offset + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{where}: column {name!r} is null at row {row}; fill or drop that row upstream")
     if source.vector_columns:
-        vectors = np.column_stack([table.column(c).to_numpy() for c in source.vector_columns]).astype(source.dtype, copy=False)
+        vectors = np.column_stack([table.column(c).to_numpy() for c in source.vector_columns]).astype(
+            source.dtype, copy=False
+        )
     else:
         col = table.column(source.vector_column).combine_chunks()  # type: ignore[arg-type]
         if not pa.types.is_fixed_size_list(col.type):
@@ -392,7 +402,10 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         parts.append(dask.delayed(_read_piece, pure=True, nout=2)(light, piece, offset))
     rows = min(chunk_rows, source.n_rows)
     vectors = da.concatenate(
-        [da.from_delayed(p[0], shape=(piece.n_rows, source.dim), dtype=source.dtype) for p, piece in zip(parts, source.pieces)]
+        [
+            da.from_delayed(p[0], shape=(piece.n_rows, source.dim), dtype=source.dtype)
+            for p, piece in zip(parts, source.pieces)
+        ]
     ).rechunk((rows, source.dim))
     target = staging.create_array(
         f"{side}/vectors", shape=(source.n_rows, source.dim), chunks=(rows, source.dim), dtype=source.dtype,
@@ -417,7 +430,9 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
             dask.delayed(_write_ids, pure=True)(block, id_target, start, n_buckets)
             for block, start in zip(ids.to_delayed().ravel(), row_starts(ids.chunks[0]))
         ]
-        summaries = [dask.delayed(idm.bucket_summary, pure=True)([h[k] for h in hashed], None) for k in range(n_buckets)]
+        summaries = [
+            dask.delayed(idm.bucket_summary, pure=True)([h[k] for h in hashed], None) for k in range(n_buckets)
+        ]
         tasks += [h[n_buckets] for h in hashed]  # the id writes' receipts
         return tasks, tree_reduce(summaries, idm.merge_summaries)
     return tasks, None
@@ -436,7 +451,9 @@ def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int,
         tasks += side_tasks
         if check is not None:
             checks[side] = check
-    receipt, *summaries = compute(tree_reduce(tasks, merge_receipts), *checks.values(), progress=progress, stage="import")
+    receipt, *summaries = compute(
+        tree_reduce(tasks, merge_receipts), *checks.values(), progress=progress, stage="import"
+    )
     staging.merge(receipt)  # the write tasks' Icechunk forks, before the ids are read back
     for side, summary in zip(checks, summaries):
         source = sources[side]
@@ -502,7 +519,7 @@ def import_version(
         attrs: dict[str, Any] = {
             "kind": "imported",
             "dstab_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             # where each table was read from, and how (never the storage options: they may hold credentials)
             "sources": {
                 name: {
@@ -589,7 +606,9 @@ def export_version(
     try:
         # the marker says "a dstab output" (so --overwrite may replace it later); complete only at the end
         fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": False}).encode())
+        fs.pipe_file(
+            f"{root}/{EXPORT_MARKER}", json.dumps({"format": 1, "kind": "parquet-export", "complete": False}).encode()
+        )
         tasks = []
         for side in version.names:
             table = version.table(side)
@@ -629,7 +648,11 @@ def export_version(
 
 
 def named_values(
-    flag: str, values: list[str] | None, what: str, shorthands: dict[str, str | None] | None = None, example: str = "words"
+    flag: str,
+    values: list[str] | None,
+    what: str,
+    shorthands: dict[str, str | None] | None = None,
+    example: str = "words",
 ) -> dict[str, str]:
     """Repeatable ``FLAG NAME=VALUE`` options, after shorthands such as ``--items SRC``, as ``{name: value}``.
 

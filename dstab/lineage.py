@@ -203,7 +203,9 @@ def _snapshot_lines(entry: dict[str, Any]) -> list[str]:
         return []
     snaps = entry["snapshots"]
     if not snaps:
-        return [f"     no commit of the repository names it{': ' + entry['history_missing'] if 'history_missing' in entry else ''}"]
+        return [
+            f"     no commit of the repository names it{': ' + entry['history_missing'] if 'history_missing' in entry else ''}"
+        ]
     when = str(snaps[0]["committed"]).replace("T", " ").replace("+00:00", " UTC")
     line = f"     snapshot {snaps[0]['snapshot']}, committed {when}"
     if len(snaps) > 1:
@@ -224,7 +226,11 @@ def format_chain(entries: list[dict[str, Any]]) -> str:
         lines.append(head + (")" if kind == "raw" else f", {made_words(e)})"))
         lines.append(f"     {origin_words(e)}")
         if kind == "stabilized":
-            drift = f"; drift onto the reference {num(e['drift_before'])} -> {num(e['drift_after'])}" if e["reference"] else ""
+            drift = (
+                f"; drift onto the reference {num(e['drift_before'])} -> {num(e['drift_after'])}"
+                if e["reference"]
+                else ""
+            )
             lines.append(f"     rank {_words(e['rank'])}, width {_words(e['dim_out'])}{drift}")
         lines += _snapshot_lines(e)
         if "missing" in e:

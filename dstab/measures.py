@@ -32,9 +32,7 @@ def mean_row_cosine(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.mean(np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)))
 
 
-def paired_score_error(
-    query: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray]
-) -> float | None:
+def paired_score_error(query: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray]) -> float | None:
     """Relative Frobenius difference, between two versions, of the scores of sampled query rows x sampled candidate rows.
 
     Each argument is ``(rows in the version, the same rows in the other)``; for

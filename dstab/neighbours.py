@@ -101,7 +101,9 @@ def _block_topk(
     return best_s, best_k
 
 
-def _merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+def _merge_topk(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
     return _keep_best(np.hstack([a[0], b[0]]), np.hstack([a[1], b[1]]), k)
 
 
@@ -125,7 +127,9 @@ def top_neighbours(table: Table, queries: np.ndarray, k: int, *, transform: np.n
 Search = tuple[Table, np.ndarray, "np.ndarray | None"]  # table, query rows in its space, transform applied to its rows
 
 
-def neighbour_sets(groups: list[list[Search]], keys: list[np.ndarray], k: int, *, progress: bool = False) -> list[list[list[set]]]:
+def neighbour_sets(
+    groups: list[list[Search]], keys: list[np.ndarray], k: int, *, progress: bool = False
+) -> list[list[list[set]]]:
     """Run every search of every group in one pass over the tables; per group, per search, the queries' key sets.
 
     All searches of a group share the query keys ``keys[group]`` (the same
@@ -133,7 +137,9 @@ def neighbour_sets(groups: list[list[Search]], keys: list[np.ndarray], k: int, *
     """
     from .executor import compute
 
-    graphs = [top_neighbours(table, rows, k, transform=transform) for group in groups for table, rows, transform in group]
+    graphs = [
+        top_neighbours(table, rows, k, transform=transform) for group in groups for table, rows, transform in group
+    ]
     found = iter(compute(*graphs, progress=progress, stage="neighbour search")) if graphs else iter(())
     return [[neighbour_keys(next(found), group_keys, k) for _ in group] for group, group_keys in zip(groups, keys)]
 

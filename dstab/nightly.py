@@ -253,13 +253,17 @@ def _one_day(
     log.log(logging.INFO if progress else logging.DEBUG, "%s: stabilizing (%s)", day.name, onto)
     started = time.perf_counter()
     fit = dict(options)
-    if reference is None:  # the anchor options choose rows that fit the rotation onto a reference: the first day has none
+    if (
+        reference is None
+    ):  # the anchor options choose rows that fit the rotation onto a reference: the first day has none
         for key in ("anchor", "anchor_min_count", "anchor_weights"):
             fit.pop(key, None)
     # the structure: as asked, else recorded in the raw version or in yesterday's stable one, else the default
     result = stabilize(open_version(day.raw, storage_options), reference, **fit, progress=progress)
     try:
-        written = result.to_zarr(day.stable, storage_options=storage_options, progress=progress, gate=_gate(night, gates, day, started))
+        written = result.to_zarr(
+            day.stable, storage_options=storage_options, progress=progress, gate=_gate(night, gates, day, started)
+        )
     except OutputExistsError:
         # two nights at once (a cron overlap): the other run published this day first, and it is the same day
         night.days.append({"name": day.name, "out": day.stable, "status": "skipped"})
@@ -283,7 +287,9 @@ def _gate(night: Night, gates: Gates, day: Day, started: float) -> Callable[[dic
             return
         measure, flag, value, limit = crossed
         record = summary(day.name, day.stable, report, time.perf_counter() - started)
-        night.days.append({**record, "status": "failed", "gate": {"measure": measure, "flag": flag, "value": value, "limit": limit}})
+        night.days.append(
+            {**record, "status": "failed", "gate": {"measure": measure, "flag": flag, "value": value, "limit": limit}}
+        )
         before = "; the days before it stay published" if night.count("done") + night.count("skipped") else ""
         raise GateError(
             f"{day.name}: {measure} {value:.4g} crosses the gate {flag} {limit:g}: not published, the night stops here{before}",

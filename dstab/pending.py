@@ -77,7 +77,9 @@ class PendingVersion:
 
     def _publish(self, result: Any) -> Any:
         if os.getpid() != self._pid:  # a copy on a worker: never publish from there
-            raise UsageError(f"the write of {self.out} must be published by the process that staged it: call .compute() on it")
+            raise UsageError(
+                f"the write of {self.out} must be published by the process that staged it: call .compute() on it"
+            )
         self._check_pending()
         self._state = "published"
         try:

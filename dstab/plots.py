@@ -129,7 +129,13 @@ def _where(url: str | None) -> str:
 def _outside_legend(ax: Any, entries: int) -> None:
     """The legend right of the axes, where it covers no data (constrained layout makes the room)."""
     if entries:
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, ncol=1 if entries <= LEGEND_ROWS else 2, frameon=False)
+        ax.legend(
+            loc="center left",
+            bbox_to_anchor=(1.02, 0.5),
+            fontsize=9,
+            ncol=1 if entries <= LEGEND_ROWS else 2,
+            frameon=False,
+        )
 
 
 def _style(index: int) -> dict[str, Any]:
@@ -159,7 +165,11 @@ def _report_series(report: dict[str, Any]) -> list[_Series]:
         k = next((d["neighbours_k"] for d in stored.values() if d.get("neighbours_k")), None)
         for when, colour, words in (("before", "C1", "raw rows"), ("after", "C0", "stabilized rows")):
             values = {
-                table: {"drift": d.get(when), "cosine": d.get(f"cosine_{when}"), "overlap": d.get(f"neighbour_overlap_{when}")}
+                table: {
+                    "drift": d.get(when),
+                    "cosine": d.get(f"cosine_{when}"),
+                    "overlap": d.get(f"neighbour_overlap_{when}"),
+                }
                 for table, d in stored.items()
             }
             series.append(_Series(f"{words} vs {ref}, at stabilize ({when})", colour, values, k))
@@ -172,10 +182,18 @@ def _report_series(report: dict[str, Any]) -> list[_Series]:
             continue
         tables = measured.get("tables") or [t for t in ("items", "users") if t in measured]
         values = {
-            t: {"drift": measured[t].get("frobenius"), "cosine": measured[t].get("mean_cosine"), "overlap": measured[t].get("neighbour_overlap")}
+            t: {
+                "drift": measured[t].get("frobenius"),
+                "cosine": measured[t].get("mean_cosine"),
+                "overlap": measured[t].get("neighbour_overlap"),
+            }
             for t in tables
         }
-        series.append(_Series(f"this version {words} {_where(report.get(checked))}, measured now", colour, values, measured.get("k")))
+        series.append(
+            _Series(
+                f"this version {words} {_where(report.get(checked))}, measured now", colour, values, measured.get("k")
+            )
+        )
     return series
 
 
@@ -230,8 +248,18 @@ def _per_dim_panel(ax: Any, per_dim: dict[str, list[float | None]], series: list
 # quantity -> (title, y label, may be drawn on a log scale, note format)
 BAR_PANELS: dict[str, tuple[str, str, bool, str]] = {
     "drift": ("relative drift per table", "relative Frobenius drift\n‖X − R‖ / ‖R‖ ({scale})", True, "{:.2g}"),
-    "cosine": ("mean row cosine per table", "mean row cosine with the reference\n(1 = same direction)", False, "{:.3f}"),
-    "overlap": ("neighbour overlap per table", "neighbour overlap@{k}: share of the\n{k} nearest rows kept (0 to 1)", False, "{:.2f}"),
+    "cosine": (
+        "mean row cosine per table",
+        "mean row cosine with the reference\n(1 = same direction)",
+        False,
+        "{:.3f}",
+    ),
+    "overlap": (
+        "neighbour overlap per table",
+        "neighbour overlap@{k}: share of the\n{k} nearest rows kept (0 to 1)",
+        False,
+        "{:.2f}",
+    ),
 }
 SIDE_BY_SIDE_BARS = 24  # bars per panel (tables x comparisons) past which bar panels are stacked, full width
 LOG_SPREAD = 20.0  # drift bars go on a log scale when the largest is this many times the smallest (before vs after)
@@ -307,7 +335,9 @@ def _place_notes(fig: Any, panels: list[_Notes]) -> None:
             p.notes = []
             ax.set_title(ax.get_title() + " (too many bars to write values: see the text report)", fontsize=FONT + 1)
             continue
-        band = (max(n.get_window_extent(renderer).height for n in p.notes) + 10) / bbox.height  # + the 3-pt offset, a gap
+        band = (
+            max(n.get_window_extent(renderer).height for n in p.notes) + 10
+        ) / bbox.height  # + the 3-pt offset, a gap
         reach = max(0.3, 1.0 - band)  # the share of the axes' height the tallest bar may fill
         values = p.values
         if p.log:
@@ -346,7 +376,9 @@ def report_figure(report: dict[str, Any]) -> Any:
         _spectra_panel(top.subplots(), report)
     notes = []
     if bottom is not None:
-        for ax, quantity in zip(np.atleast_1d(bottom.subplots(len(bars), 1) if stacked else bottom.subplots(1, len(bars))), bars):
+        for ax, quantity in zip(
+            np.atleast_1d(bottom.subplots(len(bars), 1) if stacked else bottom.subplots(1, len(bars))), bars
+        ):
             panel = _bar_panel(ax, quantity, tables, series)
             if panel is not None:
                 notes.append(panel)

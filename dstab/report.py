@@ -114,14 +114,23 @@ def describe(
         report.update(stored)
         report.setdefault("tables", {name: t.n_rows for name, t in version.tables.items()})
     elif structure is not None:
-        stats = dict(zip(version.names, compute(*(side_statistics(t) for t in version.tables.values()), progress=progress, stage="statistics pass")))
+        stats = dict(
+            zip(
+                version.names,
+                compute(
+                    *(side_statistics(t) for t in version.tables.values()), progress=progress, stage="statistics pass"
+                ),
+            )
+        )
         for name, s in stats.items():
             check_finite(f"{name}/vectors", s, version.table(name))
         rtol = linalg.default_rtol(version.dtype, version.dim)
         sv = score_singular_values([sum(stats[n].gram for n in side) for side in structure.sides])
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
-        key: attrs.get(key) for key in ("input", "reference", "created", "dstab_version", "structure", "params", "sources") if key in attrs
+        key: attrs.get(key)
+        for key in ("input", "reference", "created", "dstab_version", "structure", "params", "sources")
+        if key in attrs
     }
     if reference is not None:
         report["reference_checked"] = reference.url
@@ -136,7 +145,9 @@ def describe(
             if entry["url"] == base_url:
                 reached = True
                 break
-            steps.append({"url": entry["url"], "drift_before": entry["drift_before"], "drift_after": entry["drift_after"]})
+            steps.append(
+                {"url": entry["url"], "drift_before": entry["drift_before"], "drift_after": entry["drift_after"]}
+            )
         report["chain_to_base"] = {
             "base_in_chain": reached,
             "steps": steps,
@@ -228,7 +239,9 @@ def format_report(report: dict[str, Any]) -> str:
         if report.get("drift_before") is None:
             lines.append("  no drift recorded: stabilized without a reference")
         else:
-            lines.append(f"  drift onto the reference: before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}")
+            lines.append(
+                f"  drift onto the reference: before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}"
+            )
     else:
         rtol = report.get("rtol")
         above = f" (singular values above {rtol:.2g} x the largest)" if rtol is not None else ""

@@ -18,15 +18,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import dask
 import dask.array as da
-from dask.delayed import Delayed
 import numpy as np
+from dask.delayed import Delayed
 
 from . import config, executor, linalg, measures
 from .errors import InputError, UsageError
@@ -313,9 +313,11 @@ class Stabilization:
         attrs = {
             "kind": "stabilized",
             "dstab_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "input": canonical_url(self.new.url) if self.new.url else None,
-            "reference": canonical_url(self.reference.url) if self.reference is not None and self.reference.url else None,
+            "reference": canonical_url(self.reference.url)
+            if self.reference is not None and self.reference.url
+            else None,
             "structure": self.structure.to_attrs(),
             "params": self.params,
             "report": self.report,
@@ -375,9 +377,13 @@ def check_request(
     if rank != "auto":
         linalg.choose_rank(np.ones(new.dim), rank, 0.0)  # validates the value against the width
         if rtol is not None:
-            raise UsageError(f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one")
+            raise UsageError(
+                f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one"
+            )
     recorded = new.structure or (reference.structure if reference is not None else None)
-    structure = resolve(new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}")
+    structure = resolve(
+        new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}"
+    )
     if sides is not None or symmetric:
         check_agrees(structure, new.structure, f"the new version{_at(new)}", new.names)
     spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
@@ -422,7 +428,9 @@ def check_request(
     for name in anchors:
         a, b = new.table(name), reference.table(name)
         if (a.ids is None) != (b.ids is None) and a.n_rows == b.n_rows:
-            has, lacks = ("the new version", "the reference") if a.ids is not None else ("the reference", "the new version")
+            has, lacks = (
+                ("the new version", "the reference") if a.ids is not None else ("the reference", "the new version")
+            )
             notes.append(
                 f"{name}: only {has} has {name}/ids, so rows are matched by position (row i with row i); "
                 f"if {lacks}'s rows are in another order, give it {name}/ids to match them by id"
@@ -529,7 +537,9 @@ def stabilize(
     if reference is not None:
         reference = as_version(reference, ids=reference_ids, label="reference", storage_options=storage_options)
     elif reference_ids:
-        raise UsageError("reference_ids= name ids of the reference's tables, but no reference was given; drop it or give reference=")
+        raise UsageError(
+            "reference_ids= name ids of the reference's tables, but no reference was given; drop it or give reference="
+        )
     request = check_request(
         new, reference, sides=sides, symmetric=symmetric, rank=rank, rtol=rtol, anchor=anchor,
         anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, method=method, neighbours=neighbours,
@@ -545,7 +555,9 @@ def stabilize(
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(p.gram, new.dtype) for p in pooled):
         method_used = "tsqr"
-        extra = compute(*(side_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass")
+        extra = compute(
+            *(side_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass"
+        )
         stats = {n: replace(stats[n], r=more.r) for n, more in zip(new.names, extra)}
         pooled = [pool_side(stats, side) for side in structure.sides]
     factors = [p.r if method_used == "tsqr" else linalg.gram_factor(p.gram) for p in pooled]
@@ -626,7 +638,10 @@ def _fit_report(
         a = measures.table_drift(stats[name], transforms[name])
         before.append(b)
         after.append(a)
-        drift[name] = {"before": measures.relative(b["sq"], b["scale"] or 1.0), "after": measures.relative(a["sq"], a["scale"] or 1.0)}
+        drift[name] = {
+            "before": measures.relative(b["sq"], b["scale"] or 1.0),
+            "after": measures.relative(a["sq"], a["scale"] or 1.0),
+        }
         if stats[name].pairs is not None:
             drift[name]["cosine_before"] = b["cosine"]
             drift[name]["cosine_after"] = a["cosine"]

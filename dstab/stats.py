@@ -451,7 +451,9 @@ def side_statistics(
         for k in range(plan.n_buckets)
     ]
     summary = tree_reduce(summaries, idm.merge_summaries)
-    return dask.delayed(_finish_by_id, pure=True)(stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction, knobs)
+    return dask.delayed(_finish_by_id, pure=True)(
+        stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction, knobs
+    )
 
 
 def _ids_equal(a: Any, b: Any) -> bool:
@@ -495,7 +497,9 @@ def check_pairable(new: Version, reference: Version, sides: tuple[str, ...]) -> 
             )
 
 
-def match_modes(new: Version, reference: Version, sides: tuple[str, ...], *, progress: bool = False) -> dict[str, Match]:
+def match_modes(
+    new: Version, reference: Version, sides: tuple[str, ...], *, progress: bool = False
+) -> dict[str, Match]:
     """How each side's rows pair with the reference's: by position when that is exact, else by id.
 
     Raises :class:`InputError` when they cannot be paired (no ids and different
@@ -638,9 +642,7 @@ def raise_data_errors(side: str, stats: TableStats, new: Version, reference: Ver
     if stats.first_bad_count is not None:
         row = stats.first_bad_count
         value = np.asarray(table.counts[row : row + 1])[0].item()  # type: ignore[index]
-        raise InputError(
-            f"{side}/counts row {row}{_id_at(table, row)} is {value!r}; counts must be finite and >= 0"
-        )
+        raise InputError(f"{side}/counts row {row}{_id_at(table, row)} is {value!r}; counts must be finite and >= 0")
     summary = stats.ids
     if summary is None:
         return

@@ -84,7 +84,9 @@ class Structure:
             if attrs.get("kind") == "symmetric":
                 return cls("symmetric", tuple(str(t) for t in attrs["tables"]))
             if attrs.get("kind") == "two-sided":
-                return cls("two-sided", tuple(str(t) for t in attrs["query"]), tuple(str(t) for t in attrs["candidate"]))
+                return cls(
+                    "two-sided", tuple(str(t) for t in attrs["query"]), tuple(str(t) for t in attrs["candidate"])
+                )
         except (KeyError, TypeError):
             return None
         return None
@@ -118,7 +120,9 @@ def check_table_name(name: str, where: str = "--table", error: type[Exception] =
 def _names(text: str, where: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(","))
     if not names or any(not n for n in names):
-        raise UsageError(f"--sides {where}: every side needs one or more table names, comma-separated (e.g. users:items,creators)")
+        raise UsageError(
+            f"--sides {where}: every side needs one or more table names, comma-separated (e.g. users:items,creators)"
+        )
     return names
 
 
@@ -194,7 +198,13 @@ def resolve(
             f"{label} has the tables {listed}: say which score against which, with --sides QUERY:CANDIDATE "
             f"(e.g. --sides {example}) for a two-sided model, or --symmetric when every table is scored against every other"
         )
-    origin = structure.flag() if asked is not None else f"the structure recorded ({structure})" if recorded else f"the default ({structure})"
+    origin = (
+        structure.flag()
+        if asked is not None
+        else f"the structure recorded ({structure})"
+        if recorded
+        else f"the default ({structure})"
+    )
     check_tables_named(structure, names, label, origin)
     return structure
 

@@ -9,7 +9,7 @@ version holds any named tables; ``items`` and ``users`` keep the generators
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import dask
@@ -146,7 +146,7 @@ def _base_attrs(**params: Any) -> dict[str, Any]:
     return {
         "kind": "synthetic",
         "dstab_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "params": params,
     }
 
@@ -194,12 +194,12 @@ def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int
     for name, value in (("items", items), ("users", users)):
         if value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
-    check_synth_tables({"items": items, "users": users}, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
+    check_synth_tables(
+        {"items": items, "users": users}, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows
+    )
 
 
-def retrain_structure(
-    like: Version, *, sides: str | Structure | None = None, symmetric: bool = False
-) -> Structure:
+def retrain_structure(like: Version, *, sides: str | Structure | None = None, symmetric: bool = False) -> Structure:
     """The structure a retrain keeps: the one asked for (which must agree with what ``like`` records), else the recorded one, else the default."""
     label = f"--like {like.url or 'version'}"
     structure = resolve(like.names, sides=sides, symmetric_all=symmetric, recorded=like.structure, label=label)
@@ -208,7 +208,13 @@ def retrain_structure(
 
 
 def check_retrain(
-    like: Version, *, noise: float, churn: float, seed: int, sides: str | Structure | None = None, symmetric: bool = False
+    like: Version,
+    *,
+    noise: float,
+    churn: float,
+    seed: int,
+    sides: str | Structure | None = None,
+    symmetric: bool = False,
 ) -> Structure:
     """The parameters of :func:`synth_like`, checked before anything starts; the structure the retrain keeps."""
     if not noise >= 0:
@@ -398,12 +404,17 @@ def synth_like(
         if churn == 0:
             for index, (block, start) in enumerate(zip(table.blocks(chunks), row_starts(chunks))):
                 tasks.append(
-                    dask.delayed(_retrain_block, pure=True)(block, bases[side], float(noise), seed, code, index, target, start)
+                    dask.delayed(_retrain_block, pure=True)(
+                        block, bases[side], float(noise), seed, code, index, target, start
+                    )
                 )
             tasks += staging.copy_ids(side, table)
             continue
         ids_target = staging.create_array(
-            f"{side}/ids", shape=(table.n_rows,), chunks=(min(table.chunk_rows, table.n_rows),), dtype=np.dtype(np.int64)
+            f"{side}/ids",
+            shape=(table.n_rows,),
+            chunks=(min(table.chunk_rows, table.n_rows),),
+            dtype=np.dtype(np.int64),
         )
         counts_target = None
         if table.counts is not None:
@@ -423,6 +434,8 @@ def synth_like(
                 )
             )  # fmt: skip
     basis = "orthogonal" if structure.kind == "symmetric" else "invertible"
-    attrs = _base_attrs(like=canonical_url(like.url) if like.url else None, noise=noise, churn=churn, seed=seed, basis=basis)
+    attrs = _base_attrs(
+        like=canonical_url(like.url) if like.url else None, noise=noise, churn=churn, seed=seed, basis=basis
+    )
     _finish(staging, tasks, {**attrs, "structure": structure.to_attrs()}, progress)
     return open_version(out)

@@ -46,7 +46,10 @@ def run(directory: Path, *, n_a: int, n_b: int, d: int, steps: int, plot: Path |
         for h in models[0].history:
             top = ", ".join(f"{v:.3g}" for v in h.singular_values_a[:4])
             print(f"  {h.step:>6} {h.loss:8.4f} {h.numerical_rank_a:>9} {h.effective_rank_a:9.2f}  {top}")
-        versions = [m.write_version(directory / f"lambda-{lam:g}" / f"seed-{i}", overwrite=True) for i, m in enumerate(models, 1)]
+        versions = [
+            m.write_version(directory / f"lambda-{lam:g}" / f"seed-{i}", overwrite=True)
+            for i, m in enumerate(models, 1)
+        ]
         diag = diagnose(versions[0])
         users = diag["users"]
         print(f"  dstab diagnose: users (field A) numerical rank {users['numerical_rank']} of {users['dim']}, "
@@ -87,7 +90,9 @@ def collapse_figure(histories: dict) -> Any:
         ax.set_xlabel("singular value index i (largest first)", fontsize=10)
         ax.set_ylabel("singular value σᵢ of V_A (log scale)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", title="training step", fontsize=9, title_fontsize=10, frameon=False)
+    fig.legend(
+        handles, labels, loc="outside right center", title="training step", fontsize=9, title_fontsize=10, frameon=False
+    )
     return fig
 
 

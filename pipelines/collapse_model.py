@@ -36,7 +36,9 @@ class Dataset:
     counts: np.ndarray  # n_a x n_b, observations of each pair
 
 
-def make_dataset(n_a: int, n_b: int, *, d_true: int = 4, observations: int = 4, density: float = 1.0, seed: int = 0) -> Dataset:
+def make_dataset(
+    n_a: int, n_b: int, *, d_true: int = 4, observations: int = 4, density: float = 1.0, seed: int = 0
+) -> Dataset:
     """Labels drawn from a ground-truth model ``σ(U_A U_B^T)``, each kept pair observed ``observations`` times."""
     rng = np.random.default_rng([seed, 0])
     u_a = rng.normal(size=(n_a, d_true))
@@ -73,7 +75,9 @@ class TwoFieldModel:
                 data = table.astype(np.float32)
                 target = staging.create_array(f"{side}/vectors", shape=data.shape, chunks=data.shape, dtype=data.dtype)
                 target.open()[...] = data
-                ids = staging.create_array(f"{side}/ids", shape=(len(data),), chunks=(len(data),), dtype=np.dtype(np.int64))
+                ids = staging.create_array(
+                    f"{side}/ids", shape=(len(data),), chunks=(len(data),), dtype=np.dtype(np.int64)
+                )
                 ids.open()[...] = np.arange(len(data), dtype=np.int64)
             staging.publish({"kind": "two-field-model", "params": self.params})
         except BaseException:

@@ -58,7 +58,10 @@ def run(directory: Path, items: int, users: int, dim: int, noise: float, *, prog
     rows = []
     reference = None
     for day, raw in enumerate(raws):
-        step(f"day{day}: stabilizing" + (f" onto day{day - 1}-stable" if reference is not None else " (first: no reference)"))
+        step(
+            f"day{day}: stabilizing"
+            + (f" onto day{day - 1}-stable" if reference is not None else " (first: no reference)")
+        )
         started = time.perf_counter()
         result = dstab.stabilize(raw, reference, progress=progress)
         reference = result.to_zarr(directory / f"day{day}-stable", progress=progress)
@@ -77,14 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         print(f"local cluster of {args.workers} workers, dashboard {client.dashboard_link}", file=sys.stderr)
         rows = run(args.dir, args.items, args.users, args.dim, args.noise, progress=not args.no_progress)
     print(f"{'version':<14} {'rank':>4} {'drift before':>13} {'drift after':>12} {'score error':>12} {'seconds':>8}")
     for r in rows:
         before = "-" if r["drift_before"] is None else f"{r['drift_before']:.4f}"
         after = "-" if r["drift_after"] is None else f"{r['drift_after']:.4f}"
-        print(f"day{r['day']}-stable   {r['rank']:>4} {before:>13} {after:>12} {r['score_error']:>12.2e} {r['seconds']:>8.1f}")
+        print(
+            f"day{r['day']}-stable   {r['rank']:>4} {before:>13} {after:>12} {r['score_error']:>12.2e} {r['seconds']:>8.1f}"
+        )
     print(explanation(args.noise))
     print(f"versions in {args.dir}/, total {time.perf_counter() - started:.1f} s")
     return 0

@@ -58,7 +58,10 @@ def reference_stabilize(
     ref_T, ref_W = (r.astype(np.float64) for r in ref)
     r = ref_T.shape[1]
     if pairs is None:
-        pairs = {"items": (np.arange(len(T)), np.arange(len(ref_T))), "users": (np.arange(len(W)), np.arange(len(ref_W)))}
+        pairs = {
+            "items": (np.arange(len(T)), np.arange(len(ref_T))),
+            "users": (np.arange(len(W)), np.arange(len(ref_W))),
+        }
     cross = np.zeros((k, r))
     for side, X, Y in (("items", X_T, ref_T), ("users", X_W, ref_W)):
         if side in pairs:
@@ -145,7 +148,9 @@ def write_version(
                 ida = group.create_array(f"{side}/ids", shape=ids.shape, chunks=(chunk_rows,), dtype=ids.dtype)
             ida[...] = ids
         if counts is not None:
-            group.create_array(f"{side}/counts", shape=counts.shape, chunks=(chunk_rows,), dtype=counts.dtype)[...] = counts
+            group.create_array(f"{side}/counts", shape=counts.shape, chunks=(chunk_rows,), dtype=counts.dtype)[...] = (
+                counts
+            )
     return str(path)
 
 

@@ -27,7 +27,9 @@ FAST = ("--scheduler", "synchronous", "--no-progress")
 EXAMPLES = 60
 
 
-def write(path: Path, tables: dict[str, np.ndarray], chunk_rows: dict[str, int], skip_chunk: dict[str, int | None]) -> None:
+def write(
+    path: Path, tables: dict[str, np.ndarray], chunk_rows: dict[str, int], skip_chunk: dict[str, int | None]
+) -> None:
     group = zarr.open_group(str(path), mode="w")
     for name, data in tables.items():
         side = name.split("/")[0]
@@ -146,7 +148,11 @@ def check_stabilized(T: np.ndarray, W: np.ndarray, T_out: np.ndarray, W_out: np.
     k = T_out.shape[1]
     G_t, G_w = T_out.T @ T_out, W_out.T @ W_out
     assert np.all(np.abs(G_t - G_w) <= bounds["balance"]), (G_t, G_w, bounds["balance"])
-    assert np.all(np.abs(np.diag(G_t) - sv[:k]) <= bounds["singular_values"]), (np.diag(G_t), sv[:k], bounds["singular_values"])
+    assert np.all(np.abs(np.diag(G_t) - sv[:k]) <= bounds["singular_values"]), (
+        np.diag(G_t),
+        sv[:k],
+        bounds["singular_values"],
+    )
     assert np.all(np.abs(G_t - np.diag(np.diag(G_t))) <= bounds["off_diagonal"]), (G_t, bounds["off_diagonal"])
 
 
@@ -171,7 +177,9 @@ def test_odd_valid_inputs_are_right_or_refused_clearly(case: dict, capsys: pytes
         if code == 2:
             # refused: one clear line, nothing written; only a score matrix that is zero may be refused
             assert err.startswith("dstab: error: ") and err.count("\n") == 1 and not (tmp / "out").exists()
-            assert "interaction of items and users is zero" in err and np.linalg.norm(S) <= 1e-6 * np.linalg.norm(T) * np.linalg.norm(W)
+            assert "interaction of items and users is zero" in err and np.linalg.norm(S) <= 1e-6 * np.linalg.norm(
+                T
+            ) * np.linalg.norm(W)
             return
         assert code == 0, err
         T_out, W_out = o["items/vectors"][...], o["users/vectors"][...]
@@ -181,7 +189,11 @@ def test_odd_valid_inputs_are_right_or_refused_clearly(case: dict, capsys: pytes
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", [ORTHOGONAL_RANK_ONE, NEARLY_ORTHOGONAL_RANK_ONE, WELL_CONDITIONED], ids=["cos-1e-2", "cos-4e-5", "well-conditioned"])
+@pytest.mark.parametrize(
+    "case",
+    [ORTHOGONAL_RANK_ONE, NEARLY_ORTHOGONAL_RANK_ONE, WELL_CONDITIONED],
+    ids=["cos-1e-2", "cos-4e-5", "well-conditioned"],
+)
 def test_the_checks_catch_a_wrong_transform(case: dict, capsys: pytest.CaptureFixture[str], tmp_path: Path):
     """The bounds leave room for rounding only: a wrong transform fails them, even where ||T|| ||W|| = 2.6e4 σ_1."""
     code, err, T, W, o = stabilize_with_cli(case, capsys, tmp_path)
@@ -198,13 +210,26 @@ def test_the_checks_catch_a_wrong_transform(case: dict, capsys: pytest.CaptureFi
             check_stabilized(T, W, T_out * (1 + 1e-4), W_out / (1 + 1e-4), report)
 
 
-CORRUPTIONS = ["nan", "inf", "ids-length", "int-vectors", "float-ids", "missing-users", "width-mismatch", "dtype-mismatch", "3d-vectors", "no-rows"]
+CORRUPTIONS = [
+    "nan",
+    "inf",
+    "ids-length",
+    "int-vectors",
+    "float-ids",
+    "missing-users",
+    "width-mismatch",
+    "dtype-mismatch",
+    "3d-vectors",
+    "no-rows",
+]
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(CORRUPTIONS), side=st.sampled_from(["items", "users"]), seed=st.integers(0, 2**16),
        n=st.integers(2, 30), dim=st.integers(1, 5), command=st.sampled_from(["stabilize", "report", "diagnose"]))  # fmt: skip
-def test_corrupt_inputs_are_refused_clearly(kind: str, side: str, seed: int, n: int, dim: int, command: str, capsys: pytest.CaptureFixture[str]):
+def test_corrupt_inputs_are_refused_clearly(
+    kind: str, side: str, seed: int, n: int, dim: int, command: str, capsys: pytest.CaptureFixture[str]
+):
     rng = np.random.default_rng(seed)
     tables = {f"{s}/vectors": rng.normal(size=(n, dim)).astype(np.float32) for s in ("items", "users")}
     tables["items/ids"] = np.arange(n, dtype=np.int64)

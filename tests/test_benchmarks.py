@@ -11,11 +11,12 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-from conftest import random_tables, write_version
 from threadpoolctl import threadpool_info
 
 import dstab
 from dstab.executor import compute
+
+from conftest import random_tables, write_version
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -108,7 +108,9 @@ def test_shuffled_rows_only(tmp_path: Path):
     rng = np.random.default_rng(4)
     p, q = rng.permutation(700), rng.permutation(500)
     basis = random_basis(rng, 8, 5.0)
-    new = write_version(tmp_path / "b", (T @ basis)[p], (W @ np.linalg.inv(basis).T)[q], item_ids=ids[p], user_ids=uids[q])
+    new = write_version(
+        tmp_path / "b", (T @ basis)[p], (W @ np.linalg.inv(basis).T)[q], item_ids=ids[p], user_ids=uids[q]
+    )
     result = dstab.stabilize(dstab.open_version(new), ref)
     out = result.to_zarr(tmp_path / "b-stable")
     ref_T, ref_W = read_tables(ref.url)  # type: ignore[arg-type]
@@ -245,7 +247,13 @@ def test_churn_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert code == 2 and "items/ids of the new version are strings" in err and "reference's are integers (int64)" in err
     code, err = stabilize(write_version(tmp_path / "none", T, W, item_ids=ids + 10_000, user_ids=uids))
     assert code == 2 and "none of the new version's 400 ids appears among the reference's 400 ids" in err
-    code, err = stabilize(write_version(tmp_path / "few", T, W, item_ids=ids, user_ids=uids), "--anchor", "items", "--anchor-min-count", "5")
+    code, err = stabilize(
+        write_version(tmp_path / "few", T, W, item_ids=ids, user_ids=uids),
+        "--anchor",
+        "items",
+        "--anchor-min-count",
+        "5",
+    )
     assert code == 2 and "items/counts is missing" in err
     counts = np.zeros(400, dtype=np.int64)
     counts[:5] = 9
@@ -281,8 +289,26 @@ def test_duplicates_are_refused_without_a_reference(tmp_path: Path, capsys: pyte
 
 
 def test_synth_churn_replaces_and_reorders_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    assert run_cli(capsys, "synth", tmp_path / "a", "--items", "3000", "--users", "1000", "--dim", "6", "--chunk-rows", "256", *FAST)[0] == 0
-    code, _, err = run_cli(capsys, "synth", tmp_path / "b", "--like", tmp_path / "a", "--churn", "0.2", "--seed", "3", *FAST)
+    assert (
+        run_cli(
+            capsys,
+            "synth",
+            tmp_path / "a",
+            "--items",
+            "3000",
+            "--users",
+            "1000",
+            "--dim",
+            "6",
+            "--chunk-rows",
+            "256",
+            *FAST,
+        )[0]
+        == 0
+    )
+    code, _, err = run_cli(
+        capsys, "synth", tmp_path / "b", "--like", tmp_path / "a", "--churn", "0.2", "--seed", "3", *FAST
+    )
     assert code == 0, err
     a, b = zarr.open_group(str(tmp_path / "a")), zarr.open_group(str(tmp_path / "b"))
     for side, n in (("items", 3000), ("users", 1000)):
@@ -291,8 +317,12 @@ def test_synth_churn_replaces_and_reorders_rows(tmp_path: Path, capsys: pytest.C
         kept = np.isin(new, old).mean()
         assert 0.75 < kept < 0.85 and not np.array_equal(new[np.isin(new, old)], old[np.isin(old, new)])
     code, out, _ = run_cli(capsys, "stabilize", tmp_path / "a", "--out", tmp_path / "a-stable", *FAST)
-    code, out, err = run_cli(capsys, "stabilize", tmp_path / "b", "--reference", tmp_path / "a-stable", "--out", tmp_path / "b-stable", *FAST)
+    code, out, err = run_cli(
+        capsys, "stabilize", tmp_path / "b", "--reference", tmp_path / "a-stable", "--out", tmp_path / "b-stable", *FAST
+    )
     assert code == 0, err
     assert re.search(r"items: matched by id: 2,\d{3} common, \d{3} added, \d{3} removed", out)
-    code, _, err = run_cli(capsys, "synth", tmp_path / "c", "--items", "10", "--users", "10", "--dim", "2", "--churn", "0.1", *FAST)
+    code, _, err = run_cli(
+        capsys, "synth", tmp_path / "c", "--items", "10", "--users", "10", "--dim", "2", "--churn", "0.1", *FAST
+    )
     assert code == 2 and "--churn apply to --like retrains only" in err

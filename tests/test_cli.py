@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import random_tables, read_tables, relative_score_error, write_version
 
 from dstab.cli import main
+
+from conftest import random_tables, read_tables, relative_score_error, write_version
 
 FAST = ["--scheduler", "synchronous", "--no-progress"]
 
@@ -30,7 +31,12 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 def test_synth_stabilize_report_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     v0, v1, s0, s1 = (str(tmp_path / n) for n in ("v0", "v1", "s0", "s1"))
-    assert run_cli(capsys, "synth", v0, "--items", "3000", "--users", "2000", "--dim", "16", "--chunk-rows", "700", *FAST)[0] == 0
+    assert (
+        run_cli(capsys, "synth", v0, "--items", "3000", "--users", "2000", "--dim", "16", "--chunk-rows", "700", *FAST)[
+            0
+        ]
+        == 0
+    )
     assert run_cli(capsys, "synth", v1, "--like", v0, "--noise", "0", "--seed", "5", *FAST)[0] == 0
     T0, W0 = read_tables(v0)
     T1, W1 = read_tables(v1)
@@ -43,7 +49,17 @@ def test_synth_stabilize_report_chain(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0 and "drift before" in out
     code, out, _ = run_cli(capsys, "report", s1, "--json")
     report = json.loads(out)
-    for key in ("rank", "dim_in", "dim_out", "n_items", "n_users", "singular_values", "score_error", "drift_before", "drift_after"):
+    for key in (
+        "rank",
+        "dim_in",
+        "dim_out",
+        "n_items",
+        "n_users",
+        "singular_values",
+        "score_error",
+        "drift_before",
+        "drift_after",
+    ):
         assert key in report
     assert report["rank"] == 16 and report["n_items"] == 3000 and report["n_users"] == 2000
     assert report["drift_after"] < 1e-4 < report["drift_before"]
@@ -58,7 +74,25 @@ def test_synth_stabilize_report_chain(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_synth_rank_and_float64(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = str(tmp_path / "v")
-    assert run_cli(capsys, "synth", out, "--items", "500", "--users", "400", "--dim", "12", "--rank", "3", "--dtype", "float64", *FAST)[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "synth",
+            out,
+            "--items",
+            "500",
+            "--users",
+            "400",
+            "--dim",
+            "12",
+            "--rank",
+            "3",
+            "--dtype",
+            "float64",
+            *FAST,
+        )[0]
+        == 0
+    )
     T, W = read_tables(out)
     assert T.dtype == np.float64 and np.linalg.matrix_rank(W @ T.T) == 3
     code, text, _ = run_cli(capsys, "report", out, "--json", *FAST)
@@ -91,15 +125,28 @@ BAD_INPUTS = {
     "missing path": (lambda p: str(p / "nope"), "does not exist"),
     "not a zarr group": (lambda p: (p / "file.txt").write_text("hello") and str(p / "file.txt"), "not a Zarr group"),
     # a table group without vectors (a lone items/ is a valid one-table version now)
-    "no users array": (lambda p: zarr.open_group(str(p / "g"), mode="w").create_array("items/vectors", shape=(3, 2), dtype="f4").store and zarr.open_group(str(p / "g"), mode="a").create_array("users/ids", shape=(3,), dtype="i8").store and str(p / "g"), "no users/vectors"),  # noqa: E501
+    "no users array": (
+        lambda p: (
+            zarr.open_group(str(p / "g"), mode="w").create_array("items/vectors", shape=(3, 2), dtype="f4").store
+            and zarr.open_group(str(p / "g"), mode="a").create_array("users/ids", shape=(3,), dtype="i8").store
+            and str(p / "g")
+        ),
+        "no users/vectors",
+    ),  # noqa: E501
     "1-D vectors": (lambda p: _bad(p, GOOD_T[:, 0], GOOD_W), "items/vectors must be 2-D"),
-    "integer dtype": (lambda p: _bad(p, GOOD_T.astype(np.int64), GOOD_W.astype(np.int64)), "items/vectors has dtype int64"),
+    "integer dtype": (
+        lambda p: _bad(p, GOOD_T.astype(np.int64), GOOD_W.astype(np.int64)),
+        "items/vectors has dtype int64",
+    ),
     "dim mismatch": (lambda p: _bad(p, GOOD_T, GOOD_W[:, :5]), "width 8 but users/vectors has width 5"),
     "nan in one chunk": (nan_in_one_chunk, "items/vectors row 157"),
     "inf in users": (inf_in_users, "users/vectors row 123"),
     "empty table": (lambda p: _bad(p, GOOD_T[:0], GOOD_W), "items/vectors is empty"),
     "all-zero table": (lambda p: _bad(p, np.zeros_like(GOOD_T), GOOD_W), "all zeros"),
-    "ids of wrong length": (lambda p: _bad(p, GOOD_T, GOOD_W, item_ids=np.arange(299, dtype=np.int64)), "299 ids for 300"),
+    "ids of wrong length": (
+        lambda p: _bad(p, GOOD_T, GOOD_W, item_ids=np.arange(299, dtype=np.int64)),
+        "299 ids for 300",
+    ),
 }
 
 

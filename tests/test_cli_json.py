@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_tables, read_tables, relative_score_error, write_version
 
 import dstab
 from dstab.cli import ANCHOR_WEIGHTS, METHODS, main
+
+from conftest import random_tables, read_tables, relative_score_error, write_version
 
 FAST = ["--scheduler", "synchronous", "--no-progress"]
 THREADS = ["--scheduler", "threads"]  # progress on: stderr is no terminal here, so it is plain lines
@@ -61,7 +62,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_stabilize_json(chain: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "day2-stable"
-    code, text, err = run(capsys, "stabilize", chain["day2"], "--reference", chain["day1-stable"], "--out", out, "--json", *THREADS)
+    code, text, err = run(
+        capsys, "stabilize", chain["day2"], "--reference", chain["day1-stable"], "--out", out, "--json", *THREADS
+    )
     assert code == 0, err
     data = one_object(text)
     assert data["ok"] is True and data["command"] == "stabilize" and data["out"] == str(out)
@@ -117,7 +120,9 @@ def test_report_diagnose_log_json_as_before(chain: dict[str, Path], capsys: pyte
     code, text, _ = run(capsys, "diagnose", chain["day1"], "--json", *FAST)
     assert code == 0 and "interaction" in one_object(text)
     code, text, _ = run(capsys, "log", chain["day1-stable"], "--json")
-    assert code == 0 and len(text.splitlines()) == 1 and json.loads(text)[0]["kind"] == "stabilized"  # a list, as before
+    assert (
+        code == 0 and len(text.splitlines()) == 1 and json.loads(text)[0]["kind"] == "stabilized"
+    )  # a list, as before
     # --json also before the command
     code, text, _ = run(capsys, "--json", "report", chain["day1-stable"])
     assert code == 0 and one_object(text)["rank"] == 6
@@ -126,7 +131,9 @@ def test_report_diagnose_log_json_as_before(chain: dict[str, Path], capsys: pyte
 # ----------------------------------------------------------------------------- failure: one object, exit code as documented
 
 
-def test_bad_input_gives_one_json_object_for_every_command(chain: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_bad_input_gives_one_json_object_for_every_command(
+    chain: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     missing = tmp_path / "nope"
     cases = {
         "stabilize": ["stabilize", missing, "--out", tmp_path / "o"],
@@ -170,7 +177,9 @@ def test_console_script_json_on_stdout_only(chain: dict[str, Path], tmp_path: Pa
                           check=False, capture_output=True, text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert one_object(proc.stdout)["out"] == str(tmp_path / "o") and "dstab: write pass" in proc.stderr
-    proc = subprocess.run([exe, "report", str(tmp_path / "missing"), "--json"], check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "report", str(tmp_path / "missing"), "--json"], check=False, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and one_object(proc.stdout)["exit_code"] == 2
     assert proc.stderr.startswith("dstab: error: ") and proc.stderr.count("\n") == 1
 
@@ -182,9 +191,16 @@ def test_unexpected_failure_exit_1_still_one_json_object(tmp_path: Path, capsys:
     code, out, err = run(capsys, "stabilize", path, "--out", tmp_path / "o", "--json", *FAST)
     assert code == 1 and "Traceback" in err
     data = one_object(out)
-    assert data["ok"] is False and data["exit_code"] == 1 and data["command"] == "stabilize" and "decompression" in data["error"]
+    assert (
+        data["ok"] is False
+        and data["exit_code"] == 1
+        and data["command"] == "stabilize"
+        and "decompression" in data["error"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # nothing staged is left
-    with pytest.raises(RuntimeError, match="decompression"):  # without --json: the exception itself (exit 1 in the console script)
+    with pytest.raises(
+        RuntimeError, match="decompression"
+    ):  # without --json: the exception itself (exit 1 in the console script)
         main(["stabilize", path, "--out", str(tmp_path / "o"), *FAST])
     assert capsys.readouterr().out == ""
 
@@ -259,7 +275,9 @@ def test_local_cluster_without_bokeh(tmp_path: Path):
     )
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr
     assert "dstab: local cluster of 1 worker (no dashboard: pip install 'dstab[dashboard]' for one)" in proc.stderr
     assert "dashboard at" not in proc.stderr and "Traceback" not in proc.stderr

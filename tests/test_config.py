@@ -92,8 +92,15 @@ def test_env_var_form_works_in_a_subprocess(tmp_path: Path) -> None:
         "print(json.dumps({'rows': len(s.sample), 'lease': config.get('claim-lease'), "
         "'block': config.get('block-bytes')}))\n"
     )
-    env = {**ENV, "DASK_DSTAB__SAMPLE_ROWS": "17", "DASK_DSTAB__CLAIM_LEASE": "2 minutes", "DASK_DSTAB__BLOCK_BYTES": "1MiB"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    env = {
+        **ENV,
+        "DASK_DSTAB__SAMPLE_ROWS": "17",
+        "DASK_DSTAB__CLAIM_LEASE": "2 minutes",
+        "DASK_DSTAB__BLOCK_BYTES": "1MiB",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"rows": 17, "lease": 120.0, "block": 2**20}
 

@@ -73,7 +73,15 @@ def test_diagnose_version_and_table_against_numpy(tmp_path: Path, capsys: pytest
         for key in ("numerical_rank", "collapsed"):
             assert got[name][key] == want[key], (name, key)
         assert got[name]["effective_rank"] == pytest.approx(want["effective_rank"], rel=1e-3)
-        assert set(got[name]) >= {"singular_values", "numerical_rank", "effective_rank", "stable_rank", "information_abundance", "dim", "collapsed"}
+        assert set(got[name]) >= {
+            "singular_values",
+            "numerical_rank",
+            "effective_rank",
+            "stable_rank",
+            "information_abundance",
+            "dim",
+            "collapsed",
+        }
     assert got["users"]["numerical_rank"] == 2 and got["users"]["collapsed"] and not got["items"]["collapsed"]
     code, text, _ = run_cli(capsys, "diagnose", path, "--plot", tmp_path / "d.png", *FAST)
     assert code == 0 and "COLLAPSED" in text and "collapsed = effective rank below 25% of the width" in text
@@ -119,7 +127,12 @@ def test_two_field_model_versions_stabilize(tmp_path: Path):
 def test_collapse_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from pipelines import collapse_demo
 
-    assert collapse_demo.main(["--n-a", "300", "--steps", "1500", "--dir", str(tmp_path), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (
+        collapse_demo.main(
+            ["--n-a", "300", "--steps", "1500", "--dir", str(tmp_path), "--plot", str(tmp_path / "s.png")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "collapsed: lambda = 0.001;" in out
     assert "lambda = 0.001: rank of V_A 2; lambda = 0: rank of V_A 16" in out
@@ -142,7 +155,9 @@ def churned_pair(tmp_path: Path, seed: int = 7):
     return dstab.open_version(b), dstab.open_version(a), (T, W, ids, uids), (T2, W2, ids2, uids2)
 
 
-def numpy_overlap(X: np.ndarray, keys: np.ndarray, Y: np.ndarray, ref_keys: np.ndarray, queries: np.ndarray, k: int) -> float:
+def numpy_overlap(
+    X: np.ndarray, keys: np.ndarray, Y: np.ndarray, ref_keys: np.ndarray, queries: np.ndarray, k: int
+) -> float:
     """Neighbour overlap@k in memory: cosine top-k of each query in both tables (itself excluded), compared by key."""
 
     def topk(M: np.ndarray, mkeys: np.ndarray, q: np.ndarray) -> set:
@@ -189,18 +204,25 @@ def test_stabilize_report_drift_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     basis = random_basis(rng, 6, 5.0)
     T2 = (T + 0.05 * rng.normal(size=T.shape) * T.std(0)) @ basis
     new = write_version(tmp_path / "b", T2.astype(np.float32), (W @ np.linalg.inv(basis).T).astype(np.float32))
-    code, out, err = run_cli(capsys, "stabilize", new, "--reference", ref.url, "--out", tmp_path / "b-stable", "--neighbours", "5", *FAST)
+    code, out, err = run_cli(
+        capsys, "stabilize", new, "--reference", ref.url, "--out", tmp_path / "b-stable", "--neighbours", "5", *FAST
+    )
     assert code == 0, err
     assert "items: drift" in out and "mean row cosine" in out and "neighbour overlap@5" in out
     report = dstab.open_version(tmp_path / "b-stable").attrs["report"]
     X, Y = read_tables(str(tmp_path / "b-stable"))[0].astype(np.float64), read_tables(ref.url)[0].astype(np.float64)  # type: ignore[arg-type]
     # per-dimension drift from the statistics equals the one measured on the written tables (items + users summed)
     Xu, Yu = read_tables(str(tmp_path / "b-stable"))[1].astype(np.float64), read_tables(ref.url)[1].astype(np.float64)  # type: ignore[arg-type]
-    both = np.sqrt((np.linalg.norm(X - Y, axis=0) ** 2 + np.linalg.norm(Xu - Yu, axis=0) ** 2) / (np.linalg.norm(Y, axis=0) ** 2 + np.linalg.norm(Yu, axis=0) ** 2))
+    both = np.sqrt(
+        (np.linalg.norm(X - Y, axis=0) ** 2 + np.linalg.norm(Xu - Yu, axis=0) ** 2)
+        / (np.linalg.norm(Y, axis=0) ** 2 + np.linalg.norm(Yu, axis=0) ** 2)
+    )
     np.testing.assert_allclose(report["drift_per_dim"]["after"], both, rtol=1e-3)
     d = report["drift"]["items"]
     assert d["cosine_before"] < 0.9 < d["cosine_after"] and d["neighbour_overlap_after"] > d["neighbour_overlap_before"]
-    code, text, _ = run_cli(capsys, "report", tmp_path / "b-stable", "--reference", ref.url, "--plot", tmp_path / "r.png", *FAST)
+    code, text, _ = run_cli(
+        capsys, "report", tmp_path / "b-stable", "--reference", ref.url, "--plot", tmp_path / "r.png", *FAST
+    )
     assert code == 0 and "neighbour overlap@10" in text
     image = matplotlib.image.imread(tmp_path / "r.png")
     assert image.ndim == 3 and image.shape[1] > 1000 and np.ptp(image) > 0

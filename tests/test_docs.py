@@ -81,5 +81,8 @@ def test_relative_links_point_to_files_in_the_repository(name: str):
 def test_link_checker_sees_links_and_ignores_code():
     text = "see [a](docs/x.md#y) and [b](https://example.com)\n```\n[c](not/a/link.md)\n```\n`[d](nor/this.md)`\n"
     assert _LINK.findall(_prose(text)) == ["docs/x.md#y", "https://example.com"]
-    assert _slug("5a. Alignment onto the reference: orthogonal Procrustes") == "5a-alignment-onto-the-reference-orthogonal-procrustes"
+    assert (
+        _slug("5a. Alignment onto the reference: orthogonal Procrustes")
+        == "5a-alignment-onto-the-reference-orthogonal-procrustes"
+    )
     assert _slug("Computing R: gram and tsqr") == "computing-r-gram-and-tsqr"

@@ -11,11 +11,12 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from conftest import random_basis, random_tables, reference_stabilize, write_version
 
 import dstab
 from dstab.errors import DstabError, InputError, UsageError, VersionNotFoundError
 from dstab.estimator import LEARNED, NotFittedError
+
+from conftest import random_basis, random_tables, reference_stabilize, write_version
 
 EPS32 = float(np.finfo(np.float32).eps)
 CLOSE = 1e-6  # the brief's bar between input kinds (relative to the largest entry)
@@ -142,7 +143,9 @@ def exploding(shape: tuple[int, int], chunks: int = 50) -> da.Array:
 
     starts = range(0, shape[0], chunks)
     parts = [
-        da.from_delayed(dask.delayed(boom)(min(chunks, shape[0] - s)), shape=(min(chunks, shape[0] - s), shape[1]), dtype=np.float32)
+        da.from_delayed(
+            dask.delayed(boom)(min(chunks, shape[0] - s)), shape=(min(chunks, shape[0] - s), shape[1]), dtype=np.float32
+        )
         for s in starts
     ]
     return da.concatenate(parts)
@@ -234,7 +237,8 @@ def test_get_params_set_params_round_trip() -> None:
 def test_to_zarr_writes_what_fit_transform_gives(tmp_path: Path, days: dict[str, Any]) -> None:
     est = dstab.Stabilizer()
     got = est.fit_transform(
-        {"items": days["I_today"], "users": days["U_today"]}, reference={"items": days["I_prev"], "users": days["U_prev"]}
+        {"items": days["I_today"], "users": days["U_today"]},
+        reference={"items": days["I_prev"], "users": days["U_prev"]},
     )
     written = est.to_zarr(tmp_path / "out")
     for name in ("items", "users"):
@@ -278,10 +282,15 @@ def test_two_sided_with_sides(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="--sides"):  # several tables and no structure: say which
         dstab.Stabilizer().fit(tables)
-    est = dstab.Stabilizer(sides="users:items,creators").fit({k: da.from_array(v, chunks=(100, -1)) for k, v in tables.items()})
+    est = dstab.Stabilizer(sides="users:items,creators").fit(
+        {k: da.from_array(v, chunks=(100, -1)) for k, v in tables.items()}
+    )
     assert est.structure_ == on_disk.structure
     np.testing.assert_array_equal(est.transforms_["items"], est.transforms_["creators"])  # one transform per side
-    out = {k: v.compute() for k, v in est.transform({k: da.from_array(v, chunks=(100, -1)) for k, v in tables.items()}).items()}
+    out = {
+        k: v.compute()
+        for k, v in est.transform({k: da.from_array(v, chunks=(100, -1)) for k, v in tables.items()}).items()
+    }
     for name in tables:
         assert_close(est.transforms_[name], on_disk.transforms[name])
         assert_close(out[name], on_disk.stabilized(name).compute())
@@ -299,17 +308,23 @@ def test_ids_in_memory_match_the_ids_on_disk(tmp_path: Path, days: dict[str, Any
     ids = {name: prev_ids[name][order[name]] for name in today}
     ids["items"][:50] += 1_000_000  # churn: 50 new items
     write_version(tmp_path / "day2", today["items"], today["users"], item_ids=ids["items"], user_ids=ids["users"])
-    write_version(tmp_path / "day1", days["I_prev"], days["U_prev"], item_ids=prev_ids["items"], user_ids=prev_ids["users"])
+    write_version(
+        tmp_path / "day1", days["I_prev"], days["U_prev"], item_ids=prev_ids["items"], user_ids=prev_ids["users"]
+    )
     on_disk = dstab.stabilize(str(tmp_path / "day2"), str(tmp_path / "day1"))
     assert on_disk.report["matching"]["items"]["by"] == "id"
 
-    est = dstab.Stabilizer().fit(today, {"items": days["I_prev"], "users": days["U_prev"]}, ids=ids, reference_ids=prev_ids)
+    est = dstab.Stabilizer().fit(
+        today, {"items": days["I_prev"], "users": days["U_prev"]}, ids=ids, reference_ids=prev_ids
+    )
     assert est.report_["matching"] == on_disk.report["matching"]
     for name in today:
         assert_close(est.transforms_[name], on_disk.transforms[name])
     # a table group brings its own ids; giving them again as well is refused
     groups = {name: str(tmp_path / "day2" / name) for name in today}
-    with pytest.raises(UsageError, match="ids given for the new table 'items', whose table group already has items/ids"):
+    with pytest.raises(
+        UsageError, match="ids given for the new table 'items', whose table group already has items/ids"
+    ):
         dstab.Stabilizer().fit(groups, str(tmp_path / "day1"), ids=ids)
 
 
@@ -329,29 +344,42 @@ def one_line(error: type[Exception], *needles: str) -> Callable[[Callable[[], An
 
 
 def test_bad_input_is_one_line_naming_it(tmp_path: Path, days: dict[str, Any]) -> None:
-    U, I = days["U_today"], days["I_today"]
-    fit = lambda *a, **k: dstab.Stabilizer().fit(*a, **k)
+    U, I = days["U_today"], days["I_today"]  # noqa: E741 - users and items, as in the README
+
+    def fit(*a: Any, **k: Any) -> Any:
+        return dstab.Stabilizer().fit(*a, **k)
+
     one_line(InputError, "the new version was given as a list", "mapping {table_name: X}")(lambda: fit([U, I]))
     one_line(InputError, "the new table 'users' was given as a list", "numpy, Dask or Zarr array")(
         lambda: fit({"users": U.tolist(), "items": I})
     )
-    one_line(InputError, "the new table 'users' is an array of shape (500,)", "2-D")(lambda: fit({"users": U[:, 0], "items": I}))
+    one_line(InputError, "the new table 'users' is an array of shape (500,)", "2-D")(
+        lambda: fit({"users": U[:, 0], "items": I})
+    )
     one_line(InputError, "the reference table 'items' is an array of shape (12,)")(
         lambda: fit({"users": U, "items": I}, {"users": U, "items": I[0]})
     )
     one_line(InputError, "users/vectors has width 12 but items/vectors has width 11")(
         lambda: fit({"users": U, "items": I[:, :11]})
     )
-    one_line(InputError, "users/ids has 3 ids for 500 vector rows")(lambda: fit({"users": U, "items": I}, ids={"users": np.arange(3)}))
-    one_line(InputError, "ids given for the table 'creators'")(lambda: fit({"users": U, "items": I}, ids={"creators": np.arange(3)}))
+    one_line(InputError, "users/ids has 3 ids for 500 vector rows")(
+        lambda: fit({"users": U, "items": I}, ids={"users": np.arange(3)})
+    )
+    one_line(InputError, "ids given for the table 'creators'")(
+        lambda: fit({"users": U, "items": I}, ids={"creators": np.arange(3)})
+    )
     missing = str(tmp_path / "nowhere")
     one_line(VersionNotFoundError, "the new version", missing, "does not exist")(lambda: fit(missing))
     one_line(VersionNotFoundError, "the reference table 'users'", f"{missing}/users", "does not exist")(
         lambda: fit({"users": U, "items": I}, {"users": f"{missing}/users", "items": I})
     )
-    one_line(InputError, "is a version (a group of tables), not a table")(lambda: fit({"users": days["day2"], "items": I}))
+    one_line(InputError, "is a version (a group of tables), not a table")(
+        lambda: fit({"users": days["day2"], "items": I})
+    )
     one_line(UsageError, "ids=", "in-memory tables")(lambda: fit(days["day2"], ids={"users": np.arange(500)}))
-    one_line(UsageError, "reference_ids=", "no reference")(lambda: fit({"users": U, "items": I}, reference_ids={"users": np.arange(500)}))
+    one_line(UsageError, "reference_ids=", "no reference")(
+        lambda: fit({"users": U, "items": I}, reference_ids={"users": np.arange(500)})
+    )
 
     est = dstab.Stabilizer().fit({"users": U, "items": I})
     one_line(InputError, "no table 'creators'", "its tables are")(lambda: est.transform({"creators": U}))
@@ -359,6 +387,10 @@ def test_bad_input_is_one_line_naming_it(tmp_path: Path, days: dict[str, Any]) -
     one_line(UsageError, "table=NAME")(lambda: est.transform(U))
     one_line(UsageError, "drop table=")(lambda: est.transform({"users": U}, table="users"))
     one_line(InputError, "users rows must have shape (n, 12)")(lambda: est.transform({"users": U[:, :5]}))
-    one_line(InputError, "users rows must have shape (n, 12)")(lambda: est.transform({"users": da.from_array(U[:, :5])}))
+    one_line(InputError, "users rows must have shape (n, 12)")(
+        lambda: est.transform({"users": da.from_array(U[:, :5])})
+    )
     one_line(InputError, "the rows given for 'users' was given as a list")(lambda: est.transform({"users": [1.0, 2.0]}))
-    one_line(VersionNotFoundError, "the rows given for 'users'", "does not exist")(lambda: est.transform({"users": missing}))
+    one_line(VersionNotFoundError, "the rows given for 'users'", "does not exist")(
+        lambda: est.transform({"users": missing})
+    )

@@ -30,7 +30,9 @@ def run_without(blocked: list[str], args: list[str], cwd: Path) -> subprocess.Co
         "from dstab.cli import main\n"
         f"sys.exit(main({args!r}))\n"
     )
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def assert_one_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -103,7 +103,9 @@ def undisturbed(versions: dict[str, str]) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("where", ["during-statistics", "after-statistics", "mid-write", "after-write", "publish-swap"])
-def test_killed_run_leaves_nothing_and_reruns(versions: dict[str, str], undisturbed: list[np.ndarray], tmp_path: Path, where: str):
+def test_killed_run_leaves_nothing_and_reruns(
+    versions: dict[str, str], undisturbed: list[np.ndarray], tmp_path: Path, where: str
+):
     out = tmp_path / "day2-stable"
     cmd = dstab_cmd("stabilize", versions["new"], "--reference", versions["ref"], "--out", out, "--workers", "2",
                     "--no-progress", "--dashboard-address", ":0")  # fmt: skip
@@ -121,7 +123,9 @@ def test_killed_run_leaves_nothing_and_reruns(versions: dict[str, str], undistur
         # wait until the write pass has written some chunks, then kill
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            written = [c for d in tmp_path.glob(".day2-stable.dstab-tmp-*") for c in (d / "items" / "vectors" / "c").glob("*")]
+            written = [
+                c for d in tmp_path.glob(".day2-stable.dstab-tmp-*") for c in (d / "items" / "vectors" / "c").glob("*")
+            ]
             if len(written) >= 3:
                 break
             time.sleep(0.02)
@@ -147,15 +151,19 @@ def test_killed_run_leaves_nothing_and_reruns(versions: dict[str, str], undistur
         np.testing.assert_array_equal(got, want)
 
 
-def test_worker_killed_mid_run_gives_the_same_result(versions: dict[str, str], undisturbed: list[np.ndarray], tmp_path: Path):
+def test_worker_killed_mid_run_gives_the_same_result(
+    versions: dict[str, str], undisturbed: list[np.ndarray], tmp_path: Path
+):
     import dask
     from distributed import Client, LocalCluster
 
     new, ref = dstab.open_version(versions["new"]), dstab.open_version(versions["ref"])
     out = tmp_path / "out"
-    with dask.config.set({"dstab.block-bytes": 400_000}), LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({"dstab.block-bytes": 400_000}),
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         victims = list(client.run(os.getpid).values())
         errors: list[BaseException] = []
 
@@ -199,7 +207,9 @@ def test_ctrl_c_stops_the_run_in_one_line_and_leaves_nothing(versions: dict[str,
         if when == "early" and "local cluster" in log.read_text():
             time.sleep(0.3)
             break
-        written = [c for d in tmp_path.glob(".day2-stable.dstab-tmp-*") for c in (d / "items" / "vectors" / "c").glob("*")]
+        written = [
+            c for d in tmp_path.glob(".day2-stable.dstab-tmp-*") for c in (d / "items" / "vectors" / "c").glob("*")
+        ]
         if when == "mid-write" and len(written) >= 3:
             break
         time.sleep(0.02)

@@ -79,10 +79,22 @@ def test_exported_list_layout_with_scalar_glob(tmp_path: Path, capsys: pytest.Ca
         # a glob matching a list column and a string column: neither is a vector column
         ("list_only_v", "scalar", ["--vector-columns", "v*"], 2, ["items: ", "'vector'", "--vector-column vector"]),
         # a named list of columns holding a list column is refused, not skipped
-        ("both", "both", ["--vector-columns", "vector,v0,v1,v2,v3"], 2, ["items: ", "'vector'", "--vector-column vector"]),
+        (
+            "both",
+            "both",
+            ["--vector-columns", "vector,v0,v1,v2,v3"],
+            2,
+            ["items: ", "'vector'", "--vector-column vector"],
+        ),
         ("scalar", "scalar", ["--vector-columns", "v0,id,v1,v2"], 2, ["items: ", "'id'", "int64"]),
         # both vector options together: a usage error
-        ("both", "both", ["--vector-column", "vector", "--vector-columns", "v*"], 2, ["--vector-column", "--vector-columns", "not both"]),
+        (
+            "both",
+            "both",
+            ["--vector-column", "vector", "--vector-columns", "v*"],
+            2,
+            ["--vector-column", "--vector-columns", "not both"],
+        ),
         ("list", "list", ["--vector-column", "vector", "--vector-columns", "v*"], 2, ["not both"]),
     ],
 )
@@ -137,7 +149,11 @@ def test_null_vector_values_are_refused(
         ids[row] = None
     typ = pa.list_(pa.float32(), DIM) if fixed else pa.list_(pa.float32())
     # ten rows per row group: the row reported is the table's row, not the row group's
-    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "vector": pa.array(values, typ)}), tmp_path / "items.parquet", row_group_size=10)
+    pq.write_table(
+        pa.table({"id": pa.array(ids, pa.int64()), "vector": pa.array(values, typ)}),
+        tmp_path / "items.parquet",
+        row_group_size=10,
+    )
     pq.write_table(table("list", W), tmp_path / "users.parquet")
     out = tmp_path / "out"
     code, _, err = run_cli(

@@ -79,7 +79,17 @@ def test_parquet_partitioned_directory_and_scalar_columns(tmp_path: Path, capsys
     )  # fmt: skip
     assert code == 2 and "users: " in err and "no column 'emb'" in err
     # the list column is found on its own; scalar columns by glob for the users file
-    code, _, err = run_cli(capsys, "import", "--items", tmp_path / "items", "--users", tmp_path / "users.parquet", "--out", tmp_path / "v", *FAST)
+    code, _, err = run_cli(
+        capsys,
+        "import",
+        "--items",
+        tmp_path / "items",
+        "--users",
+        tmp_path / "users.parquet",
+        "--out",
+        tmp_path / "v",
+        *FAST,
+    )
     assert code == 2 and "users: " in err and "has 0 list columns" in err
     items_only = dstab.interchange.open_parquet(str(tmp_path / "items"))
     users_cols = dstab.interchange.open_parquet(str(tmp_path / "users.parquet"), vector_columns="f*", label="users")
@@ -130,7 +140,9 @@ def test_fsspec_parquet_source_and_export(tmp_path: Path, capsys: pytest.Capture
             with fs.open(f"/src-{tmp_path.name}/{side}/part-{part}.parquet", "wb") as f:
                 pq.write_table(list_table(np.arange(len(X))[rows], X[rows]), f)
     base = f"memory://src-{tmp_path.name}"
-    code, _, err = run_cli(capsys, "import", "--items", f"{base}/items", "--users", f"{base}/users", "--out", f"{base}/v", *FAST)
+    code, _, err = run_cli(
+        capsys, "import", "--items", f"{base}/items", "--users", f"{base}/users", "--out", f"{base}/v", *FAST
+    )
     assert code == 0, err
     got = dstab.open_version(f"{base}/v")
     np.testing.assert_array_equal(np.asarray(got.items.vectors[...]), T)
@@ -147,7 +159,9 @@ def test_bad_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "out"
 
     def run(items: Path, *extra: object) -> str:
-        code, _, err = run_cli(capsys, "import", "--items", items, "--users", tmp_path / "users.npy", "--out", out, *extra, *FAST)
+        code, _, err = run_cli(
+            capsys, "import", "--items", items, "--users", tmp_path / "users.npy", "--out", out, *extra, *FAST
+        )
         assert code == 2 and not out.exists() and err.count("\n") == 1, err
         return err
 
@@ -157,7 +171,9 @@ def test_bad_sources(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert "holds int32 values; vectors must be float32 or float64" in run(tmp_path / "int.npy")
     np.save(tmp_path / "items.npy", T)
     np.save(tmp_path / "short_ids.npy", np.arange(10))
-    assert "has shape (10,) for 200 vector rows" in run(tmp_path / "items.npy", "--items-ids", tmp_path / "short_ids.npy")
+    assert "has shape (10,) for 200 vector rows" in run(
+        tmp_path / "items.npy", "--items-ids", tmp_path / "short_ids.npy"
+    )
     vectors = pa.array([list(map(float, r)) for r in T[:3]] + [[1.0, 2.0]], type=pa.list_(pa.float32()))
     pq.write_table(pa.table({"id": [1, 2, 3, 4], "vec": vectors}), tmp_path / "ragged.parquet")
     np.save(tmp_path / "users4.npy", W[:, :4])

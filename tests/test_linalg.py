@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dstab import linalg
+from dstab.errors import InputError, UsageError
+
 from conftest import (
     random_basis,
     random_tables,
     reference_stabilize,
     relative_score_error,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from dstab import linalg
-from dstab.errors import InputError, UsageError
 
 
 def fit(T: np.ndarray, W: np.ndarray, rank="auto", rtol=1e-9):

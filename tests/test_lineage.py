@@ -26,7 +26,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str
 
 def write_table(path: Path, vectors: np.ndarray, ids: np.ndarray | None = None, chunk_rows: int = 64) -> str:
     group = zarr.open_group(str(path), mode="w")
-    group.create_array("vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype)[...] = vectors
+    group.create_array("vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype)[
+        ...
+    ] = vectors
     if ids is not None:
         with warnings.catch_warnings():  # fixed-width strings have no Zarr v3 spec yet; written as users do
             warnings.simplefilter("ignore")
@@ -35,7 +37,9 @@ def write_table(path: Path, vectors: np.ndarray, ids: np.ndarray | None = None, 
     return str(path)
 
 
-def test_apply_maps_extra_rows_so_they_score_as_before(tmp_path: Path, capsys: pytest.CaptureFixture[str], scheduler: str):
+def test_apply_maps_extra_rows_so_they_score_as_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scheduler: str
+):
     rng = np.random.default_rng(3)
     T, W = random_tables(3, 500, 400, 8)
     ref = dstab.stabilize(dstab.open_version(write_version(tmp_path / "day1", T, W))).to_zarr(tmp_path / "day1-stable")
@@ -61,10 +65,21 @@ def test_apply_maps_extra_rows_so_they_score_as_before(tmp_path: Path, capsys: p
     np.testing.assert_allclose(stable.transform("users", extra), got, atol=1e-6 * np.abs(got).max())
     np.testing.assert_allclose(result.transform("users", extra), got, atol=1e-6 * np.abs(got).max())
     # the raw users of the version itself land on its stabilized users
-    code, _, _ = run_cli(capsys, "apply", stable.url, "--users", write_table(tmp_path / "own", (W @ np.linalg.inv(basis).T).astype(np.float32)), "--out", tmp_path / "own-stable", *FAST)
+    code, _, _ = run_cli(
+        capsys,
+        "apply",
+        stable.url,
+        "--users",
+        write_table(tmp_path / "own", (W @ np.linalg.inv(basis).T).astype(np.float32)),
+        "--out",
+        tmp_path / "own-stable",
+        *FAST,
+    )
     assert code == 0
     np.testing.assert_allclose(
-        zarr.open_group(str(tmp_path / "own-stable"))["vectors"][...], read_tables(stable.url)[1], atol=1e-5  # type: ignore[arg-type]
+        zarr.open_group(str(tmp_path / "own-stable"))["vectors"][...],
+        read_tables(stable.url)[1],
+        atol=1e-5,  # type: ignore[arg-type]
     )
 
 
@@ -75,11 +90,15 @@ def test_apply_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "apply", raw, "--items", write_table(tmp_path / "t", T[:10]), "--out", out, *FAST)
     assert code == 2 and "has no transform/items: only versions written by `dstab stabilize`" in err
-    code, _, err = run_cli(capsys, "apply", stable.url, "--items", write_table(tmp_path / "w", T[:10, :5]), "--out", out, *FAST)
+    code, _, err = run_cli(
+        capsys, "apply", stable.url, "--items", write_table(tmp_path / "w", T[:10, :5]), "--out", out, *FAST
+    )
     assert code == 2 and "has width 5 but" in err and "maps items rows of width 6" in err
     bad = T[:100].copy()
     bad[77, 2] = np.nan
-    code, _, err = run_cli(capsys, "apply", stable.url, "--items", write_table(tmp_path / "nan", bad, chunk_rows=32), "--out", out, *FAST)
+    code, _, err = run_cli(
+        capsys, "apply", stable.url, "--items", write_table(tmp_path / "nan", bad, chunk_rows=32), "--out", out, *FAST
+    )
     assert code == 2 and "vectors row 77 is not finite" in err
     code, _, err = run_cli(capsys, "apply", stable.url, "--items", tmp_path / "t", "--out", tmp_path / "t", *FAST)
     assert code == 2 and "never writes over its inputs" in err

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dstab
+from dstab import linalg
+
 from conftest import (
     random_tables,
     read_tables,
@@ -13,11 +19,6 @@ from conftest import (
     relative_score_error,
     write_version,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import dstab
-from dstab import linalg
 
 
 def conditioned_table(seed: int, n: int, dim: int, condition: float, dtype: str = "float32") -> np.ndarray:
@@ -51,7 +52,9 @@ def test_gram_path_matches_householder_for_float32_up_to_condition_1e4(seed, log
 def test_tsqr_factor_matches_householder_exactly_enough():
     X = conditioned_table(1, 3000, 16, 1e7, "float64")
     r = dstab.stats._block_stats(X, None, None, None, 0, 1, qr=True)[0].r
-    np.testing.assert_allclose(triangular(r), triangular(np.linalg.qr(X, mode="r")), rtol=0, atol=1e-12 * np.abs(r).max())
+    np.testing.assert_allclose(
+        triangular(r), triangular(np.linalg.qr(X, mode="r")), rtol=0, atol=1e-12 * np.abs(r).max()
+    )
 
 
 def test_auto_chooses_by_dtype_and_conditioning():
@@ -103,6 +106,21 @@ def test_cli_method_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
 
     T, W = random_tables(8, 500, 400, 8, "float32")
     new = write_version(tmp_path / "v", T, W)
-    assert main(["stabilize", new, "--out", str(tmp_path / "o"), "--method", "tsqr", "--scheduler", "synchronous", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "stabilize",
+                new,
+                "--out",
+                str(tmp_path / "o"),
+                "--method",
+                "tsqr",
+                "--scheduler",
+                "synchronous",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert dstab.open_version(tmp_path / "o").attrs["report"]["method"] == "tsqr"
     assert main(["stabilize", new, "--out", str(tmp_path / "p"), "--method", "magic"]) == 2

@@ -24,11 +24,12 @@ import dask
 import numpy as np
 import pytest
 import zarr
-from conftest import random_basis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dstab
+
+from conftest import random_basis
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -68,19 +69,27 @@ def write_tables(
     """A raw version of named tables written with plain zarr: NAME/vectors (+ NAME/ids)."""
     group = zarr.open_group(str(path), mode="w")
     for name, vectors in tables.items():
-        group.create_array(f"{name}/vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype)[...] = vectors
+        group.create_array(
+            f"{name}/vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype
+        )[...] = vectors
         if ids is not None and name in ids:
             with warnings.catch_warnings():  # fixed-width strings have no Zarr v3 spec yet: zarr warns, reads fine
                 warnings.simplefilter("ignore")
-                array = group.create_array(f"{name}/ids", shape=ids[name].shape, chunks=(chunk_rows,), dtype=ids[name].dtype)
+                array = group.create_array(
+                    f"{name}/ids", shape=ids[name].shape, chunks=(chunk_rows,), dtype=ids[name].dtype
+                )
             array[...] = ids[name]
     return str(path)
 
 
-def write_loose_table(path: Path | str, vectors: np.ndarray, ids: np.ndarray | None = None, chunk_rows: int = 64) -> str:
+def write_loose_table(
+    path: Path | str, vectors: np.ndarray, ids: np.ndarray | None = None, chunk_rows: int = 64
+) -> str:
     """A loose table (what `dstab apply` maps): vectors (+ ids) at the group's top."""
     group = zarr.open_group(str(path), mode="w")
-    group.create_array("vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype)[...] = vectors
+    group.create_array("vectors", shape=vectors.shape, chunks=(chunk_rows, vectors.shape[1]), dtype=vectors.dtype)[
+        ...
+    ] = vectors
     if ids is not None:
         group.create_array("ids", shape=ids.shape, chunks=(chunk_rows,), dtype=ids.dtype)[...] = ids
     return str(path)
@@ -216,7 +225,12 @@ def symmetric_bounds(tables: list[np.ndarray], report: dict[str, Any]) -> dict[s
 
 
 def check_two_sided(
-    tables: dict[str, np.ndarray], out: dict[str, np.ndarray], query: tuple[str, ...], candidate: tuple[str, ...], report: dict[str, Any], rtol: float | None
+    tables: dict[str, np.ndarray],
+    out: dict[str, np.ndarray],
+    query: tuple[str, ...],
+    candidate: tuple[str, ...],
+    report: dict[str, Any],
+    rtol: float | None,
 ) -> None:
     """Every query x candidate table's scores kept; both sides' stacked Grams equal ``diag(σ)`` (balanced)."""
     bounds = two_sided_bounds([tables[q] for q in query], [tables[c] for c in candidate], report)
@@ -248,7 +262,9 @@ def check_gram(gram: np.ndarray, sv: np.ndarray, bound: np.ndarray | float, *, a
     np.testing.assert_allclose(np.linalg.eigvalsh(gram)[::-1], sv, rtol=0, atol=float(np.linalg.norm(bound)))
 
 
-def check_symmetric(tables: dict[str, np.ndarray], out: dict[str, np.ndarray], report: dict[str, Any], rtol: float | None) -> None:
+def check_symmetric(
+    tables: dict[str, np.ndarray], out: dict[str, np.ndarray], report: dict[str, Any], rtol: float | None
+) -> None:
     """Every pair of tables' dot products (each table with itself too) kept; the stacked Gram is ``diag(λ)``."""
     names = list(tables)
     bounds = symmetric_bounds([tables[n] for n in names], report)
@@ -259,7 +275,9 @@ def check_symmetric(tables: dict[str, np.ndarray], out: dict[str, np.ndarray], r
             assert rel < rtol, f"dot products of {a} x {b}: relative error {rel:.3g}, want < {rtol:g}"
     k = int(report["rank"])
     gram = sum(out[n].astype(np.float64).T @ out[n].astype(np.float64) for n in names)
-    check_gram(gram, np.asarray(report["singular_values"][:k]), bounds["gram"], aligned=report["drift_after"] is not None)
+    check_gram(
+        gram, np.asarray(report["singular_values"][:k]), bounds["gram"], aligned=report["drift_after"] is not None
+    )
 
 
 # ----------------------------------------------------------------------------- 1. two-sided, several tables per side
@@ -293,7 +311,9 @@ def test_two_sided_keeps_every_cross_score_and_balances(tmp_path: Path, sides: s
         assert set(tables) <= set(zarr.open_group(str(tmp_path / "out"), mode="r")["transform"].array_keys())
     report = result.report
     assert report["tables"] == {name: len(t) for name, t in tables.items()}
-    assert all(out[name].dtype == np.float32 and out[name].shape == (len(t), report["rank"]) for name, t in tables.items())
+    assert all(
+        out[name].dtype == np.float32 and out[name].shape == (len(t), report["rank"]) for name, t in tables.items()
+    )
     check_two_sided(tables, out, query, candidate, report, SCORE_RTOL)
     # the kept singular values are those of the stacked score matrix (numpy, Householder)
     _, _, s = np_two_sided([tables[q] for q in query], [tables[c] for c in candidate], report["rtol"])
@@ -306,7 +326,9 @@ def test_two_sided_keeps_every_cross_score_and_balances(tmp_path: Path, sides: s
             np.testing.assert_array_equal(result.transforms[name], result.transforms[side[0]])
 
 
-def two_sided_retrain(rng: np.random.Generator, tables: dict[str, np.ndarray], query: tuple[str, ...]) -> dict[str, np.ndarray]:
+def two_sided_retrain(
+    rng: np.random.Generator, tables: dict[str, np.ndarray], query: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """A retrain made in numpy: 1% noise, then candidate rows @ G and query rows @ G^-T (scores kept), with
     G an ill-conditioned basis change times a random orthogonal one."""
     dim = next(iter(tables.values())).shape[1]
@@ -361,7 +383,9 @@ def test_symmetric_keeps_every_dot_product_with_an_orthogonal_transform(tmp_path
         result = dstab.stabilize(dstab.from_tables(tables, chunk_rows=50), symmetric=True)
         out = stabilized_in_memory(result)
     else:
-        result = dstab.stabilize(dstab.open_version(write_tables(tmp_path / "v", tables, chunk_rows=50)), symmetric=True)
+        result = dstab.stabilize(
+            dstab.open_version(write_tables(tmp_path / "v", tables, chunk_rows=50)), symmetric=True
+        )
         result.to_zarr(tmp_path / "out")
         out = read_output(tmp_path / "out", list(tables))
         assert dstab.open_version(tmp_path / "out").structure == result.structure
@@ -486,9 +510,17 @@ def test_ids_and_churn_rotation_is_the_procrustes_fit_on_common_ids(tmp_path: Pa
     rng = np.random.default_rng(30)
     dim = 8
     day1 = {"words": model_table(rng, 400, dim), "tags": model_table(rng, 250, dim)}
-    ids1 = {"words": rng.permutation(10_000)[:400].astype(np.int64), "tags": np.array([f"tag-{i:04d}" for i in rng.permutation(250)])}
-    new_ids = {"words": np.arange(20_000, 20_040, dtype=np.int64), "tags": np.array([f"new-{i:04d}" for i in range(25)])}
-    dstab.stabilize(dstab.open_version(write_tables(tmp_path / "day1", day1, ids1, chunk_rows=60)), symmetric=True).to_zarr(tmp_path / "ref")
+    ids1 = {
+        "words": rng.permutation(10_000)[:400].astype(np.int64),
+        "tags": np.array([f"tag-{i:04d}" for i in rng.permutation(250)]),
+    }
+    new_ids = {
+        "words": np.arange(20_000, 20_040, dtype=np.int64),
+        "tags": np.array([f"new-{i:04d}" for i in range(25)]),
+    }
+    dstab.stabilize(
+        dstab.open_version(write_tables(tmp_path / "day1", day1, ids1, chunk_rows=60)), symmetric=True
+    ).to_zarr(tmp_path / "ref")
     o = random_orthogonal(rng, dim)
     day2, ids2 = {}, {}
     for name, vectors in day1.items():
@@ -508,7 +540,9 @@ def test_ids_and_churn_rotation_is_the_procrustes_fit_on_common_ids(tmp_path: Pa
         pairs.append((day2[name][here].astype(np.float64) @ v, ref[f"{name}/vectors"][...][there]))
     expected = v @ np_procrustes(pairs)
     for name in day2:
-        np.testing.assert_allclose(result.transforms[name], expected, rtol=0, atol=1e-6, err_msg=f"{name} on {scheduler}")
+        np.testing.assert_allclose(
+            result.transforms[name], expected, rtol=0, atol=1e-6, err_msg=f"{name} on {scheduler}"
+        )
     assert abs(result.report["drift_after"] - np_drift([(x @ np_procrustes(pairs), y) for x, y in pairs])) <= DRIFT_ATOL
 
 
@@ -522,7 +556,9 @@ def test_anchor_on_one_table_is_the_procrustes_fit_on_that_table(tmp_path: Path)
     day1 = {name: model_table(rng, n, 10) for name, n in TWO_SIDED[sides].items()}
     dstab.stabilize(dstab.from_tables(day1, chunk_rows=64), sides=sides).to_zarr(tmp_path / "ref")
     day2 = two_sided_retrain(rng, day1, query)
-    result = dstab.stabilize(dstab.from_tables(day2, chunk_rows=64), dstab.open_version(tmp_path / "ref"), sides=sides, anchor="creators")
+    result = dstab.stabilize(
+        dstab.from_tables(day2, chunk_rows=64), dstab.open_version(tmp_path / "ref"), sides=sides, anchor="creators"
+    )
     assert result.params["anchor_tables"] == ["creators"]
 
     m_q, m_c, _ = np_two_sided([day2[q] for q in query], [day2[c] for c in candidate], result.report["rtol"])
@@ -531,11 +567,15 @@ def test_anchor_on_one_table_is_the_procrustes_fit_on_that_table(tmp_path: Path)
     omega = np_procrustes([(x, y)])
     for name in day2:
         expected = (m_q if name in query else m_c) @ omega
-        np.testing.assert_allclose(result.transforms[name], expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=name)
+        np.testing.assert_allclose(
+            result.transforms[name], expected, rtol=0, atol=1e-6 * np.abs(expected).max(), err_msg=name
+        )
     assert abs(result.report["drift_after"] - np_drift([(x @ omega, y)])) <= DRIFT_ATOL
     assert set(result.report["drift"]) == {"creators"}
     # anchoring on all tables fits another rotation (else this test could not tell them apart)
-    everything = dstab.stabilize(dstab.from_tables(day2, chunk_rows=64), dstab.open_version(tmp_path / "ref"), sides=sides)
+    everything = dstab.stabilize(
+        dstab.from_tables(day2, chunk_rows=64), dstab.open_version(tmp_path / "ref"), sides=sides
+    )
     assert np.abs(everything.transforms["creators"] - result.transforms["creators"]).max() > 1e-4
 
 
@@ -550,7 +590,10 @@ def dstab_cli_all(commands: list[tuple[object, ...]]) -> list[subprocess.Complet
     """Run ``dstab`` commands that do not depend on one another side by side (subprocesses), in order of the list."""
     exe = str(Path(sys.executable).with_name("dstab"))
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    procs = [subprocess.Popen([exe, *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for a in commands]
+    procs = [
+        subprocess.Popen([exe, *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for a in commands
+    ]
     done = []
     for argv, proc in zip(commands, procs):
         out, err = proc.communicate(timeout=120)
@@ -646,7 +689,15 @@ def models(draw: st.DrawFn) -> dict[str, Any]:
         names = sides[0] + sides[1]
     sizes = {name: draw(st.integers(1, 120)) for name in names}
     chunk_rows = draw(st.integers(7, 64))
-    return {"kind": kind, "dim": dim, "rank": rank, "seed": seed, "sides": sides, "sizes": sizes, "chunk_rows": chunk_rows}
+    return {
+        "kind": kind,
+        "dim": dim,
+        "rank": rank,
+        "seed": seed,
+        "sides": sides,
+        "sizes": sizes,
+        "chunk_rows": chunk_rows,
+    }
 
 
 @settings(max_examples=20, deadline=None)

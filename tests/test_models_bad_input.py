@@ -42,18 +42,58 @@ THREE = {"users": 6, "items": 6, "creators": 6}
 
 # id: (input, reference or None, extra flags, words stderr must hold: the table(s) and the fix)
 CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
-    "widths-differ-on-one-side": ("widths", None, ["--sides", "users:items,creators"], ["creators/vectors", "width 5", "same model"]),
-    "side-names-missing-table": ("three", None, ["--sides", "users:items,nosuch"], ["'nosuch'", "users", "items", "creators", "name tables that exist"]),
-    "table-on-both-sides": ("three", None, ["--sides", "users,items:items,creators"], ["'items'", "both sides", "one side", "--symmetric"]),
-    "table-left-out": ("three", None, ["--sides", "users:items"], ["'creators'", "leaves out", "every table must be on a side"]),
-    "reference-other-tables": ("other", "tworef", ["--sides", "users:items,sellers"], ["sellers", "creators", "same tables"]),
-    "reference-other-structure": ("three", "symref", ["--sides", "users:items,creators"], ["symmetric", "two-sided", "--symmetric"]),
+    "widths-differ-on-one-side": (
+        "widths",
+        None,
+        ["--sides", "users:items,creators"],
+        ["creators/vectors", "width 5", "same model"],
+    ),
+    "side-names-missing-table": (
+        "three",
+        None,
+        ["--sides", "users:items,nosuch"],
+        ["'nosuch'", "users", "items", "creators", "name tables that exist"],
+    ),
+    "table-on-both-sides": (
+        "three",
+        None,
+        ["--sides", "users,items:items,creators"],
+        ["'items'", "both sides", "one side", "--symmetric"],
+    ),
+    "table-left-out": (
+        "three",
+        None,
+        ["--sides", "users:items"],
+        ["'creators'", "leaves out", "every table must be on a side"],
+    ),
+    "reference-other-tables": (
+        "other",
+        "tworef",
+        ["--sides", "users:items,sellers"],
+        ["sellers", "creators", "same tables"],
+    ),
+    "reference-other-structure": (
+        "three",
+        "symref",
+        ["--sides", "users:items,creators"],
+        ["symmetric", "two-sided", "--symmetric"],
+    ),
     "several-tables-no-structure": ("three", None, [], ["users", "items", "creators", "--sides", "--symmetric"]),
-    "sides-and-symmetric": ("three", None, ["--sides", "users:items,creators", "--symmetric"], ["--sides", "--symmetric"]),
+    "sides-and-symmetric": (
+        "three",
+        None,
+        ["--sides", "users:items,creators", "--symmetric"],
+        ["--sides", "--symmetric"],
+    ),
     "sides-one-name": ("three", None, ["--sides", "users"], ["--sides users", "colon", "e.g. --sides"]),
     "sides-two-colons": ("three", None, ["--sides", "a:b:c"], ["--sides a:b:c", "colon", "e.g. --sides"]),
     "sides-empty-query": ("three", None, ["--sides", ":items"], ["--sides :items", "table names", "e.g."]),
-    "anchor-no-such-table": ("three", "tworef", ["--anchor", "nosuchtable"], ["nosuchtable", "users", "items", "creators", "'all'"]),
+    "anchor-no-such-table": (
+        "three",
+        "tworef",
+        ["--anchor", "nosuchtable"],
+        ["nosuchtable", "users", "items", "creators", "'all'"],
+    ),
 }
 
 
@@ -76,13 +116,24 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
     dstab.stabilize(dstab.open_version(root / "three"), symmetric=True).to_zarr(root / "symref")
     dstab.stabilize(dstab.open_version(root / "three"), sides="users:items,creators").to_zarr(root / "tworef")
     exe = str(Path(sys.executable).with_name("dstab"))
-    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}  # no in-process scheduler: a late check shows
+    env = {
+        k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"
+    }  # no in-process scheduler: a late check shows
 
     def run(case: str) -> Outcome:
         new, reference, flags, _ = CASES[case]
         out_dir = root / f"case-{case}"
         out_dir.mkdir()
-        argv = [exe, "stabilize", str(root / new), "--out", str(out_dir / "out"), "--dashboard-address", ":0", "--no-progress"]
+        argv = [
+            exe,
+            "stabilize",
+            str(root / new),
+            "--out",
+            str(out_dir / "out"),
+            "--dashboard-address",
+            ":0",
+            "--no-progress",
+        ]
         argv += ["--reference", str(root / reference)] if reference else []
         started = time.perf_counter()
         proc = subprocess.run(argv + flags, check=False, capture_output=True, text=True, env=env, timeout=120)
@@ -106,4 +157,3 @@ def test_refused_with_one_line_naming_the_tables_and_the_fix(outcomes: dict[str,
     assert o.stdout == ""
     assert list(o.out_dir.iterdir()) == [], f"{case} wrote {[p.name for p in o.out_dir.iterdir()]}"
     assert o.seconds < SECONDS, f"{case} took {o.seconds:.1f} s to refuse"
-

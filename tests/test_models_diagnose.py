@@ -99,7 +99,9 @@ def test_two_sided_three_tables_against_numpy(two_sided, capsys: pytest.CaptureF
     candidates = np.vstack([tables["items"], tables["creators"]]).astype(np.float64)
     scores = tables["users"].astype(np.float64) @ candidates.T  # every score of the model
     rows = sum(len(X) for X in tables.values())
-    code, out, err = run_cli(capsys, "diagnose", path, "--sides", "users:items,creators", "--json", "--rtol", RTOL, *FAST)
+    code, out, err = run_cli(
+        capsys, "diagnose", path, "--sides", "users:items,creators", "--json", "--rtol", RTOL, *FAST
+    )
     assert code == 0, err
     got_cli = json.loads(out)
     got_api = diagnose(version, sides="users:items,creators", rtol=RTOL)
@@ -117,7 +119,12 @@ def test_two_sided_three_tables_against_numpy(two_sided, capsys: pytest.CaptureF
     code, text, _ = run_cli(capsys, "diagnose", path, "--sides", "users:items,creators", "--rtol", RTOL, *FAST)
     lines = text.splitlines()
     assert code == 0 and "two-sided (users scored against items,creators)" in lines[0]
-    assert [line.split()[0] for line in lines if "numerical rank" in line] == ["items", "users", "creators", "interaction"]
+    assert [line.split()[0] for line in lines if "numerical rank" in line] == [
+        "items",
+        "users",
+        "creators",
+        "interaction",
+    ]
     assert [line.split()[0] for line in lines if line.endswith("COLLAPSED")] == ["creators"]
 
 
@@ -147,7 +154,10 @@ def test_recorded_structure_is_used(two_sided, tmp_path: Path, capsys: pytest.Ca
     assert k == DIM
     # the stabilized tables are stored in float32 again: each entry rounds by eps32/2, which moves the scores by at
     # most eps32 sqrt(dim) ||X|| ||Y|| = eps32 sqrt(dim) σ_max (the stabilized sides are balanced); a factor 4 of margin
-    atol = sv_tolerance(sum(len(X) for X in tables.values()), raw[0]) + 4 * np.sqrt(DIM) * float(np.finfo(np.float32).eps) * raw[0]
+    atol = (
+        sv_tolerance(sum(len(X) for X in tables.values()), raw[0])
+        + 4 * np.sqrt(DIM) * float(np.finfo(np.float32).eps) * raw[0]
+    )
     np.testing.assert_allclose(got["interaction"]["singular_values"], raw[:k], rtol=0, atol=atol)
     # an explicit flag still wins over the recorded structure
     assert diagnose(stable, symmetric=True, rtol=RTOL)["structure"]["kind"] == "symmetric"
@@ -225,7 +235,9 @@ def test_symmetric_four_fields_against_numpy(symmetric, capsys: pytest.CaptureFi
             check_measures(got[name], sv(X), rows, name)
     lang = got_cli["lang"]
     assert lang["numerical_rank"] == 3 and lang["effective_rank"] <= 3 + 1e-9 and lang["collapsed"]
-    assert [n for n, m in got_cli["tables"].items() if m["collapsed"]] == ["lang"] and not got_cli["pooled"]["collapsed"]
+    assert [n for n, m in got_cli["tables"].items() if m["collapsed"]] == ["lang"] and not got_cli["pooled"][
+        "collapsed"
+    ]
     code, text, _ = run_cli(capsys, "diagnose", path, "--symmetric", "--rtol", RTOL, *FAST)
     assert code == 0 and text.splitlines()[0].endswith("symmetric (authors, docs, lang, words)")
     assert [line.split()[0] for line in text.splitlines() if line.endswith("COLLAPSED")] == ["lang"]
@@ -238,7 +250,9 @@ def test_one_table_version_is_symmetric_by_default():
     got = diagnose(from_tables({"words": X}, chunk_rows=50), rtol=RTOL)
     assert got["structure"] == {"kind": "symmetric", "tables": ["words"]}
     check_measures(got["words"], sv(X), len(X), "words")
-    assert got["pooled"]["singular_values"] == got["words"]["singular_values"]  # one table: the pooled rows are its rows
+    assert (
+        got["pooled"]["singular_values"] == got["words"]["singular_values"]
+    )  # one table: the pooled rows are its rows
 
 
 # ----------------------------------------------------------------------------- plots
@@ -251,7 +265,11 @@ def assert_png(path: Path) -> None:
 
 
 def test_diagnosis_plots(two_sided, symmetric, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    for label, (path, _), flags in (("three", two_sided, ["--sides", "users:items,creators"]), ("fm", symmetric, ["--symmetric"]), ("alone", two_sided, [])):
+    for label, (path, _), flags in (
+        ("three", two_sided, ["--sides", "users:items,creators"]),
+        ("fm", symmetric, ["--symmetric"]),
+        ("alone", two_sided, []),
+    ):
         target = tmp_path / f"{label}.png"
         code, out, err = run_cli(capsys, "diagnose", path, *flags, "--plot", target, *FAST)
         assert code == 0 and f"plot: {target}" in out, err
@@ -268,7 +286,10 @@ def fake_report(names: list[str], *, kind: str, reference: bool) -> dict:
         report["drift"] = {n: {"before": float(rng.uniform(0.1, 1)), "after": float(rng.uniform(1e-4, 1e-2)),
                                "cosine_before": 0.3, "cosine_after": 0.99} for n in names}  # fmt: skip
         report["drift"][names[0]]["after"] = None  # a measure that could not be taken is skipped, not a crash
-        report["drift_per_dim"] = {"before": rng.uniform(0.1, 1, DIM - 2).tolist(), "after": [None] + rng.uniform(1e-4, 1e-2, DIM - 3).tolist()}
+        report["drift_per_dim"] = {
+            "before": rng.uniform(0.1, 1, DIM - 2).tolist(),
+            "after": [None] + rng.uniform(1e-4, 1e-2, DIM - 3).tolist(),
+        }
     return report
 
 

@@ -32,7 +32,9 @@ def dstab_cli(cwd: Path, *args: object) -> str:
     """The installed `dstab` command in a subprocess (on the threaded scheduler, for commands that run one); its stdout."""
     exe = str(Path(sys.executable).with_name("dstab"))
     threads = [] if args[0] == "log" else ["--scheduler", "threads", "--no-progress"]
-    proc = subprocess.run([exe, *map(str, args), *threads], capture_output=True, text=True, cwd=cwd, timeout=120, check=False)
+    proc = subprocess.run(
+        [exe, *map(str, args), *threads], capture_output=True, text=True, cwd=cwd, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -69,14 +71,18 @@ def hidden_litter(root: Path) -> list[str]:
 
 def model_tables(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {name: rng.normal(size=(n, 5)).astype(np.float32) for name, n in (("users", 50), ("items", 70), ("creators", 30))}
+    return {
+        name: rng.normal(size=(n, 5)).astype(np.float32) for name, n in (("users", 50), ("items", 70), ("creators", 30))
+    }
 
 
 # ----------------------------------------------------------------------------- round trips
 
 
 @pytest.mark.parametrize("layout", ["list", "columns"])
-def test_three_tables_npy_import_parquet_export_and_back(tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str):
+def test_three_tables_npy_import_parquet_export_and_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+):
     X = model_tables(1)
     user_ids = np.arange(50, dtype=np.int64) * 7
     creator_ids = np.array([f"creator-{i}" for i in range(30)])
@@ -157,7 +163,9 @@ def test_one_table_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == ["_dstab.json", "words"]
     # the Python API takes any names too
     back = import_version(
-        tmp_path / "back", {"words": open_parquet(str(tmp_path / "pq" / "words"), label="words")}, structure=symmetric(["words"])
+        tmp_path / "back",
+        {"words": open_parquet(str(tmp_path / "pq" / "words"), label="words")},
+        structure=symmetric(["words"]),
     )
     assert back.names == ("words",) and back.structure == symmetric(["words"])
     np.testing.assert_array_equal(np.asarray(back.table("words").vectors[...]), words)
@@ -230,7 +238,9 @@ def test_synth_two_sided_tables_and_retrain(tmp_path: Path, capsys: pytest.Captu
     C = np.concatenate([raw["items"]["vectors"], raw["creators"]["vectors"]]).astype(np.float64)
     s = np.linalg.svd(W @ C.T, compute_uv=False)
     assert s[3] < 1e-5 * s[0]  # scores of rank 3
-    code, _, err = run_cli(capsys, "synth", tmp_path / "r", "--like", tmp_path / "v", "--seed", 2, "--churn", 0.25, *FAST)
+    code, _, err = run_cli(
+        capsys, "synth", tmp_path / "r", "--like", tmp_path / "v", "--seed", 2, "--churn", 0.25, *FAST
+    )
     assert code == 0, err
     assert recorded_structure(tmp_path / "r") == structure
     new = tables_of(tmp_path / "r")
@@ -247,7 +257,12 @@ def test_synth_two_sided_tables_and_retrain(tmp_path: Path, capsys: pytest.Captu
         c_new, c_old = np.nonzero(new[name]["ids"][:, None] == raw[name]["ids"][None, :])
         old = W[u_old] @ raw[name]["vectors"].astype(np.float64)[c_old].T
         got = Wn[u_new] @ Cn[c_new].T
-        bound = 2.5 * U32 * 10 * np.outer(np.linalg.norm(W[u_old], axis=1), np.linalg.norm(raw[name]["vectors"][c_old], axis=1))
+        bound = (
+            2.5
+            * U32
+            * 10
+            * np.outer(np.linalg.norm(W[u_old], axis=1), np.linalg.norm(raw[name]["vectors"][c_old], axis=1))
+        )
         assert np.all(np.abs(got - old) <= bound)
     code, log, _ = run_cli(capsys, "log", tmp_path / "v")
     assert "synthetic: 120 rows of users, 150 of items and 40 of creators, width 5, two-sided" in log

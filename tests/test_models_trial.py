@@ -20,7 +20,9 @@ def write_raw(path: Path, tables: dict[str, int], dim: int = 4, seed: int = 0) -
     rng = np.random.default_rng(seed)
     group = zarr.open_group(str(path), mode="w")
     for name, rows in tables.items():
-        group.create_array(f"{name}/vectors", data=(rng.normal(size=(rows, dim)) + 0.2).astype(np.float32), chunks=(16, dim))
+        group.create_array(
+            f"{name}/vectors", data=(rng.normal(size=(rows, dim)) + 0.2).astype(np.float32), chunks=(16, dim)
+        )
     return str(path)
 
 
@@ -65,7 +67,16 @@ def test_an_output_inside_a_version_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert run(capsys, "stabilize", raw, "--out", tmp_path / "s", *FAST)[0] == 0
     before = digest(tmp_path / "raw")
     for command in (
-        ["apply", tmp_path / "s", "--table", "items", "--rows", tmp_path / "raw" / "items", "--out", tmp_path / "raw" / "more"],
+        [
+            "apply",
+            tmp_path / "s",
+            "--table",
+            "items",
+            "--rows",
+            tmp_path / "raw" / "items",
+            "--out",
+            tmp_path / "raw" / "more",
+        ],
         ["stabilize", tmp_path / "s", "--out", tmp_path / "raw" / "nested"],
         ["export", tmp_path / "s", "--out", tmp_path / "raw" / "users" / "parquet"],
     ):
@@ -75,7 +86,9 @@ def test_an_output_inside_a_version_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert dstab.open_version(raw).names == ("items", "users")
 
 
-def test_neighbour_overlap_of_a_tiny_table_is_a_share_of_the_neighbours_it_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_neighbour_overlap_of_a_tiny_table_is_a_share_of_the_neighbours_it_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     """Before: a 3-row table's identical neighbourhoods scored 0.1 at k=10 (2 neighbours over 10)."""
     same = [{1, 2}, {0, 2}, {0, 1}]
     assert overlap(same, same, 10) == 1.0

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_tables, relative_score_error
 
 import dstab
 from dstab import nightly
 from dstab.cli import main
 from dstab.errors import VersionNotFoundError
 from dstab.synth import synth, synth_like
+
+from conftest import read_tables, relative_score_error
 
 FAST = ["--scheduler", "threads", "--no-progress"]
 DAYS = ("2026-11-01", "2026-11-02", "2026-11-03")
@@ -43,10 +44,15 @@ def stable_entries(directory: Path) -> list[str]:
 
 
 def test_plan_is_the_days_in_order_each_onto_the_one_before():
-    names = nightly.day_names([("2026-11-02", True), (".2026-11-03.dstab-tmp-x", True), ("notes.txt", False), ("2026-11-01", True)])
+    names = nightly.day_names(
+        [("2026-11-02", True), (".2026-11-03.dstab-tmp-x", True), ("notes.txt", False), ("2026-11-01", True)]
+    )
     assert names == ["2026-11-01", "2026-11-02"]
     days = nightly.plan("s3://b/p/", names, {"2026-11-01"})
-    assert [(d.name, d.done, d.reference) for d in days] == [("2026-11-01", True, None), ("2026-11-02", False, "2026-11-01")]
+    assert [(d.name, d.done, d.reference) for d in days] == [
+        ("2026-11-01", True, None),
+        ("2026-11-02", False, "2026-11-01"),
+    ]
     assert days[1].raw == "s3://b/p/raw/2026-11-02" and days[1].stable == "s3://b/p/stable/2026-11-02"
     days = nightly.plan("/data", names, (), stable="s3://b/stable.icechunk")
     assert days[0].raw == "/data/raw/2026-11-01" and days[0].stable == "s3://b/stable.icechunk/2026-11-01"
@@ -132,12 +138,18 @@ def test_nightly_into_an_icechunk_repository(tmp_path: Path, capsys: pytest.Capt
 # ----------------------------------------------------------------------------- quality gates
 
 
-def test_max_drift_gate_stops_the_night_and_publishes_nothing_of_that_day(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_max_drift_gate_stops_the_night_and_publishes_nothing_of_that_day(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     make_days(tmp_path / "raw", noise={DAYS[2]: 0.5})  # day 3: a retrain far from day 2
     code, out, err = run(capsys, "nightly", tmp_path, "--max-drift", "0.05", *FAST)
     assert code == 3
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"dstab: error: {DAYS[2]}: drift after ") and "--max-drift 0.05" in line and "not published" in line
+    assert (
+        line.startswith(f"dstab: error: {DAYS[2]}: drift after ")
+        and "--max-drift 0.05" in line
+        and "not published" in line
+    )
     value = float(line.split("drift after ")[1].split()[0])
     assert value > 0.05
     # the days before it stay published; nothing of day 3 (no version, no staging)
@@ -204,12 +216,16 @@ def test_nightly_on_s3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         fs.mkdir("nightly-test")
         fs.put(str(tmp_path / "raw"), "nightly-test/night/raw", recursive=True)
         source, opts = "s3://nightly-test/night", json.dumps(options)
-        code, out, err = run(capsys, "nightly", source, "--storage-options", opts, "--max-drift", "0.05", "--json", *FAST)
+        code, out, err = run(
+            capsys, "nightly", source, "--storage-options", opts, "--max-drift", "0.05", "--json", *FAST
+        )
         assert KEY not in out + err and SECRET not in out + err
         data = json.loads(out)
         assert code == 3 and (data["done"], data["failed"]) == (2, 1), err
         fs.invalidate_cache()
-        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("nightly-test/night/stable")) == list(DAYS[:2])  # no day 3, no claim
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("nightly-test/night/stable")) == list(
+            DAYS[:2]
+        )  # no day 3, no claim
         for day in DAYS[:2]:
             remote = dstab.open_version(f"{source}/stable/{day}", options)
             local = read_tables(str(tmp_path / "raw" / day))
@@ -219,7 +235,9 @@ def test_nightly_on_s3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         code, out, err = run(capsys, "nightly", source, "--storage-options", opts, "--json", *FAST)
         data = json.loads(out)
         assert code == 0 and (data["done"], data["skipped"], data["failed"]) == (1, 2, 0), err
-        assert dstab.open_version(f"{source}/stable/{DAYS[2]}", options).attrs["reference"].endswith(f"stable/{DAYS[1]}")
+        assert (
+            dstab.open_version(f"{source}/stable/{DAYS[2]}", options).attrs["reference"].endswith(f"stable/{DAYS[1]}")
+        )
         code, out, _ = run(capsys, "nightly", source, "--storage-options", opts, "--json", *FAST)
         assert code == 0 and json.loads(out)["skipped"] == 3
         # no raw days there: one line naming the place

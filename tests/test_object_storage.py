@@ -84,7 +84,12 @@ def test_stabilize_report_apply_on_s3(s3: dict, tmp_path: Path, capsys: pytest.C
     p, q = rng.permutation(3000), rng.permutation(2000)
     days = {"day1": (T, W, ids, uids), "day2": ((T @ basis)[p], (W @ np.linalg.inv(basis).T)[q], ids[p], uids[q])}
     for day, (t, w, i, u) in days.items():
-        for name, arr in (("items", t.astype(np.float32)), ("users", w.astype(np.float32)), ("item_ids", i), ("user_ids", u)):
+        for name, arr in (
+            ("items", t.astype(np.float32)),
+            ("users", w.astype(np.float32)),
+            ("item_ids", i),
+            ("user_ids", u),
+        ):
             np.save(tmp_path / f"{day}-{name}.npy", arr)
         for where in (f"s3://dstab-test/{day}", tmp_path / day):
             code, _, err = run_cli(
@@ -94,7 +99,12 @@ def test_stabilize_report_apply_on_s3(s3: dict, tmp_path: Path, capsys: pytest.C
             )  # fmt: skip
             assert code == 0, err
     for root in ("s3://dstab-test", str(tmp_path)):
-        assert run_cli(capsys, "stabilize", f"{root}/day1", "--out", f"{root}/day1-stable", "--storage-options", opts, *FAST)[0] == 0
+        assert (
+            run_cli(
+                capsys, "stabilize", f"{root}/day1", "--out", f"{root}/day1-stable", "--storage-options", opts, *FAST
+            )[0]
+            == 0
+        )
         code, out, err = run_cli(
             capsys, "stabilize", f"{root}/day2", "--reference", f"{root}/day1-stable", "--out", f"{root}/day2-stable",
             "--storage-options", opts, *FAST,
@@ -103,7 +113,9 @@ def test_stabilize_report_apply_on_s3(s3: dict, tmp_path: Path, capsys: pytest.C
     remote = dstab.open_version("s3://dstab-test/day2-stable", s3)
     local = dstab.open_version(tmp_path / "day2-stable")
     for side in ("items", "users"):
-        np.testing.assert_array_equal(np.asarray(remote.table(side).vectors[...]), np.asarray(local.table(side).vectors[...]))
+        np.testing.assert_array_equal(
+            np.asarray(remote.table(side).vectors[...]), np.asarray(local.table(side).vectors[...])
+        )
     code, out, err = run_cli(capsys, "report", "s3://dstab-test/day2-stable", "--reference", "s3://dstab-test/day1-stable",
                              "--json", "--storage-options", opts, *FAST)  # fmt: skip
     assert code == 0 and json.loads(out)["drift_vs_reference"]["total"] < 1e-4, err
@@ -143,12 +155,16 @@ def test_completion_marker_decides_visibility_on_s3(s3: dict, tmp_path: Path, ca
         dstab.open_version(out, s3)
     code, _, err = run_cli(capsys, "report", out, "--storage-options", opts)
     assert code == 2 and "incomplete" in err
-    rerun = subprocess.run(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr  # the abandoned output is replaced without --overwrite
     assert KEY not in rerun.stdout + rerun.stderr and SECRET not in rerun.stdout + rerun.stderr
     assert dstab.open_version(out, s3).attrs["complete"] is True
     code, _, err = run_cli(capsys, "stabilize", src, "--out", out, "--storage-options", opts, *FAST)
-    assert code == 2 and "already holds a dstab version; pass --overwrite" in err  # a complete version is never replaced without --overwrite
+    assert (
+        code == 2 and "already holds a dstab version; pass --overwrite" in err
+    )  # a complete version is never replaced without --overwrite
 
 
 # ----------------------------------------------------------------------------- stores that cannot answer
@@ -205,12 +221,18 @@ def s3_auth() -> Iterator[dict]:
 
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"}  # the IAM calls below; every later request is checked
     with moto_server(env) as endpoint:
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+        iam = boto3.client(
+            "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+        )
         keys = {}
         for user, policy in (("writer", {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}), ("nobody", None)):
             iam.create_user(UserName=user)
             if policy:
-                iam.put_user_policy(UserName=user, PolicyName="all", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [policy]}))
+                iam.put_user_policy(
+                    UserName=user,
+                    PolicyName="all",
+                    PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [policy]}),
+                )
             access = iam.create_access_key(UserName=user)["AccessKey"]
             keys[user] = {"key": access["AccessKeyId"], "secret": access["SecretAccessKey"], "endpoint_url": endpoint}
         s3fs.S3FileSystem(**keys["writer"], skip_instance_cache=True).mkdir("dstab-auth")
@@ -220,7 +242,24 @@ def s3_auth() -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def local_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("stores") / "v1"
-    assert main(["synth", str(path), "--items", "300", "--users", "200", "--dim", "4", "--scheduler", "synchronous", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(path),
+                "--items",
+                "300",
+                "--users",
+                "200",
+                "--dim",
+                "4",
+                "--scheduler",
+                "synchronous",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -231,24 +270,61 @@ def _snapshot(root: Path) -> list[tuple[str, int]]:
 # case: (storage options, bucket of the URL, words the line must hold (any one of a tuple), roles)
 ROLES = ("report", "stabilize-new", "stabilize-out")
 CASES = {
-    "connection-refused": (lambda s3, dead, auth: {"endpoint_url": dead["refused"], "key": KEY, "secret": SECRET},
-                           "dstab-test", ["connection refused", "check endpoint_url in --storage-options"], ROLES),
-    "missing-credentials": (lambda s3, dead, auth: {"endpoint_url": s3["client_kwargs"]["endpoint_url"]},
-                            "dstab-test", ["no credentials", '"key" and "secret" in --storage-options'], ROLES),
-    "unroutable-endpoint": (lambda s3, dead, auth: {"endpoint_url": UNROUTABLE, "key": KEY, "secret": SECRET},
-                            "dstab-test", [("connection refused", "no answer", "unreachable", "cannot connect"), "check endpoint_url"], ROLES),
-    "missing-bucket": (lambda s3, dead, auth: s3, "no-such-bucket-dstab",
-                       ["the bucket 'no-such-bucket-dstab' does not exist", "check the bucket name"], ROLES),
-    "unknown-access-key": (lambda s3, dead, auth: {**auth["writer"], "key": "AKIADSTABUNKNOWN0000", "secret": SECRET},
-                           "dstab-auth", ["InvalidAccessKeyId", "check the key and secret"], ROLES),
-    "wrong-secret": (lambda s3, dead, auth: {**auth["writer"], "secret": SECRET},
-                     "dstab-auth", ["SignatureDoesNotMatch", "check the key and secret"], ROLES),
-    "access-denied": (lambda s3, dead, auth: auth["nobody"], "dstab-auth", ["access denied", "what the credentials may do"], ROLES),
+    "connection-refused": (
+        lambda s3, dead, auth: {"endpoint_url": dead["refused"], "key": KEY, "secret": SECRET},
+        "dstab-test",
+        ["connection refused", "check endpoint_url in --storage-options"],
+        ROLES,
+    ),
+    "missing-credentials": (
+        lambda s3, dead, auth: {"endpoint_url": s3["client_kwargs"]["endpoint_url"]},
+        "dstab-test",
+        ["no credentials", '"key" and "secret" in --storage-options'],
+        ROLES,
+    ),
+    "unroutable-endpoint": (
+        lambda s3, dead, auth: {"endpoint_url": UNROUTABLE, "key": KEY, "secret": SECRET},
+        "dstab-test",
+        [("connection refused", "no answer", "unreachable", "cannot connect"), "check endpoint_url"],
+        ROLES,
+    ),
+    "missing-bucket": (
+        lambda s3, dead, auth: s3,
+        "no-such-bucket-dstab",
+        ["the bucket 'no-such-bucket-dstab' does not exist", "check the bucket name"],
+        ROLES,
+    ),
+    "unknown-access-key": (
+        lambda s3, dead, auth: {**auth["writer"], "key": "AKIADSTABUNKNOWN0000", "secret": SECRET},
+        "dstab-auth",
+        ["InvalidAccessKeyId", "check the key and secret"],
+        ROLES,
+    ),
+    "wrong-secret": (
+        lambda s3, dead, auth: {**auth["writer"], "secret": SECRET},
+        "dstab-auth",
+        ["SignatureDoesNotMatch", "check the key and secret"],
+        ROLES,
+    ),
+    "access-denied": (
+        lambda s3, dead, auth: auth["nobody"],
+        "dstab-auth",
+        ["access denied", "what the credentials may do"],
+        ROLES,
+    ),
     # the two that used to hang for minutes: bounded by short probe timeouts, so only one input and the output
-    "connect-timeout": (lambda s3, dead, auth: {"endpoint_url": dead["blackhole"], "key": KEY, "secret": SECRET},
-                        "dstab-test", ["no answer from the endpoint", "connect timeout"], ("report", "stabilize-out")),
-    "read-timeout": (lambda s3, dead, auth: {"endpoint_url": dead["silent"], "key": KEY, "secret": SECRET},
-                     "dstab-test", ["did not answer", "read timeout"], ("report", "stabilize-out")),
+    "connect-timeout": (
+        lambda s3, dead, auth: {"endpoint_url": dead["blackhole"], "key": KEY, "secret": SECRET},
+        "dstab-test",
+        ["no answer from the endpoint", "connect timeout"],
+        ("report", "stabilize-out"),
+    ),
+    "read-timeout": (
+        lambda s3, dead, auth: {"endpoint_url": dead["silent"], "key": KEY, "secret": SECRET},
+        "dstab-test",
+        ["did not answer", "read timeout"],
+        ("report", "stabilize-out"),
+    ),
 }
 
 
@@ -311,12 +387,23 @@ def test_probe_defaults_lie_under_the_users_options_and_reach_no_one_else() -> N
 
     user = {"key": KEY, "secret": SECRET, "config_kwargs": {"read_timeout": 60, "retries": {"mode": "adaptive"}}}
     merged = probe_options("s3://b/v", user)
-    assert merged["config_kwargs"] == {"connect_timeout": 3, "read_timeout": 60, "retries": {"total_max_attempts": 3, "mode": "adaptive"}}
-    assert user == {"key": KEY, "secret": SECRET, "config_kwargs": {"read_timeout": 60, "retries": {"mode": "adaptive"}}}
-    assert S3_PROBE_CONFIG["retries"] == {"total_max_attempts": 3, "mode": "standard"}  # botocore rewrites the dict it gets
-    assert probe_options("s3://b/v", {"config_kwargs": {"retries": {"max_attempts": 9}}})["config_kwargs"]["retries"] == {
-        "max_attempts": 9, "mode": "standard"
+    assert merged["config_kwargs"] == {
+        "connect_timeout": 3,
+        "read_timeout": 60,
+        "retries": {"total_max_attempts": 3, "mode": "adaptive"},
     }
+    assert user == {
+        "key": KEY,
+        "secret": SECRET,
+        "config_kwargs": {"read_timeout": 60, "retries": {"mode": "adaptive"}},
+    }
+    assert S3_PROBE_CONFIG["retries"] == {
+        "total_max_attempts": 3,
+        "mode": "standard",
+    }  # botocore rewrites the dict it gets
+    assert probe_options("s3://b/v", {"config_kwargs": {"retries": {"max_attempts": 9}}})["config_kwargs"][
+        "retries"
+    ] == {"max_attempts": 9, "mode": "standard"}
     assert probe_options("gs://b/v", {"token": "anon"}) == {"token": "anon"}  # s3fs's settings only go to s3fs
     assert probe_options("memory://b/v", None) == {}
 
@@ -352,5 +439,8 @@ def test_any_store_answers_within_the_probe_deadline(dead_ends: dict, tmp_path: 
                           capture_output=True, text=True, timeout=2 * BOUND_S, check=False)  # fmt: skip
     assert time.monotonic() - started < BOUND_S
     assert done.returncode == 2
-    assert done.stderr == f"dstab: error: cannot open version {url}: no answer from the store within 2 s; check the URL and " \
+    assert (
+        done.stderr
+        == f"dstab: error: cannot open version {url}: no answer from the store within 2 s; check the URL and "
         "--storage-options; if the store is merely slow, raise DASK_DSTAB__PROBE_TIMEOUT\n"
+    )

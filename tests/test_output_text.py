@@ -12,12 +12,13 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-from conftest import random_tables, write_version
 
 import dstab
 from dstab.cli import main
 from dstab.executor import compute, run_all
 from dstab.synth import synth, synth_like
+
+from conftest import random_tables, write_version
 
 FAST = ["--scheduler", "synchronous", "--no-progress"]
 PLAIN = re.compile(r"dstab: [a-z][^\r]*: (\d[\d,]* tasks? \.\.\.|done in \d+\.\d s)")
@@ -31,7 +32,9 @@ def run_logged(tmp_path: Path, *argv: str, name: str = "stderr.log") -> list[str
     """Run a command with stderr going to a file (not a terminal), as a nightly job's log; its stderr lines."""
     log = tmp_path / name
     with open(log, "w") as handle:
-        proc = subprocess.run(list(argv), check=False, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=tmp_path, timeout=240)
+        proc = subprocess.run(
+            list(argv), check=False, stdout=subprocess.PIPE, stderr=handle, text=True, cwd=tmp_path, timeout=240
+        )
     raw = log.read_bytes()  # bytes: reading text would turn every "\r" into a newline
     assert proc.returncode == 0, raw
     assert b"\r" not in raw and b"\x1b" not in raw, raw
@@ -50,7 +53,21 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
 def test_progress_into_a_log_file_is_a_few_plain_lines(tmp_path: Path):
     exe = dstab_exe()
     threads = ["--scheduler", "threads"]
-    lines = run_logged(tmp_path, exe, "synth", "v0", "--items", "3000", "--users", "2000", "--dim", "8", "--chunk-rows", "500", *threads)
+    lines = run_logged(
+        tmp_path,
+        exe,
+        "synth",
+        "v0",
+        "--items",
+        "3000",
+        "--users",
+        "2000",
+        "--dim",
+        "8",
+        "--chunk-rows",
+        "500",
+        *threads,
+    )
     assert 1 <= len(lines) <= 4 and all(PLAIN.fullmatch(line) for line in lines), lines
     assert lines[-1].startswith("dstab: ") and " done in " in lines[-1]
     lines = run_logged(tmp_path, exe, "synth", "v1", "--like", "v0", "--noise", "0.01", "--seed", "2", *threads)
@@ -58,7 +75,20 @@ def test_progress_into_a_log_file_is_a_few_plain_lines(tmp_path: Path):
     lines = run_logged(tmp_path, exe, "stabilize", "v0", "--out", "s0", *threads)
     assert 2 <= len(lines) <= 10 and all(PLAIN.fullmatch(line) for line in lines), lines
     # the default: a local cluster of worker processes (progress reported by the scheduler)
-    lines = run_logged(tmp_path, exe, "stabilize", "v1", "--reference", "s0", "--out", "s1", "--workers", "1", "--dashboard-address", ":0")
+    lines = run_logged(
+        tmp_path,
+        exe,
+        "stabilize",
+        "v1",
+        "--reference",
+        "s0",
+        "--out",
+        "s1",
+        "--workers",
+        "1",
+        "--dashboard-address",
+        ":0",
+    )
     assert len(lines) <= 16, lines
     assert any(line.startswith("dstab: local cluster of 1 worker") for line in lines), lines
     stages = [line for line in lines if PLAIN.fullmatch(line)]
@@ -83,7 +113,9 @@ def test_compute_names_its_stage_in_plain_lines(scheduler: str, capsys: pytest.C
     err = capsys.readouterr().err
     assert "\r" not in err
     start, done = err.splitlines()
-    assert re.fullmatch(r"dstab: adding up: \d+ tasks \.\.\.", start) and re.fullmatch(r"dstab: adding up: done in \d+\.\d s", done)
+    assert re.fullmatch(r"dstab: adding up: \d+ tasks \.\.\.", start) and re.fullmatch(
+        r"dstab: adding up: done in \d+\.\d s", done
+    )
     run_all([dask.delayed(len)([1])], progress=True)  # the default stage of writes
     assert re.fullmatch(r"dstab: writing: 1 task \.\.\.\ndstab: writing: done in \d+\.\d s\n", capsys.readouterr().err)
     compute(x.sum(), progress=False, stage="quiet")
@@ -99,7 +131,11 @@ def test_compute_on_a_terminal_keeps_its_bar(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(sys, "stderr", err)
     with dask.config.set(scheduler="threads"):
         compute(dask.array.ones(10, chunks=5).sum(), progress=True, stage="adding up")
-    assert err.getvalue().startswith("dstab: adding up\n") and "\r[" in err.getvalue() and "100% Completed" in err.getvalue()
+    assert (
+        err.getvalue().startswith("dstab: adding up\n")
+        and "\r[" in err.getvalue()
+        and "100% Completed" in err.getvalue()
+    )
 
 
 def test_failing_stage_says_it_stopped(capsys: pytest.CaptureFixture[str]):
@@ -127,7 +163,12 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
     np.save(tmp_path / "y.npy", W)
     np.save(tmp_path / "x_ids.npy", np.arange(500, dtype=np.int64) + 7)
     syn, retrain, imported, s0, s1 = (tmp_path / n for n in ("syn", "retrain", "imported", "s0", "s1"))
-    assert run_cli(capsys, "synth", syn, "--items", "800", "--users", "600", "--dim", "6", "--rank", "4", "--seed", "3", *FAST)[0] == 0
+    assert (
+        run_cli(
+            capsys, "synth", syn, "--items", "800", "--users", "600", "--dim", "6", "--rank", "4", "--seed", "3", *FAST
+        )[0]
+        == 0
+    )
     assert run_cli(capsys, "synth", retrain, "--like", syn, "--noise", "0.02", "--seed", "4", *FAST)[0] == 0
     code, _, err = run_cli(
         capsys, "import", "--items", tmp_path / "x.npy", "--items-ids", tmp_path / "x_ids.npy", "--users", tmp_path / "y.npy",
@@ -138,7 +179,14 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
     assert run_cli(capsys, "stabilize", retrain, "--reference", s0, "--out", s1, *FAST)[0] == 0
 
     reports, logs = {}, {}
-    for name, path in (("raw", raw), ("synth", syn), ("retrain", retrain), ("imported", imported), ("s0", s0), ("s1", s1)):
+    for name, path in (
+        ("raw", raw),
+        ("synth", syn),
+        ("retrain", retrain),
+        ("imported", imported),
+        ("s0", s0),
+        ("s1", s1),
+    ):
         code, reports[name], err = run_cli(capsys, "report", path, *FAST)
         assert code == 0, err
         code, logs[name], err = run_cli(capsys, "log", path)
@@ -148,7 +196,11 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
     for name in ("raw", "synth", "retrain", "imported"):
         assert "rank kept" not in reports[name] and "spectrum measured now: rank" in reports[name]
         assert "not stabilized" in reports[name]
-    assert "raw version" in reports["raw"] and "not written by dstab" in reports["raw"] and "not written by dstab" in logs["raw"]
+    assert (
+        "raw version" in reports["raw"]
+        and "not written by dstab" in reports["raw"]
+        and "not written by dstab" in logs["raw"]
+    )
     assert "rank 6 of 6" in reports["raw"]
     version = f"by dstab {dstab.__version__}"
     for text in (reports["synth"], logs["synth"]):
@@ -157,9 +209,18 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
         assert "a synthetic retrain of" in text and "relative noise 0.02" in text and "seed 4" in text
     for text in (reports["imported"], logs["imported"]):
         assert "imported version" in text and version in text
-        assert f"items {tmp_path / 'x.npy'} (ids from {tmp_path / 'x_ids.npy'})" in text and f"users {tmp_path / 'y.npy'}" in text
-    assert "rank kept 4 of 6" in reports["s0"] and "first of the chain" in reports["s0"] and "first of the chain" in logs["s0"]
-    assert f"stabilized from {retrain} onto {s0}" in reports["s1"] and "drift onto the reference: before" in reports["s1"]
+        assert (
+            f"items {tmp_path / 'x.npy'} (ids from {tmp_path / 'x_ids.npy'})" in text
+            and f"users {tmp_path / 'y.npy'}" in text
+        )
+    assert (
+        "rank kept 4 of 6" in reports["s0"]
+        and "first of the chain" in reports["s0"]
+        and "first of the chain" in logs["s0"]
+    )
+    assert (
+        f"stabilized from {retrain} onto {s0}" in reports["s1"] and "drift onto the reference: before" in reports["s1"]
+    )
     assert "  2. " in logs["s1"] and f"stabilized from {syn}" in logs["s1"]
 
     # the imported version's lineage, as recorded
@@ -169,7 +230,9 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
     assert attrs["sources"]["items"]["ids"] == str(tmp_path / "x_ids.npy") and attrs["sources"]["users"]["ids"] is None
     code, out, _ = run_cli(capsys, "report", imported, "--json", *FAST)
     lineage = json.loads(out)["lineage"]
-    assert lineage["dstab_version"] == dstab.__version__ and lineage["sources"]["users"]["url"] == str(tmp_path / "y.npy")
+    assert lineage["dstab_version"] == dstab.__version__ and lineage["sources"]["users"]["url"] == str(
+        tmp_path / "y.npy"
+    )
     code, out, _ = run_cli(capsys, "log", imported, "--json")
     assert json.loads(out)[0]["sources"]["items"]["url"] == str(tmp_path / "x.npy")
 

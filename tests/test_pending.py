@@ -9,11 +9,12 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from conftest import random_tables
 
 import dstab
 from dstab.errors import IncompleteVersionError, UsageError, VersionNotFoundError
 from dstab.pending import PendingVersion
+
+from conftest import random_tables
 
 
 def _fitted(seed: int = 0) -> dstab.Stabilization:

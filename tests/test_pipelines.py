@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_tables, relative_score_error
 
 import dstab
 from dstab.synth import synth, synth_like
 from pipelines import nightly, quickstart
+
+from conftest import read_tables, relative_score_error
 
 
 @pytest.mark.slow
@@ -66,7 +67,9 @@ def test_nightly_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "raw does not exist" in capsys.readouterr().err
 
 
-def test_nightly_runs_any_structure_from_the_flag_then_from_the_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_nightly_runs_any_structure_from_the_flag_then_from_the_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     """Raw days record no structure: --sides fixes it the first night; later nights read it from the stable days."""
     import zarr
 

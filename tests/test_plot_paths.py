@@ -81,7 +81,9 @@ def test_a_file_dstab_did_not_draw_is_kept(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dstabs_own_earlier_plot_is_replaced(versions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str):
+def test_dstabs_own_earlier_plot_is_replaced(
+    versions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+):
     target = tmp_path / "p.png"
     for run in range(2):  # the first run draws it, the second replaces it
         if run:
@@ -114,7 +116,9 @@ def test_a_plot_inside_an_input_is_refused(
     assert not target.exists()
 
 
-def test_a_plot_inside_base_is_refused(versions: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+def test_a_plot_inside_base_is_refused(
+    versions: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
     target = versions / "bcopy" / "b.png"
     no_work_done(monkeypatch)
     code, _, err = run_cli(capsys, "report", versions / "acopy", "--base", versions / "bcopy", "--plot", target, *FAST)

@@ -30,7 +30,13 @@ MODELS: dict[str, dict[str, Any]] = {
     "three-two-sided": {"tables": {"users": 300, "items": 500, "creators": 120}, "structure": "users:items,creators"},
     "one-symmetric": {"tables": {"nodes": 400}},
     "five-tables": {
-        "tables": {"users": 300, "tags": 80, "items": 500, "creators": 120, "a_rather_long_table_name_of_some_model": 150},
+        "tables": {
+            "users": 300,
+            "tags": 80,
+            "items": 500,
+            "creators": 120,
+            "a_rather_long_table_name_of_some_model": 150,
+        },
         "structure": "users,tags:items,creators,a_rather_long_table_name_of_some_model",
     },
 }
@@ -44,7 +50,9 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp(request.param)
     spec = MODELS[request.param]
     with dask.config.set(scheduler="synchronous"):
-        day1 = synth_tables(root / "day1", spec["tables"], dim=DIM, structure=spec.get("structure"), seed=1, chunk_rows=128)
+        day1 = synth_tables(
+            root / "day1", spec["tables"], dim=DIM, structure=spec.get("structure"), seed=1, chunk_rows=128
+        )
         day2 = synth_like(root / "day2", day1, noise=0.05, seed=2)
         stable1 = dstab.stabilize(day1).to_zarr(root / "day1-stable")
         dstab.stabilize(day2, stable1).to_zarr(root / "day2-stable")
@@ -204,8 +212,18 @@ def test_collapse_demo_legend_leaves_the_drop_visible():
         frame = ax.get_window_extent(r)
         for line in ax.get_lines():
             points = ax.transData.transform(np.column_stack(line.get_data()))
-            inside = (points[:, 0] >= box.x0) & (points[:, 0] <= box.x1) & (points[:, 1] >= box.y0) & (points[:, 1] <= box.y1)
+            inside = (
+                (points[:, 0] >= box.x0)
+                & (points[:, 0] <= box.x1)
+                & (points[:, 1] >= box.y0)
+                & (points[:, 1] <= box.y1)
+            )
             assert not inside.any()
             if ax is collapsed:  # indices 2 to 4, where the spectrum falls: drawn inside the axes, in the open
                 drop = points[1:4]
-                assert ((drop[:, 0] >= frame.x0) & (drop[:, 0] <= frame.x1) & (drop[:, 1] >= frame.y0) & (drop[:, 1] <= frame.y1)).all()
+                assert (
+                    (drop[:, 0] >= frame.x0)
+                    & (drop[:, 0] <= frame.x1)
+                    & (drop[:, 1] >= frame.y0)
+                    & (drop[:, 1] <= frame.y1)
+                ).all()

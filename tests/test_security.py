@@ -58,7 +58,9 @@ def pickled_v2_version(path: Path, marker: Path, member: str) -> None:
 
 @pytest.mark.parametrize("member", ["items/ids", "users/vectors"])
 @pytest.mark.parametrize("command", ["stabilize", "report", "diagnose", "export", "log"])
-def test_pickled_arrays_are_refused_unread(tmp_path: Path, capsys: pytest.CaptureFixture[str], member: str, command: str):
+def test_pickled_arrays_are_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], member: str, command: str
+):
     marker = tmp_path / "marker"
     pickled_v2_version(tmp_path / "v", marker, member)
     args: list[object] = [command, tmp_path / "v"]
@@ -114,5 +116,7 @@ def test_nothing_is_written_outside_out(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0, err
     created = {p for p in tmp_path.rglob("*")} - before
     result = (work / "result").resolve()
-    outside = sorted(str(p) for p in created if p.resolve() != result and result not in p.resolve().parents and p != work / "sub")
+    outside = sorted(
+        str(p) for p in created if p.resolve() != result and result not in p.resolve().parents and p != work / "sub"
+    )
     assert outside == [], outside

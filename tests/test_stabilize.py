@@ -9,6 +9,11 @@ import dask
 import numpy as np
 import pytest
 import zarr
+
+import dstab
+from dstab.stats import side_statistics
+from dstab.store import RowBlock
+
 from conftest import (
     random_basis,
     random_tables,
@@ -17,10 +22,6 @@ from conftest import (
     relative_score_error,
     write_version,
 )
-
-import dstab
-from dstab.stats import side_statistics
-from dstab.store import RowBlock
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-10)])
@@ -130,8 +131,12 @@ def test_zarr_round_trip_layout_and_transforms(tmp_path: Path):
     assert attrs["complete"] is True and attrs["kind"] == "stabilized"
     json.dumps(attrs)
     # the stored transforms reproduce the stored tables from the raw ones
-    np.testing.assert_allclose(T.astype(np.float64) @ g["transform/items"][...], g["items/vectors"][...], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(W.astype(np.float64) @ g["transform/users"][...], g["users/vectors"][...], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        T.astype(np.float64) @ g["transform/items"][...], g["items/vectors"][...], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        W.astype(np.float64) @ g["transform/users"][...], g["users/vectors"][...], rtol=1e-5, atol=1e-5
+    )
     # the output is itself a valid version: stabilizing it again changes nothing
     again = dstab.stabilize(out, out).items.compute()
     np.testing.assert_allclose(again, g["items/vectors"][...], atol=1e-5 * np.abs(again).max())

@@ -18,13 +18,17 @@ HEAVY = ("dask.array", "zarr", "scipy", "distributed", "matplotlib", "pyarrow")
 
 def fresh(code: str) -> str:
     """stdout of ``code`` run in a new interpreter (this one has imported everything already)."""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
 def test_import_dstab_loads_nothing_heavy() -> None:
-    loaded = json.loads(fresh(f"import sys, json, dstab; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"))
+    loaded = json.loads(
+        fresh(f"import sys, json, dstab; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    )
     assert loaded == []
 
 

@@ -159,7 +159,10 @@ def parquet_file_with_int_dup(d: Path) -> tuple[list[object], tuple[str, ...]]:
 
 # name: (writes the items source in a folder and returns its arguments and path fragment, the duplicate's fragment)
 IMPORT_DUPLICATES = {
-    "npy, string ids file": (npy_with_ids(with_dup(np.array([f"i{i}" for i in range(N_ITEMS)]))), "'i17' at rows 17 and 250;"),
+    "npy, string ids file": (
+        npy_with_ids(with_dup(np.array([f"i{i}" for i in range(N_ITEMS)]))),
+        "'i17' at rows 17 and 250;",
+    ),
     "npy, integer ids file": (npy_with_ids(with_dup(np.arange(N_ITEMS) + 1000)), "1017 at rows 17 and 250;"),
     "parquet directory, string ids": (parquet_dir_with_dup, "'item-40' at rows 40 and 260;"),
     "parquet file, integer ids": (parquet_file_with_int_dup, "5 at rows 5 and 222;"),
@@ -172,7 +175,9 @@ def test_import_refuses_duplicate_ids(tmp_path: Path, capsys: pytest.CaptureFixt
     items, where = make(tmp_path)
     np.save(tmp_path / "users.npy", W)
     out = tmp_path / "out"
-    code, err = run_cli(capsys, "import", *items, "--users", tmp_path / "users.npy", "--out", out, "--chunk-rows", "32", *FAST)
+    code, err = run_cli(
+        capsys, "import", *items, "--users", tmp_path / "users.npy", "--out", out, "--chunk-rows", "32", *FAST
+    )
     assert_refused(code, err, out, *where, f"has the id {duplicate}", "ids must be unique")
 
 

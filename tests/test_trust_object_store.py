@@ -74,7 +74,9 @@ def test_two_runs_racing_for_one_new_s3_out_publish_once(s3: dict, source: dict[
     (loser,) = [r for r in results if r[0] == 2]
     lines = loser[2].strip().splitlines()
     assert len(lines) == 1 and out in lines[0], loser[2]
-    assert any(words in lines[0] for words in ("being written by another dstab run", "already holds a dstab version")), lines
+    assert any(
+        words in lines[0] for words in ("being written by another dstab run", "already holds a dstab version")
+    ), lines
     assert loser[1] == ""
     published = dstab.open_version(out, s3)
     assert published.attrs["complete"] is True

@@ -126,7 +126,12 @@ def test_overwrite_replaces_a_dstab_version_and_an_export(days: dict[str, str], 
     assert run(capsys, "stabilize", days["day2"], "--out", out, *FAST)[0] == 0
     code, _, err = run(capsys, "stabilize", days["day2"], "--out", out, *FAST)
     assert code == 2 and "already holds a dstab version; pass --overwrite" in one_line(err)
-    assert run(capsys, "stabilize", days["day2"], "--reference", days["day1-stable"], "--out", out, "--overwrite", *FAST)[0] == 0
+    assert (
+        run(capsys, "stabilize", days["day2"], "--reference", days["day1-stable"], "--out", out, "--overwrite", *FAST)[
+            0
+        ]
+        == 0
+    )
     assert dstab.open_version(out).attrs["reference"] == str(Path(days["day1-stable"]).resolve())
     export = tmp_path / "parquet"
     assert run(capsys, "export", out, "--out", export, *FAST)[0] == 0
@@ -139,9 +144,15 @@ def test_overwrite_replaces_a_dstab_version_and_an_export(days: dict[str, str], 
 
 @pytest.mark.parametrize("inside", ["NOTES.txt", "extra/d.bin", "items/mine.parquet", "items/vectors/c/mine"])
 @pytest.mark.parametrize("command", ["stabilize", "export"])
-def test_overwrite_keeps_user_files_inside_a_dstab_output(days: dict[str, str], tmp_path: Path, capsys, inside: str, command: str) -> None:
+def test_overwrite_keeps_user_files_inside_a_dstab_output(
+    days: dict[str, str], tmp_path: Path, capsys, inside: str, command: str
+) -> None:
     out = tmp_path / "out"
-    args = ["stabilize", days["day2"], "--out", out] if command == "stabilize" else ["export", days["day1-stable"], "--out", out]
+    args = (
+        ["stabilize", days["day2"], "--out", out]
+        if command == "stabilize"
+        else ["export", days["day1-stable"], "--out", out]
+    )
     assert run(capsys, *args, *FAST)[0] == 0
     (out / inside).parent.mkdir(parents=True, exist_ok=True)
     (out / inside).write_text("mine")
@@ -192,7 +203,9 @@ def test_two_runs_racing_for_one_new_out_publish_once(tmp_path: Path) -> None:
 def mounted_tmpfs(path: Path, options: str) -> Iterator[bool]:
     """A real small or read-only file system at ``path`` (needs root); yields False where mounting is not allowed."""
     path.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
     try:
         yield ok
     finally:
@@ -223,7 +236,9 @@ def test_disk_full_leaves_nothing_and_says_so(tmp_path: Path, scheduler: str) ->
             )  # fmt: skip
             assert proc.returncode == 2, proc.stderr
             line = one_line(proc.stderr)
-            assert str(disk / "out") in line and ("no space left" in line or "size this process may write" in line), line
+            assert str(disk / "out") in line and ("no space left" in line or "size this process may write" in line), (
+                line
+            )
             time.sleep(0.5)  # nothing may reappear after the run has ended
             assert sorted(p.name for p in disk.iterdir()) == [], attempt
 
@@ -276,10 +291,16 @@ def test_read_only_output_directory(tmp_path: Path, days: dict[str, str]) -> Non
          "memory-banana", "workers-zero", "rank-too-large", "neighbours-no-reference", "neighbours-too-many",
          "rtol-with-rank", "anchor-without-reference", "scheduler-banana", "one-line-usage"],
 )  # fmt: skip
-def test_usage_errors_answer_before_any_cluster(days: dict[str, str], tmp_path: Path, extra: list[str], words: list[str]) -> None:
+def test_usage_errors_answer_before_any_cluster(
+    days: dict[str, str], tmp_path: Path, extra: list[str], words: list[str]
+) -> None:
     args = [days["day1-stable"] if a == "REF" else a for a in extra]
     proc = subprocess.run(
-        dstab_cmd("stabilize", days["day2"], "--out", tmp_path / "out", *args), env=ENV, capture_output=True, text=True, timeout=60
+        dstab_cmd("stabilize", days["day2"], "--out", tmp_path / "out", *args),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, argparse's usage errors included
@@ -301,7 +322,9 @@ def test_usage_errors_answer_before_any_cluster(days: dict[str, str], tmp_path: 
     ],
     ids=["synth-seed", "synth-churn", "dashboard-banana", "block-bytes-banana"],
 )  # fmt: skip
-def test_bad_settings_are_one_line(days: dict[str, str], tmp_path: Path, args: list[str], env: dict, words: list[str]) -> None:
+def test_bad_settings_are_one_line(
+    days: dict[str, str], tmp_path: Path, args: list[str], env: dict, words: list[str]
+) -> None:
     places = {"OUT": str(tmp_path / "out"), "DAY1": days["day1"], "DAY2": days["day2"]}
     proc = subprocess.run(dstab_cmd(*[places.get(a, a) for a in args]), env={**ENV, **env}, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
@@ -374,7 +397,21 @@ def test_closed_pipe_is_not_an_error(days: dict[str, str]) -> None:
 
 
 def test_synth_counts_follow_ids_through_retrains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "synth", tmp_path / "d1", "--items", 500, "--users", 300, "--dim", 4, "--counts", "--chunk-rows", 64, *FAST)
+    code, _, err = run(
+        capsys,
+        "synth",
+        tmp_path / "d1",
+        "--items",
+        500,
+        "--users",
+        300,
+        "--dim",
+        4,
+        "--counts",
+        "--chunk-rows",
+        64,
+        *FAST,
+    )
     assert code == 0, err
     assert run(capsys, "synth", tmp_path / "d2", "--like", tmp_path / "d1", "--churn", 0.2, "--seed", 2, *FAST)[0] == 0
     for day in ("d1", "d2"):

@@ -159,7 +159,10 @@ def test_old_fixed_width_version_is_still_an_input_and_a_reference(tmp_path: Pat
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0] @ np.diag(np.linspace(0.5, 2.0, dim))
     order_T, order_W = rng.permutation(n_items), rng.permutation(n_users)
     new = dstab.from_tables(
-        {"items": (T @ basis)[order_T].astype(np.float32), "users": (W @ np.linalg.inv(basis).T)[order_W].astype(np.float32)},
+        {
+            "items": (T @ basis)[order_T].astype(np.float32),
+            "users": (W @ np.linalg.inv(basis).T)[order_W].astype(np.float32),
+        },
         ids={
             "items": item_ids[order_T].astype(np.dtypes.StringDType()),
             "users": user_ids[order_W].astype(np.dtypes.StringDType()),
@@ -181,11 +184,18 @@ def test_id_hashes_do_not_depend_on_the_stored_string_dtype(tmp_path: Path):
     """The same ids hash alike read from a Zarr v3 ``string`` array, a fixed-width ``<U`` array, or numpy of any width."""
     values = ["a", "ab", "", "é", "ü-long-id-0001", "x" * 40]
     group = zarr.open_group(str(tmp_path / "ids"), mode="w")
-    group.create_array("ids", shape=(len(values),), chunks=(4,), dtype=np.dtypes.StringDType(), dimension_names=("row",))
+    group.create_array(
+        "ids", shape=(len(values),), chunks=(4,), dtype=np.dtypes.StringDType(), dimension_names=("row",)
+    )
     group["ids"][...] = np.array(values, dtype=np.dtypes.StringDType())
     stored = group["ids"]
     assert stored.metadata.to_dict()["data_type"] == STRING and stored[...].dtype == np.dtypes.StringDType()
     expected = idm.hash_ids(np.array(values, dtype="<U40"))
-    for ids in (stored[...], np.array(values), np.array(values, dtype="<U64"), np.array(values, dtype=object).astype("T")):
+    for ids in (
+        stored[...],
+        np.array(values),
+        np.array(values, dtype="<U64"),
+        np.array(values, dtype=object).astype("T"),
+    ):
         np.testing.assert_array_equal(idm.hash_ids(ids), expected)
     assert len(set(expected.tolist())) == len(values)

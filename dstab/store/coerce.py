@@ -65,7 +65,9 @@ def as_version(
     stored_counts: dict[str, Any] = {}
     for name, value in obj.items():
         if not isinstance(name, str):
-            raise InputError(f"the {label} tables are keyed by {kind_of(name)}; key each table by its name, e.g. {{'users': U}}")
+            raise InputError(
+                f"the {label} tables are keyed by {kind_of(name)}; key each table by its name, e.g. {{'users': U}}"
+            )
         where = f"the {label} table {name!r}"
         if isinstance(value, (str, os.PathLike)):
             table = open_path(os.fspath(value), storage_options, where=where)
@@ -96,7 +98,9 @@ def open_path(url: str, storage_options: dict[str, Any] | None = None, *, where:
         from .remote import probe
 
         if not probe(url, storage_options, what="table"):
-            raise VersionNotFoundError(f"{where}: no Zarr array or table group at {url}: nothing is stored there; check the URL")
+            raise VersionNotFoundError(
+                f"{where}: no Zarr array or table group at {url}: nothing is stored there; check the URL"
+            )
     try:
         node = zarr.open(
             store=str(local_path(url)) if is_local(url) else url,
@@ -104,7 +108,9 @@ def open_path(url: str, storage_options: dict[str, Any] | None = None, *, where:
             storage_options=None if is_local(url) else storage_options,
         )
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"{where}: {url} is not a Zarr array or group ({type(exc).__name__}: {exc}); give {ACCEPTED_TABLE}") from None
+        raise InputError(
+            f"{where}: {url} is not a Zarr array or group ({type(exc).__name__}: {exc}); give {ACCEPTED_TABLE}"
+        ) from None
     if isinstance(node, zarr.Array):
         return Table(name=url, vectors=checked_array(node, f"{where} ({url})"), ids=None, chunk_rows=1)
     if "vectors" not in node and any(True for _ in node.groups()):

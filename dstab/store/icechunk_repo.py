@@ -98,9 +98,7 @@ def is_repo_url(url: str | os.PathLike[str]) -> bool:
 def _need(url: str) -> RepoURL:
     r = parse(url)
     if r is None:  # pragma: no cover - callers ask is_repo_url first
-        raise UsageError(
-            f"{url} does not name an Icechunk repository (a path component ending in {SUFFIX})"
-        )
+        raise UsageError(f"{url} does not name an Icechunk repository (a path component ending in {SUFFIX})")
     if not r.group:
         raise UsageError(
             f"{url} names the Icechunk repository itself; a version is a group inside it: use {r.repo}/VERSION"
@@ -155,9 +153,7 @@ def storage(r: RepoURL, storage_options: dict[str, Any] | None) -> Any:
         session_token=_option(options, "token", "aws_session_token"),
         anonymous=anonymous,
         from_env=None if (key or anonymous) else True,
-        force_path_style=bool(
-            endpoint
-        ),  # a custom endpoint (MinIO, moto, Ceph) serves buckets by path
+        force_path_style=bool(endpoint),  # a custom endpoint (MinIO, moto, Ceph) serves buckets by path
     )
 
 
@@ -166,9 +162,7 @@ def _probe(r: RepoURL, storage_options: dict[str, Any] | None, *, output: bool) 
     if is_local(r.repo):
         path = local_path(r.repo)
         return path.exists() and (not path.is_dir() or any(path.iterdir()))
-    storage(
-        r, storage_options
-    )  # an unsupported scheme is refused before any network call
+    storage(r, storage_options)  # an unsupported scheme is refused before any network call
     from .remote import probe
 
     return probe(r.repo, storage_options, what="Icechunk repository", output=output)
@@ -186,12 +180,8 @@ def _store_error(
 
     if is_local(r.repo):
         head = "cannot write" if output else "cannot open"
-        return VersionNotFoundError(
-            f"{head} Icechunk repository {r.repo}: {str(exc).splitlines()[0]}"
-        )
-    return storage_error(
-        r.repo, exc, storage_options, what="Icechunk repository", output=output
-    )
+        return VersionNotFoundError(f"{head} Icechunk repository {r.repo}: {str(exc).splitlines()[0]}")
+    return storage_error(r.repo, exc, storage_options, what="Icechunk repository", output=output)
 
 
 class _AbsentError(VersionNotFoundError):
@@ -211,9 +201,7 @@ def _cache_key(r: RepoURL, storage_options: dict[str, Any] | None) -> tuple[str,
     return r.repo, json.dumps(storage_options or {}, sort_keys=True, default=repr)
 
 
-def open_repository(
-    r: RepoURL, storage_options: dict[str, Any] | None, *, create: bool
-) -> Any:
+def open_repository(r: RepoURL, storage_options: dict[str, Any] | None, *, create: bool) -> Any:
     """The repository at ``r`` (created when ``create`` and nothing is there); refuses a place holding something else."""
     key = _cache_key(r, storage_options)
     if key in _opened:
@@ -312,9 +300,7 @@ def _node(root: zarr.Group, group: str) -> Any | None:
         return None
 
 
-def open_group(
-    url: str, storage_options: dict[str, Any] | None, *, what: str = "version"
-) -> zarr.Group:
+def open_group(url: str, storage_options: dict[str, Any] | None, *, what: str = "version") -> zarr.Group:
     """The version's group, read-only, at the head of ``main`` (or ``@REF``): committed state only."""
     r = _need(url)
     repo = open_repository(r, storage_options, create=False)
@@ -322,24 +308,16 @@ def open_group(
     try:
         root = zarr.open_group(session.store, mode="r")
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError):
-        raise VersionNotFoundError(
-            f"no {what} at {url}: the repository {r.where} holds no versions yet"
-        ) from None
+        raise VersionNotFoundError(f"no {what} at {url}: the repository {r.where} holds no versions yet") from None
     node = _node(root, r.group)
     if node is None:
         held = sorted(name for name, _ in root.groups())
-        listing = (
-            f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})"
-            if held
-            else " (it is empty)"
-        )
+        listing = f" (it holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''})" if held else " (it is empty)"
         raise VersionNotFoundError(
             f"no {what} at {url}: the repository {r.where} has no group {r.group}{listing}; check the name"
         )
     if not isinstance(node, zarr.Group):
-        raise VersionNotFoundError(
-            f"{url} is a Zarr array in {r.where}, not a group; a {what} is a group of tables"
-        )
+        raise VersionNotFoundError(f"{url} is a Zarr array in {r.where}, not a group; a {what} is a group of tables")
     return node
 
 
@@ -385,9 +363,7 @@ def inspect_output(url: str, storage_options: dict[str, Any] | None = None) -> E
     """What ``url`` holds now (head of ``main``); an absent repository is free."""
     r = _need(url)
     if r.ref is not None:
-        raise UsageError(
-            f"{url}: a version is written at the head of branch {BRANCH}; drop @{r.ref} from the output"
-        )
+        raise UsageError(f"{url}: a version is written at the head of branch {BRANCH}; drop @{r.ref} from the output")
     try:
         repo = open_repository(r, storage_options, create=False)
     except _ForeignError as exc:
@@ -427,9 +403,7 @@ def merge_forks(a: Any, b: Any) -> Any:
 class RepoStaging:
     """A version being written into a repository: a fork of a writable session on ``main``, committed by :meth:`publish`."""
 
-    def __init__(
-        self, url: str, *, overwrite: bool, storage_options: dict[str, Any] | None
-    ) -> None:
+    def __init__(self, url: str, *, overwrite: bool, storage_options: dict[str, Any] | None) -> None:
         from .outputs import check_replaceable
 
         self.r = _need(url)
@@ -447,9 +421,7 @@ class RepoStaging:
         # the fork carries every write (metadata here, chunks in the tasks); the session only merges and commits
         self.fork = self.session.fork()
         # mode "w" removes the old group: with the new one, in the same commit
-        self.group = zarr.open_group(
-            self.fork.store, path=self.r.group, mode="w", zarr_format=3
-        )
+        self.group = zarr.open_group(self.fork.store, path=self.r.group, mode="w", zarr_format=3)
 
     def merge(self, receipt: Any) -> None:
         """Bring the write tasks' forks back (a receipt from :func:`merge_forks`); before anything reads or publishes."""
@@ -473,12 +445,8 @@ class RepoStaging:
                 )
             except (ic.ConflictError, ic.RebaseFailedError):
                 pass
-            except (
-                ic.IcechunkError
-            ) as exc:  # the store refused the commit: one line, nothing published
-                raise _store_error(
-                    self.r, exc, self.storage_options, output=True
-                ) from None
+            except ic.IcechunkError as exc:  # the store refused the commit: one line, nothing published
+                raise _store_error(self.r, exc, self.storage_options, output=True) from None
         if self.overwrite:
             raise OutputExistsError(
                 f"{self.r.url} was changed by another run while this run was writing it; this run's output was not "
@@ -497,9 +465,7 @@ class RepoStaging:
 # ----------------------------------------------------------------------------- history (lineage)
 
 
-def history(
-    url: str, storage_options: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
+def history(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The commits of the version's branch (or ``@REF``) that published its group, newest first: id, time, message."""
     r = _need(url)
     repo = open_repository(r, storage_options, create=False)

@@ -223,9 +223,7 @@ def checked_rows(side: str, rows: Any, width: int) -> np.ndarray:
 
 def check_vectors(name: str, arr: Any) -> None:
     if arr.ndim != 2:
-        raise InputError(
-            f"{name} must be 2-D [rows, dim], got shape {tuple(arr.shape)}; store one row per vector"
-        )
+        raise InputError(f"{name} must be 2-D [rows, dim], got shape {tuple(arr.shape)}; store one row per vector")
     dtype = np.dtype(arr.dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise InputError(
@@ -242,14 +240,10 @@ def check_ids(name: str, ids: Any, n_rows: int) -> None:
     if ids.ndim != 1:
         raise InputError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
     if ids.shape[0] != n_rows:
-        raise InputError(
-            f"{name} has {ids.shape[0]:,} ids for {n_rows:,} vector rows; write exactly one id per row"
-        )
+        raise InputError(f"{name} has {ids.shape[0]:,} ids for {n_rows:,} vector rows; write exactly one id per row")
     dtype = np.dtype(ids.dtype)
     if dtype.kind not in "iuUT":
-        raise InputError(
-            f"{name} has dtype {dtype}; ids must be integers or strings (object arrays are never read)"
-        )
+        raise InputError(f"{name} has dtype {dtype}; ids must be integers or strings (object arrays are never read)")
 
 
 def check_counts(name: str, counts: Any, n_rows: int) -> None:
@@ -305,7 +299,9 @@ def from_tables(
     for label, given in (("ids", ids), ("counts", counts)):
         unknown = [name for name in given if name not in vectors]
         if unknown:
-            raise InputError(f"{label} given for the table {unknown[0]!r}, which has no vectors; tables: {', '.join(vectors)}")
+            raise InputError(
+                f"{label} given for the table {unknown[0]!r}, which has no vectors; tables: {', '.join(vectors)}"
+            )
     tables = []
     for name, table_vectors in vectors.items():
         check_table_name(name, "from_tables", InputError)
@@ -323,7 +319,13 @@ def from_tables(
         if table_counts is not None and not isinstance(table_counts, (da.Array, zarr.Array)):
             table_counts = np.asarray(table_counts)
         tables.append(
-            Table(name=name, vectors=table_vectors, ids=table_ids, chunk_rows=max(1, chunk_rows or rows), counts=table_counts)
+            Table(
+                name=name,
+                vectors=table_vectors,
+                ids=table_ids,
+                chunk_rows=max(1, chunk_rows or rows),
+                counts=table_counts,
+            )
         )
     check_tables(*tables)
     return Version(tables={t.name: t for t in tables})

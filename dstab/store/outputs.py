@@ -108,7 +108,9 @@ def _classify(files: list[str], read: Any, remote: bool) -> Existing:
         attrs = _dstab_attrs(read("zarr.json"))
         if attrs is None:
             return Existing("foreign", "a Zarr group or array that dstab did not write")
-        kind = Existing("abandoned", "an incomplete dstab version") if remote and attrs.get("complete") is False else None
+        kind = (
+            Existing("abandoned", "an incomplete dstab version") if remote and attrs.get("complete") is False else None
+        )
         what, export = "a dstab version", False
     elif EXPORT_MARKER in files:
         kind, what, export = None, "a dstab Parquet export", True
@@ -304,4 +306,3 @@ class Claim:
                 self.fs.rm_file(self.path)
             except FileNotFoundError:
                 pass
-

@@ -45,7 +45,9 @@ def open_group(
     if is_repo_url(url):  # a group in an Icechunk repository: its committed state, read-only
         return open_repo_group(url, storage_options, what=what)
     if is_local(url) and not local_path(url).exists():
-        recover_local(local_path(url), restore_only=True)  # a publish killed between its renames: the old version is back
+        recover_local(
+            local_path(url), restore_only=True
+        )  # a publish killed between its renames: the old version is back
     if is_local(url) and not local_path(url).exists():
         raise VersionNotFoundError(f"no {what} at {url}: the path does not exist; check the path")
     if not is_local(url):
@@ -160,7 +162,9 @@ def _open_named_table(group: zarr.Group, url: str, name: str) -> Table:
     return Table(name=name, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts)
 
 
-def open_table(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, name: str = "table") -> Table:
+def open_table(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *, name: str = "table"
+) -> Table:
     """Open a loose table: a Zarr group with ``vectors`` and optional ``ids`` / ``counts``."""
     url = os.fspath(url)
     group = open_group(url, storage_options, what="table", layout="a Zarr group with a vectors array and optional ids")

@@ -182,7 +182,7 @@ def _look(fs: Any, path: str, protocol: str) -> bool:
             else:
                 better = None
             if better is not None and _codes(better) & _CREDENTIAL_CODES:
-                raise better  # its __cause__ is the store's answer: "from ..." would replace it
+                raise better  # noqa: B904 - its __cause__ is the store's answer: "from ..." would replace it
         raise
 
 
@@ -487,7 +487,11 @@ def _explain(url: str, exc: BaseException, options: dict[str, Any], output: bool
         )
     if isinstance(exc, ImportError):
         package = _PACKAGES.get(protocol)
-        needs = f"{protocol}:// URLs need {package}, which is not installed" if package else f"a package for {protocol}:// URLs is missing"
+        needs = (
+            f"{protocol}:// URLs need {package}, which is not installed"
+            if package
+            else f"a package for {protocol}:// URLs is missing"
+        )
         return (
             f"{needs} ({_redact(str(exc), options)})",
             install_hint(package) if package else "pip install the package it names",

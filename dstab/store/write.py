@@ -297,7 +297,9 @@ class Staging:
     def _target(self, path: str) -> ArrayTarget:
         """Where tasks write ``path``: the store's URL, or the repository's fork."""
         if self.repo is not None:  # the fork's store is the whole repository: the path starts at its root
-            return ArrayTarget(self.url, f"{self.repo.r.group}/{path}", self.storage_options, session=self.repo.fork, key=self._key)
+            return ArrayTarget(
+                self.url, f"{self.repo.r.group}/{path}", self.storage_options, session=self.repo.fork, key=self._key
+            )
         return ArrayTarget(self.url, path, self.storage_options, key=self._key)
 
     def merge(self, receipt: Receipt) -> None:
