@@ -234,7 +234,7 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
             ) from None
         with client, _killed_worker_as_error("the cluster's workers' memory limit"):
             workers = client.scheduler_info()["workers"]
-            log.info("dstab: attached to %s (%d workers)", client.scheduler.address, len(workers))
+            log.info("dstab: attached to %s (%d workers)", client.scheduler_info().get("address"), len(workers))
             for worker, info in workers.items():
                 log.debug(
                     "dstab: worker %s: %s threads, memory limit %s",

@@ -58,14 +58,14 @@ def _on_terminal(stream: Any) -> bool:
 log = logging.getLogger("dstab")
 
 
-class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
     """Writes each message to ``sys.stderr`` as it is then (a redirect, a test's capture), not as it was at import."""
 
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(logging.Formatter("%(message)s"))
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override,unused-ignore]
     def stream(self) -> Any:
         return sys.stderr
 

@@ -25,6 +25,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import zarr
 
 from . import ids as idm
 from .errors import InputError, UsageError
@@ -346,7 +347,7 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
             source.dtype, copy=False
         )
     else:
-        col = table.column(source.vector_column).combine_chunks()  # type: ignore[arg-type]
+        col = table.column(source.vector_column).combine_chunks()
         if not pa.types.is_fixed_size_list(col.type):
             lengths = np.diff(col.offsets.to_numpy())
             bad = np.flatnonzero(lengths != source.dim)
@@ -457,8 +458,9 @@ def _write_tables(staging: Staging, sources: dict[str, Source], chunk_rows: int,
     staging.merge(receipt)  # the write tasks' Icechunk forks, before the ids are read back
     for side, summary in zip(checks, summaries):
         source = sources[side]
-        ids = staging.group[f"{side}/ids"]
-        table = Table(side, vectors=staging.group[f"{side}/vectors"], ids=ids, chunk_rows=int(ids.chunks[0]))
+        ids, vectors = staging.group[f"{side}/ids"], staging.group[f"{side}/vectors"]
+        assert isinstance(ids, zarr.Array) and isinstance(vectors, zarr.Array)  # created above as arrays
+        table = Table(side, vectors=vectors, ids=ids, chunk_rows=int(ids.chunks[0]))
         where = source.ids_url if source.kind == "npy" else f"{source.url} (column {source.id_column!r})"
         check_repeat(side, str(where), table, summary.repeat_new)
 
@@ -633,8 +635,9 @@ def export_version(
                 handle.write(b"")
     except BaseException:
         try:
-            if claim is None or claim.verify() is None:
-                fs.rm(root, recursive=True)
+            if claim is not None:
+                claim.verify()  # raises when another run owns OUT now: its files are not ours to remove
+            fs.rm(root, recursive=True)
         except (FileNotFoundError, OSError):
             pass
         raise

@@ -7,7 +7,7 @@ measure the same thing the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,7 @@ def paired_score_error(query: tuple[np.ndarray, np.ndarray], candidate: tuple[np
 
 def pooled_pairs(stats: dict[str, TableStats], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
     """The sampled row pairs of ``names`` stacked: (rows here, the same rows in the reference)."""
-    found = [stats[n].pairs for n in names if n in stats and stats[n].pairs is not None]
-    found = [p for p in found if p is not None and len(p.keys)]
+    found = [p for p in (stats[n].pairs for n in names if n in stats) if p is not None and len(p.keys)]
     if not found:
         return None
     width = max(p.new.shape[1] for p in found), max(p.ref.shape[1] for p in found)
@@ -94,12 +93,12 @@ def relative_per_dim(measures: Sequence[dict[str, Any]], width: int = 0) -> list
 
 
 def neighbour_overlaps(
-    groups: dict[str, list[tuple[Table, np.ndarray, np.ndarray | None]]],
+    groups: Mapping[str, Sequence[tuple[Table, np.ndarray, np.ndarray | None]]],
     keys: dict[str, np.ndarray],
     k: int,
     *,
     progress: bool = False,
-) -> dict[str, list[np.ndarray]]:
+) -> dict[str, list[list[set[Any]]]]:
     """Neighbour key sets of each table's query rows in each of its searches (one graph for all tables).
 
     ``groups[name]`` lists searches ``(table, query rows, transform of the
@@ -109,5 +108,5 @@ def neighbour_overlaps(
     from .neighbours import neighbour_sets
 
     names = list(groups)
-    found = neighbour_sets([groups[n] for n in names], [keys[n] for n in names], k, progress=progress)
+    found = neighbour_sets([list(groups[n]) for n in names], [keys[n] for n in names], k, progress=progress)
     return dict(zip(names, found))

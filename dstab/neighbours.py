@@ -95,8 +95,9 @@ def _block_topk(
         flat = np.flatnonzero(sims > best_s.min(axis=1)[:, None])
         q_idx, r_idx = np.divmod(flat, sims.shape[1])
         if q_idx.size:
+            assert best_k is not None  # set with best_s
             best_s, best_k = _merge_candidates(best_s, best_k, q_idx, sims[q_idx, r_idx], part_keys[r_idx])
-    if best_s is None:
+    if best_s is None or best_k is None:
         return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), keys.dtype)
     return best_s, best_k
 

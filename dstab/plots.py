@@ -59,7 +59,7 @@ def png_text(path: str | os.PathLike[str], *, limit: int = 1 << 16) -> dict[str,
 def is_dstab_plot(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is a PNG file that dstab drew (its tEXt "Software" names dstab)."""
     text = png_text(path)
-    return bool(text) and text.get("Software", "").startswith(SOFTWARE_PREFIX)
+    return text is not None and text.get("Software", "").startswith(SOFTWARE_PREFIX)
 
 
 def check_plot_target(path: str | os.PathLike[str]) -> None:

@@ -130,7 +130,7 @@ def transform_lazy(name: str, rows: da.Array, transform: np.ndarray, width: int)
         rows = rows.rechunk({1: -1})
     w = transform.shape[1]
     return rows.map_blocks(
-        linalg.transform_rows,
+        linalg.transform_rows,  # type: ignore[arg-type]  # dask types map_blocks as a method taking arrays
         transform,
         chunks=(rows.chunks[0], (w,)),
         dtype=rows.dtype,
@@ -195,7 +195,7 @@ class Stabilization:
         x = table.read()
         w = self.dim_out
         return x.map_blocks(
-            linalg.transform_rows,
+            linalg.transform_rows,  # type: ignore[arg-type]  # (as above)
             transform,
             chunks=(x.chunks[0], (w,)),
             dtype=table.dtype,
@@ -560,7 +560,7 @@ def stabilize(
         )
         stats = {n: replace(stats[n], r=more.r) for n, more in zip(new.names, extra)}
         pooled = [pool_side(stats, side) for side in structure.sides]
-    factors = [p.r if method_used == "tsqr" else linalg.gram_factor(p.gram) for p in pooled]
+    factors = [linalg.gram_factor(p.gram) if method_used == "gram" or p.r is None else p.r for p in pooled]
     if structure.kind == "symmetric":
         canonical = linalg.symmetric_transform(factors[0], rank=rank, rtol=request.rtol)
     else:
@@ -606,9 +606,10 @@ class PooledSide:
 def pool_side(stats: dict[str, TableStats], names: tuple[str, ...]) -> PooledSide:
     """The tables of a side share one transform, so it is fitted from their pooled statistics."""
     parts = [stats[n] for n in names]
+    rs = [p.r for p in parts if p.r is not None]
     r = None
-    if all(p.r is not None for p in parts):
-        r = parts[0].r if len(parts) == 1 else linalg.qr_factor(np.vstack([p.r for p in parts]))
+    if len(rs) == len(parts):
+        r = rs[0] if len(rs) == 1 else linalg.qr_factor(np.vstack(rs))
     return PooledSide(
         gram=np.sum([p.gram for p in parts], axis=0),
         r=r,

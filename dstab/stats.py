@@ -198,7 +198,7 @@ class _CrossSums:
         xw = self._xw[: len(x)]  # type: ignore[index]
         np.multiply(x, w[:, None], out=xw)
         self.cross += xw.T @ y
-        self.anchor_gram += xw.T @ x  # type: ignore[operator]
+        self.anchor_gram += xw.T @ x
         self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
 
 
@@ -279,6 +279,7 @@ def _block_stats(
     pairs = None
     if ref_block is not None:
         keys, key_hashes = (ids, hashes) if ids is not None else _position_keys(offset, len(block))
+        assert key_hashes is not None  # position keys come with their hashes
         pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, key_hashes, knobs.pair_rows)
     stats = TableStats(
         n_rows=int(block.shape[0]),
@@ -297,6 +298,7 @@ def _block_stats(
     )
     id_sample = buckets = None
     if ids is not None and plan is not None:
+        assert hashes is not None  # hashed with the ids
         buckets = idm.buckets_of(hashes, plan.n_buckets)
         if plan.sample:
             id_sample = idm.IdSample.take(ids, hashes, block, weights, plan.threshold)
@@ -346,7 +348,7 @@ def _merge(a: TableStats, b: TableStats, pair_rows: int) -> TableStats:
         gram=a.gram + b.gram,
         row_sum=a.row_sum + b.row_sum,
         sample=np.concatenate([a.sample, b.sample]),
-        r=None if a.r is None else qr_factor(np.vstack([a.r, b.r])),
+        r=None if a.r is None or b.r is None else qr_factor(np.vstack([a.r, b.r])),
         cross=_add(a.cross, b.cross),
         anchor_gram=_add(a.anchor_gram, b.anchor_gram),
         ref_sumsq=a.ref_sumsq + b.ref_sumsq,
@@ -381,7 +383,7 @@ def _finish_by_id(
         cross=matched.cross / fraction,
         anchor_gram=matched.gram / fraction,
         ref_sumsq=matched.ref_sumsq / fraction,
-        ref_col_sumsq=matched.ref_col_sumsq / fraction,  # type: ignore[operator]
+        ref_col_sumsq=None if matched.ref_col_sumsq is None else matched.ref_col_sumsq / fraction,
         pairs=matched.pairs,
         n_anchor=matched.n_rows,
         # the new version's own rows are reported first

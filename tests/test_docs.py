@@ -86,3 +86,11 @@ def test_link_checker_sees_links_and_ignores_code():
         == "5a-alignment-onto-the-reference-orthogonal-procrustes"
     )
     assert _slug("Computing R: gram and tsqr") == "computing-r-gram-and-tsqr"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run's command is the README's test line, so a set-up step the README forgets fails CI too."""
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
+    readme = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert len(ci) == 1 and ci[0] in readme, (ci, readme)
+    assert ci[0].endswith(".venv/bin/python -m pytest") and "ruff check" in ci[0] and "mypy" in ci[0]

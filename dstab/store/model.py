@@ -106,7 +106,7 @@ class RowBlock:
     stop: int
 
     def load(self) -> np.ndarray:
-        return self.array[self.start : self.stop]
+        return np.asarray(self.array[self.start : self.stop])
 
 
 def load(source: Any) -> Any:

@@ -159,6 +159,7 @@ def _open_named_table(group: zarr.Group, url: str, name: str) -> Table:
     ids = _member(group, url, f"{name}/ids", required=False)
     counts = _member(group, url, f"{name}/counts", required=False)
     check_vectors(f"{name}/vectors", vectors)
+    assert vectors is not None  # required=True raised otherwise
     return Table(name=name, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts)
 
 
@@ -177,6 +178,7 @@ def open_table(
     ids = _member(group, url, "ids", required=False)
     counts = _member(group, url, "counts", required=False)
     check_vectors(f"{url}/vectors", vectors)
+    assert vectors is not None  # required=True raised otherwise
     table = Table(name=url, vectors=vectors, ids=ids, chunk_rows=int(unit_rows(vectors)), counts=counts)
     if ids is not None:
         check_ids(f"{url}/ids", ids, table.n_rows)

@@ -175,6 +175,7 @@ def _look(fs: Any, path: str, protocol: str) -> bool:
         # S3 answers a HEAD with a bare 403 (no body): a listing says whether the key, the secret or the
         # permissions are at fault (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied)
         if _codes(denied) <= _BARE_403:
+            better: Exception | None
             try:
                 fs.ls(path, detail=False)
             except Exception as listing:  # noqa: BLE001 - only its error codes are used

@@ -361,7 +361,7 @@ class Staging:
         arr = self.group.create_array(
             path,
             shape=value.shape,
-            chunks=value.shape or None,
+            chunks=value.shape or "auto",  # one chunk; a 0-d value has no chunk shape
             dtype=value.dtype,
             dimension_names=dimension_names(path, value.ndim),
         )
