@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -180,8 +181,9 @@ def test_bad_structure_flags_are_one_line_before_any_work(
     def boom(*_: object, **__: object) -> None:
         raise AssertionError("a cluster or the statistics pass started before the structure was checked")
 
-    monkeypatch.setattr("dstab.cli.scheduler_from_args", boom)
-    monkeypatch.setattr("dstab.cli.diagnose", boom)
+    # where cmd_diagnose looks them up when it runs (dstab.diagnose by module: the package's dstab.diagnose is the function)
+    monkeypatch.setattr("dstab.cli.commands.scheduler_from_args", boom)
+    monkeypatch.setattr(sys.modules["dstab.diagnose"], "diagnose", boom)
     code, out, err = run_cli(capsys, "diagnose", path, *flags, *FAST)
     assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -43,10 +44,13 @@ def no_work_done(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*_: object, **__: object) -> None:
         raise AssertionError("the statistics pass started before --plot was checked")
 
-    monkeypatch.setattr("dstab.cli.diagnose", boom)
-    monkeypatch.setattr("dstab.cli.describe", boom)
-    monkeypatch.setattr("dstab.cli.open_version", boom)
-    monkeypatch.setattr("dstab.cli.open_version_or_table", boom)
+    # where the handlers look them up when they run (they import them inside themselves); dstab.diagnose by module,
+    # since the package's dstab.diagnose is the function
+    diagnose_module = importlib.import_module("dstab.diagnose")
+    monkeypatch.setattr(diagnose_module, "diagnose", boom)
+    monkeypatch.setattr(diagnose_module, "open_version_or_table", boom)
+    monkeypatch.setattr("dstab.report.describe", boom)
+    monkeypatch.setattr("dstab.store.open_version", boom)
 
 
 KINDS = ("diagnose", "report")

@@ -19,6 +19,7 @@ import glob
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,7 @@ class Staging:
         if self.claim is not None:
             self.claim.verify()
         self.group.attrs["dstab"] = {**attrs, "format": FORMAT, "complete": True}
+        consolidate(self.group)
         if self.local:
             move_into_place(self._tmp, self._final, replace=self.overwrite)
         elif self.claim is not None:
@@ -404,6 +406,19 @@ class Staging:
         finally:
             if self.claim is not None:
                 self.claim.release()
+
+
+def consolidate(group: zarr.Group) -> None:
+    """Every array's metadata in the root's ``zarr.json``: readers (xarray's ``open_zarr``) open a table with one
+    read instead of one per array, and without falling back (and warning) when they look for it.
+
+    A version never changes once published, so the copy cannot go stale. Zarr v3 has no consolidated
+    metadata in its specification yet; zarr-python and xarray read it, and readers that do not read it
+    the arrays' own metadata, which is there as before.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(group.store, path=group.path or None, zarr_format=3)
 
 
 def output_error(out: str, exc: OSError) -> DstabError | OSError:

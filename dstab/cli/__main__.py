@@ -1,0 +1,7 @@
+"""``python -m dstab.cli``: the ``dstab`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
