@@ -112,3 +112,19 @@ def _seconds(key: str, value: object) -> float:
     if isinstance(value, bool) or seconds is None or not seconds > 0 or seconds == float("inf"):
         raise _refuse(key, value, "a time above 0 such as 120 or 2 minutes")
     return float(seconds)
+
+
+def check_all() -> None:
+    """Every dstab knob set now, checked at once (the CLI calls it before it opens anything): a bad value, or a
+    key that is no knob (a misspelt ``DASK_DSTAB__...``, which would otherwise be ignored), is one line."""
+    settings = dask.config.get("dstab", None) or {}
+    if not isinstance(settings, dict):
+        raise UsageError(f"dask config dstab must be a mapping of knobs, got {settings!r}; see docs/design.md")
+    unknown = sorted(str(key) for key in settings if str(key).replace("_", "-") not in DEFAULTS)
+    if unknown:
+        raise UsageError(
+            f"dask config dstab.{unknown[0]} (env {env_var(unknown[0])}) is no dstab knob; the knobs are "
+            f"{', '.join(sorted(DEFAULTS))} (docs/design.md, Configuration)"
+        )
+    for key in DEFAULTS:
+        get(key)  # type: ignore[call-overload]  # every key of DEFAULTS is a Key

@@ -1,6 +1,6 @@
 """Nightly: stabilize a location of dated versions in order, each onto the stabilized day before it.
 
-    SOURCE/raw/2026-11-20/      raw versions from training, one per day (any sortable names)
+    SOURCE/raw/2026-11-20/      raw versions from training, one per day, named by date (YYYY-MM-DD[suffix])
     SOURCE/raw/2026-11-21/
     SOURCE/stable/2026-11-20/   written by the nightly (or STABLE/<date> with --stable / --out-repo)
     SOURCE/stable/2026-11-21/
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,10 +34,12 @@ from typing import Any
 from .errors import (
     DstabError,
     IncompleteVersionError,
+    InputError,
     OutputExistsError,
+    UsageError,
     VersionNotFoundError,
 )
-from .store import Version, is_local, local_path, open_version
+from .store import Version, canonical_url, is_local, local_path, open_version, same_or_nested
 from .store.icechunk_repo import is_repo_url
 
 log = logging.getLogger("dstab.nightly")
@@ -63,9 +66,23 @@ def join(root: str, name: str) -> str:
     return os.path.join(root, name) if is_local(root) else f"{root.rstrip('/')}/{name}"
 
 
-def day_names(entries: Iterable[tuple[str, bool]]) -> list[str]:
-    """The days, sorted, from (name, is a directory) entries of ``SOURCE/raw``: hidden names and files are not days."""
-    return sorted(name for name, is_dir in entries if is_dir and name and not name.startswith("."))
+# A day is named by its date, ISO 8601 (zero-padded, so that names sort as the days do), with an optional
+# suffix after T, _ or - (2026-11-20T06, 2026-11-20_eu). Any other name would put the chain in a wrong order.
+DAY_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T_-].*)?$")
+
+
+def day_names(entries: Iterable[tuple[str, bool]], where: str = "SOURCE/raw") -> list[str]:
+    """The days, in date order, from (name, is a directory) entries of ``SOURCE/raw``: hidden names and files are
+    not days; a directory not named by a date is refused (one line naming it), never ordered by guess."""
+    names = sorted(name for name, is_dir in entries if is_dir and name and not name.startswith("."))
+    odd = [name for name in names if not DAY_NAME.match(name)]
+    if odd:
+        raise InputError(
+            f"{join(where, odd[0])} is not named by a date: the nightly orders days by their names, which must be "
+            f"YYYY-MM-DD (zero-padded, e.g. 2026-11-09, optionally followed by T, _ or - and more); rename it or "
+            f"move it out of {where}" + (f" ({len(odd)} such names)" if len(odd) > 1 else "")
+        )
+    return names
 
 
 @dataclass(frozen=True)
@@ -127,7 +144,7 @@ def list_raw_days(source: str, storage_options: dict[str, Any] | None = None) ->
         path = local_path(raw)
         if not path.is_dir():
             raise VersionNotFoundError(missing)
-        return day_names((p.name, p.is_dir()) for p in path.iterdir())
+        return day_names(((p.name, p.is_dir()) for p in path.iterdir()), raw)
     from .store.remote import probe, storage_error
 
     if not probe(raw, storage_options, what="directory of raw days"):
@@ -139,7 +156,19 @@ def list_raw_days(source: str, storage_options: dict[str, Any] | None = None) ->
         entries = fs.ls(path.rstrip("/"), detail=True, refresh=True)
     except Exception as exc:  # noqa: BLE001 - a store failure is one line naming the URL
         raise storage_error(raw, exc, storage_options, what="directory of raw days") from None
-    return day_names((str(e["name"]).rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries)
+    return day_names(
+        ((str(e["name"]).rstrip("/").rsplit("/", 1)[-1], e.get("type") == "directory") for e in entries), raw
+    )
+
+
+def check_stable_location(source: str, stable: str) -> None:
+    """The stable versions go where no raw day is: refused before anything is opened when they would not."""
+    raw = join(source, "raw")
+    if same_or_nested(canonical_url(stable), canonical_url(raw)):
+        raise UsageError(
+            f"--stable {stable} is {raw} or inside it, where the raw days are: the nightly never writes among its "
+            "inputs; give another location (the default is SOURCE/stable)"
+        )
 
 
 def find_done(days: list[Day], storage_options: dict[str, Any] | None = None) -> dict[str, Version]:
@@ -150,10 +179,31 @@ def find_done(days: list[Day], storage_options: dict[str, Any] | None = None) ->
         if local_dir and not local_path(day.stable).exists() and not _staged_aside(day.stable):
             continue  # the common case, without opening anything
         try:
-            done[day.name] = open_version(day.stable, storage_options)
+            version = open_version(day.stable, storage_options)
         except (VersionNotFoundError, IncompleteVersionError):
-            continue  # not there, or a run died writing it: the writer replaces it
+            continue  # not there, or a run died writing it: the writer replaces it (or refuses what is not its own)
+        check_is_day(version, day)
+        done[day.name] = version
     return done
+
+
+def check_is_day(version: Version, day: Day) -> None:
+    """A version at STABLE/<day> counts as that day done only if it is the stabilized raw day, never by its place."""
+    made_from = version.attrs.get("input")
+    if version.attrs.get("kind") == "stabilized" and made_from and canonical_url(made_from) == canonical_url(day.raw):
+        return
+    what = f"a {version.attrs.get('kind') or 'raw'} version" + (f" made from {made_from}" if made_from else "")
+    raise InputError(
+        f"{day.stable} holds {what}, not the stabilized {day.raw}: the nightly neither counts it as done nor "
+        "replaces it; move it away or give another --stable"
+    )
+
+
+def late_days(days: list[Day], done: Iterable[str]) -> list[Day]:
+    """Days to do that come before a day already done: they arrived late, and the chain branches at them."""
+    finished = set(done)
+    last_done = max((i for i, day in enumerate(days) if day.name in finished), default=0)
+    return [day for day in days[:last_done] if day.name not in finished]
 
 
 def _staged_aside(url: str) -> bool:
@@ -264,11 +314,17 @@ def _one_day(
         written = result.to_zarr(
             day.stable, storage_options=storage_options, progress=progress, gate=_gate(night, gates, day, started)
         )
-    except OutputExistsError:
-        # two nights at once (a cron overlap): the other run published this day first, and it is the same day
+    except OutputExistsError as exists:
+        # two nights at once (a cron overlap): the other run published this day first, and it is the same day;
+        # anything else there (a directory of the user's) is refused as the writer said
+        try:
+            theirs = open_version(day.stable, storage_options)
+            check_is_day(theirs, day)
+        except DstabError:
+            raise exists from None
         night.days.append({"name": day.name, "out": day.stable, "status": "skipped"})
         log.info("%s: stabilized by another run meanwhile, kept as it is", day.name)
-        return open_version(day.stable, storage_options)
+        return theirs
     record = {**summary(day.name, day.stable, result.report, time.perf_counter() - started), "status": "done",
               "matching": result.report.get("matching") or {}}  # fmt: skip
     night.days.append(record)

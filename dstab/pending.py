@@ -16,6 +16,7 @@ is refused while a ``distributed.Client`` is active, before anything runs, namin
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ class PendingVersion:
         self._compute = compute
         self._state = "pending"
         self._pid = os.getpid()
+        # a pending write dropped without compute() or discard() (or this process ending first) leaves no staging
+        self._cleanup = weakref.finalize(self, discard)
 
     def __repr__(self) -> str:
         tasks = len(self._write.__dask_graph__())
@@ -69,7 +72,7 @@ class PendingVersion:
         """Drop what was staged; nothing is published."""
         if self._state == "pending":
             self._state = "discarded"
-            self._discard()
+            self._cleanup()
 
     def _check_pending(self) -> None:
         if self._state != "pending":
@@ -82,6 +85,7 @@ class PendingVersion:
             )
         self._check_pending()
         self._state = "published"
+        self._cleanup.detach()  # from here the publish owns the staging (and removes it if it fails)
         try:
             return self._finish(result)
         except BaseException:

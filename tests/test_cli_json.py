@@ -122,8 +122,8 @@ def test_report_diagnose_log_json_as_before(chain: dict[str, Path], capsys: pyte
     assert code == 0 and "interaction" in one_object(text)
     code, text, _ = run(capsys, "log", chain["day1-stable"], "--json")
     assert (
-        code == 0 and len(text.splitlines()) == 1 and json.loads(text)[0]["kind"] == "stabilized"
-    )  # a list, as before
+        code == 0 and len(text.splitlines()) == 1 and one_object(text)["chain"][0]["kind"] == "stabilized"
+    )  # one object like every command's, the chain under "chain"
     # --json also before the command
     code, text, _ = run(capsys, "--json", "report", chain["day1-stable"])
     assert code == 0 and one_object(text)["rank"] == 6

@@ -147,3 +147,26 @@ def test_every_knob_has_a_default_in_dask_config_and_is_documented() -> None:
         config.get(key)  # type: ignore[call-overload]  # every default passes its own check
         assert re.search(rf"`dstab\.{re.escape(key)}`", section), key
         assert config.env_var(key) in section, key
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DASK_DSTAB__SETTLE_SECONDS": "forever"}, "dstab.settle-seconds"),  # a knob no small run reads
+        ({"DASK_DSTAB__CLAIM_LEASE": "abc"}, "dstab.claim-lease"),
+        ({"DASK_DSTAB__PROBE_TIMEOUT": "abc"}, "dstab.probe-timeout"),  # was blamed on the store
+        ({"DASK_DSTAB__NO_SUCH_KNOB": "3"}, "is no dstab knob"),  # a misspelt knob was ignored
+    ],
+)
+def test_every_knob_is_checked_before_the_command_starts(tmp_path: Path, env: dict[str, str], named: str) -> None:
+    """Found by a trial: knobs were checked only when read, some never on a small local run."""
+    T, W = random_tables(2, 60, 50, 4, "float32")
+    path = write_version(tmp_path / "v", T, W)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dstab.cli", "stabilize", path, "--out", out, "--no-progress"],
+        env={**ENV, **env}, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], proc.stderr
+    assert "local cluster" not in proc.stderr and not out.exists()

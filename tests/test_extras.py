@@ -72,3 +72,35 @@ def test_s3_url_without_s3fs_names_the_cloud_extra(tmp_path: Path, command: list
     # no server is needed: the store's client library is looked for before any connection
     proc = run_without(["s3fs"], [*command, "s3://dstab-test-bucket/v1", "--no-progress"], tmp_path)
     assert_one_line(proc, "s3://dstab-test-bucket/v1", "s3fs", "pip install 'dstab[cloud]'")
+
+
+@pytest.mark.parametrize("command", ["stabilize", "log", "report"])
+def test_icechunk_without_icechunk_names_the_cloud_extra(tmp_path: Path, command: str) -> None:
+    """Found by a trial: writing or reading REPO.icechunk/VERSION without icechunk was a traceback, exit 1."""
+    T, W = random_tables(0, 60, 40, 4, "float32")
+    version = write_version(tmp_path / "v", T, W)
+    args = {
+        "stabilize": [
+            "stabilize",
+            str(version),
+            "--out",
+            str(tmp_path / "r.icechunk" / "v1"),
+            "--scheduler",
+            "threads",
+        ],
+        "log": ["log", str(tmp_path / "r.icechunk" / "v1")],
+        "report": ["report", str(tmp_path / "r.icechunk" / "v1")],
+    }[command]
+    proc = run_without(["icechunk"], [*args, "--no-progress"] if command == "stabilize" else args, tmp_path)
+    assert_one_line(proc, "icechunk", "pip install 'dstab[cloud]'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # nothing written, not even a lock beside it
+
+
+def test_export_without_pyarrow_says_so_before_any_cluster(tmp_path: Path) -> None:
+    T, W = random_tables(0, 60, 40, 4, "float32")
+    version = write_version(tmp_path / "v", T, W)
+    proc = run_without(
+        ["pyarrow", "pyarrow.parquet"], ["export", str(version), "--out", str(tmp_path / "pq")], tmp_path
+    )
+    assert_one_line(proc, "pyarrow", "pip install 'dstab[parquet]'")  # one line: no cluster line before it
+    assert not (tmp_path / "pq").exists()

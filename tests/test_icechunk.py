@@ -170,7 +170,7 @@ def test_chain_in_local_repository_matches_plain_zarr(
     assert f"snapshot {commits['dstab: publish day2']}" in out and f"snapshot {commits['dstab: publish day1']}" in out
     assert out.index("day2  (stabilized") < out.index("day1  (stabilized")
     code, out, _ = cli(capsys, "log", f"{repo_path}/day2", "--json")
-    entries = json.loads(out)
+    entries = json.loads(out)["chain"]
     assert [e["snapshots"][0]["snapshot"] for e in entries] == [
         commits["dstab: publish day2"],
         commits["dstab: publish day1"],

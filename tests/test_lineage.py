@@ -124,7 +124,7 @@ def test_chain_of_five_versions_log_and_accumulated_drift(tmp_path: Path, capsys
         days.append(str(tmp_path / f"day{day}-stable"))
 
     code, out, _ = run_cli(capsys, "log", days[-1], "--json")
-    entries = json.loads(out)
+    entries = json.loads(out)["chain"]
     assert code == 0 and [e["url"] for e in entries] == days[::-1]
     assert [e["input"] for e in entries] == [str(tmp_path / f"day{d}") for d in range(5, 0, -1)]
     assert entries[-1]["reference"] is None and all(e["reference"] == u for e, u in zip(entries, days[-2::-1]))

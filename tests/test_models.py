@@ -655,7 +655,7 @@ def test_cli_end_to_end(tmp_path: Path, model: str):
     assert described["drift_after"] == s2.attrs["report"]["drift_after"]
 
     assert log.returncode == 0, log.stderr
-    entries = json.loads(log.stdout)
+    entries = json.loads(log.stdout)["chain"]
     assert [Path(e["url"]).name for e in entries] == ["s2", "s1"]
     assert entries[0]["structure"] == entries[1]["structure"] == s1.structure.to_attrs()
 

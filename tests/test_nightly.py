@@ -243,3 +243,50 @@ def test_nightly_on_s3(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
         # no raw days there: one line naming the place
         code, _, err = run(capsys, "nightly", "s3://nightly-test/elsewhere", "--storage-options", opts, *FAST)
         assert code == 2 and "s3://nightly-test/elsewhere/raw does not exist" in err
+
+
+# ----------------------------------------------------------------------------- found by a new user's trial
+
+
+def test_day_names_that_are_not_dates_are_refused_not_ordered_by_guess():
+    with pytest.raises(dstab.InputError, match=r"raw/2026-11-9 is not named by a date.*YYYY-MM-DD"):
+        nightly.day_names([("2026-11-10", True), ("2026-11-9", True)], "raw")
+    with pytest.raises(dstab.InputError, match=r"raw/latest is not named by a date"):
+        nightly.day_names([("2026-11-10", True), ("latest", True)], "raw")
+    assert nightly.day_names([("2026-11-10T06", True), ("2026-11-09_eu", True)]) == ["2026-11-09_eu", "2026-11-10T06"]
+
+
+def test_late_days_are_those_before_a_day_done():
+    days = nightly.plan("/d", ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"], ())
+    assert [d.name for d in nightly.late_days(days, {"2026-11-01", "2026-11-03"})] == ["2026-11-02"]
+    assert nightly.late_days(days, ()) == [] and nightly.late_days(days, {"2026-11-04"})[0].name == "2026-11-01"
+
+
+def test_a_version_at_stable_that_is_not_the_stabilized_day_is_refused(tmp_path: Path, capsys) -> None:
+    """A raw day at STABLE/<day> (or --stable pointing at raw) used to count as done: nothing was stabilized."""
+    make_days(tmp_path / "src" / "raw")
+    code, out, err = run(capsys, "nightly", tmp_path / "src", "--stable", tmp_path / "src" / "raw", "--json", *FAST)
+    assert code == 2 and "where the raw days are" in json.loads(out)["error"]
+    elsewhere = tmp_path / "elsewhere"
+    synth(elsewhere / DAYS[0], items=50, users=40, dim=8, seed=9)  # a version, but not this day stabilized
+    code, out, err = run(capsys, "nightly", tmp_path / "src", "--stable", elsewhere, "--json", *FAST)
+    answer = json.loads(out)
+    assert code == 2 and "holds a synthetic version, not the stabilized" in answer["error"]
+    assert len(err.strip().splitlines()) == 1 and stable_entries(elsewhere) == [DAYS[0]]
+
+
+def test_a_folder_of_the_users_at_stable_is_one_line_before_any_work(tmp_path: Path, capsys) -> None:
+    make_days(tmp_path / "src" / "raw")
+    mine = tmp_path / "src" / "stable" / DAYS[0]
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    code, out, err = run(capsys, "nightly", tmp_path / "src", "--json", *FAST)
+    answer = json.loads(out)
+    assert code == 2 and "not a dstab output" in answer["error"] and "statistics pass" not in err
+    assert (mine / "notes.txt").read_text() == "mine" and stable_entries(mine.parent) == [DAYS[0]]
+
+
+def test_an_empty_night_says_so(tmp_path: Path, capsys) -> None:
+    (tmp_path / "src" / "raw").mkdir(parents=True)
+    code, out, err = run(capsys, "nightly", tmp_path / "src", *FAST)
+    assert code == 0 and "no days under" in err

@@ -234,7 +234,7 @@ def test_report_and_log_speak_in_words(tmp_path: Path, capsys: pytest.CaptureFix
         tmp_path / "y.npy"
     )
     code, out, _ = run_cli(capsys, "log", imported, "--json")
-    assert json.loads(out)[0]["sources"]["items"]["url"] == str(tmp_path / "x.npy")
+    assert json.loads(out)["chain"][0]["sources"]["items"]["url"] == str(tmp_path / "x.npy")
 
 
 def test_report_of_a_parquet_import_names_its_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -114,3 +114,23 @@ def test_the_estimator_passes_compute_false(tmp_path: Path) -> None:
     version = pending.compute()
     stable = est.transform({"items": T, "users": W})
     np.testing.assert_allclose(version.table("items").vectors[:], stable["items"], rtol=0, atol=1e-6)
+
+
+def test_a_pending_write_dropped_or_left_at_exit_leaves_no_staging(tmp_path: Path) -> None:
+    """Found by a trial: a pending write never computed left its hidden staging behind."""
+    import gc
+    import subprocess
+    import sys
+
+    pending = _fitted().to_zarr(tmp_path / "dropped", compute=False)
+    assert any(p.name.startswith(".dropped.dstab") for p in tmp_path.iterdir())
+    del pending
+    gc.collect()
+    assert _nothing_at(tmp_path / "dropped")
+    script = (
+        "import numpy as np, dstab\n"
+        "T = np.random.default_rng(0).normal(size=(50, 4)).astype('float32')\n"
+        f"p = dstab.stabilize({{'items': T, 'users': T[:30]}}).to_zarr({str(tmp_path / 'left')!r}, compute=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert _nothing_at(tmp_path / "left")

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        from .. import config  # not at the top: --help needs no dask
+
+        config.check_all()  # every knob, before anything is opened or started
         return int(args.func(args))
     except DstabError as exc:
         # exit 2 for bad input or usage; a crossed quality gate (dstab.nightly.GateError) says 3, with the night so far

@@ -208,7 +208,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     from ..store import open_version
 
     entries = chain(open_version(args.version, _storage_options(args)))
-    print(output.dumps(entries) if args.json else format_chain(entries))
+    # one JSON object, as every command's (the chain, newest first, under "chain")
+    print(output.dumps({"ok": True, "command": "log", "chain": entries}) if args.json else format_chain(entries))
     return 0
 
 
@@ -295,9 +296,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..extras import require
     from ..interchange import export_version
     from ..store import check_output, open_version
 
+    require("pyarrow.parquet")  # the parquet extra, named before any cluster starts
     options = _storage_options(args)
     version = open_version(args.version, options)
     check_output(
@@ -408,7 +411,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from .. import nightly
     from ..report import format_matching
     from ..stabilize import check_request
-    from ..store import open_version
+    from ..store import check_output, open_version
     from ..structure import parse_sides
 
     options = _storage_options(args)
@@ -417,10 +420,18 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     gates = nightly.Gates(max_score_error=args.max_score_error, max_drift=args.max_drift)
     if args.sides:
         parse_sides(args.sides)  # a malformed --sides is refused before anything is opened
+    nightly.check_stable_location(source, stable)
     names = nightly.list_raw_days(source, options)
+    if not names:
+        log.info("nightly: no days under %s yet: nothing to do", nightly.join(source, "raw"))
     days = nightly.plan(source, names, (), stable=stable)
     done = nightly.find_done(days, options)
     todo = [day for day in days if day.name not in done]
+    for day in nightly.late_days(days, done):
+        log.warning(
+            "dstab: note: %s arrived after a later day was stabilized: it is aligned onto %s, and the days after "
+            "it stay as they were (the chain branches here)", day.name, day.reference or "nothing (the first day)",
+        )  # fmt: skip
     log.debug("nightly: %d days under %s: %d done, %d to do; stable versions in %s", len(days), nightly.join(source, "raw"),
               len(done), len(todo), stable)  # fmt: skip
     for day in days:
@@ -436,6 +447,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         first = todo[0]
         new = open_version(first.raw, options)
         reference = done[first.reference] if first.reference is not None else None
+        check_output(
+            first.stable, inputs=[first.raw], overwrite=False, storage_options=options
+        )  # a folder of the user's
         check_request(
             new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")}
         )

@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("log", help="the chain of versions a stabilized version was aligned onto, back to the first")
     p.add_argument("version", metavar="VERSION")
-    add_output_options(p, json_help='print the chain as a JSON list, newest first ({"ok": false, ...} on failure)')
+    add_output_options(
+        p, json_help='print one JSON object, {"ok": true, "command": "log", "chain": [...]}, the chain newest first'
+    )
     add_storage_option(p)
     p.set_defaults(func=commands.cmd_log)
 

@@ -106,6 +106,7 @@ def open_path(url: str, storage_options: dict[str, Any] | None = None, *, where:
             store=str(local_path(url)) if is_local(url) else url,
             mode="r",
             storage_options=None if is_local(url) else storage_options,
+            use_consolidated=False,  # as store.read: what is there, not the copy made at publish
         )
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise InputError(

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import zarr
 
 from ..errors import OutputExistsError, UsageError, VersionNotFoundError
+from ..extras import require
 from .outputs import Existing, is_local, local_path
 
 SUFFIX = ".icechunk"
@@ -46,7 +50,7 @@ _logs_quiet = False
 def _icechunk() -> Any:
     """The icechunk module, its Rust logs limited to errors (a warning line would break the one-line errors) unless ICECHUNK_LOG says."""
     global _logs_quiet
-    import icechunk
+    icechunk = require("icechunk")  # the cloud extra: one line naming it when missing
 
     if not _logs_quiet:
         if not os.environ.get("ICECHUNK_LOG"):
@@ -382,8 +386,10 @@ def _commit_lock(r: RepoURL) -> Iterator[None]:
     if not is_local(r.repo):
         yield  # object stores: the branch update is a conditional write, conflicts are detected there
         return
-    path = local_path(r.repo)
-    lock = path.parent / f".{path.name}.dstab-commit-lock"
+    # the lock lives in the temporary directory, keyed by the repository's real path: never a file of
+    # dstab's beside or inside the user's repository
+    key = hashlib.sha1(str(local_path(r.repo).resolve()).encode()).hexdigest()[:20]
+    lock = Path(tempfile.gettempdir()) / f"dstab-icechunk-{key}.lock"
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

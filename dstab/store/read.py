@@ -58,7 +58,14 @@ def open_group(
             raise VersionNotFoundError(f"no {what} at {url}: nothing is stored there; check the URL")
     try:
         opts = None if is_local(url) else storage_options
-        node = zarr.open(store=url if not is_local(url) else str(local_path(url)), mode="r", storage_options=opts)
+        # the arrays' own metadata, not the consolidated copy made at publish (for xarray): a table removed or
+        # changed by hand since must show as it is, never as the copy says it was
+        node = zarr.open(
+            store=url if not is_local(url) else str(local_path(url)),
+            mode="r",
+            storage_options=opts,
+            use_consolidated=False,
+        )
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise VersionNotFoundError(
             f"{url} is not a Zarr group ({type(exc).__name__}: {exc}); a {what} is {layout}"
