@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,12 @@ from dstab.synth import synth, synth_like
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from treemem import tree_rss  # noqa: E402
+
+
+def day_name(run: int) -> str:
+    """The raw day of run ``run``: dated, as the nightly wants (2026-11-01, 2026-11-02, ...)."""
+    return (date(2026, 11, 1) + timedelta(days=run)).isoformat()
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         import dask
 
         for run in range(0, args.runs + 1):
-            name = f"day{run:02d}"
+            name = day_name(run)  # the nightly orders days by their dates
             with dask.config.set(scheduler="threads"):
                 if run == 0:
                     synth(staging / name, items=args.items, users=args.users, dim=args.dim, seed=1)
                 else:
-                    yesterday = dstab.open_version(directory / "stable" / f"day{run - 1:02d}")
+                    yesterday = dstab.open_version(directory / "stable" / day_name(run - 1))
                     synth_like(staging / name, yesterday, noise=0.01, churn=0.1, seed=run)
             # the day's raw version arrives (a rename, as a training job publishing it would)
             os.rename(staging / name, directory / "raw" / name)

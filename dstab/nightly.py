@@ -164,6 +164,8 @@ def list_raw_days(source: str, storage_options: dict[str, Any] | None = None) ->
 def check_stable_location(source: str, stable: str) -> None:
     """The stable versions go where no raw day is: refused before anything is opened when they would not."""
     raw = join(source, "raw")
+    if is_local(stable) and not is_repo_url(stable) and local_path(stable).exists() and not local_path(stable).is_dir():
+        raise UsageError(f"--stable {stable} is a file: give a directory (created if missing) or a URL")
     if same_or_nested(canonical_url(stable), canonical_url(raw)):
         raise UsageError(
             f"--stable {stable} is {raw} or inside it, where the raw days are: the nightly never writes among its "
@@ -190,13 +192,22 @@ def find_done(days: list[Day], storage_options: dict[str, Any] | None = None) ->
 def check_is_day(version: Version, day: Day) -> None:
     """A version at STABLE/<day> counts as that day done only if it is the stabilized raw day, never by its place."""
     made_from = version.attrs.get("input")
-    if version.attrs.get("kind") == "stabilized" and made_from and canonical_url(made_from) == canonical_url(day.raw):
+    if version.attrs.get("kind") == "stabilized" and made_from and _same_day(made_from, day):
         return
     what = f"a {version.attrs.get('kind') or 'raw'} version" + (f" made from {made_from}" if made_from else "")
     raise InputError(
         f"{day.stable} holds {what}, not the stabilized {day.raw}: the nightly neither counts it as done nor "
         "replaces it; move it away or give another --stable"
     )
+
+
+def _same_day(made_from: str, day: Day) -> bool:
+    """The recorded input is this raw day: the same place, or ``.../raw/<day>`` of a SOURCE since moved or copied
+    (lineage records absolute paths; a renamed directory, a restored backup or another mount must not make
+    every day look foreign)."""
+    if canonical_url(made_from) == canonical_url(day.raw):
+        return True
+    return made_from.rstrip("/").split("/")[-2:] == ["raw", day.name]
 
 
 def late_days(days: list[Day], done: Iterable[str]) -> list[Day]:

@@ -290,3 +290,26 @@ def test_an_empty_night_says_so(tmp_path: Path, capsys) -> None:
     (tmp_path / "src" / "raw").mkdir(parents=True)
     code, out, err = run(capsys, "nightly", tmp_path / "src", *FAST)
     assert code == 0 and "no days under" in err
+
+
+def test_a_moved_source_keeps_its_days_done(tmp_path: Path, capsys) -> None:
+    """Found by a second trial: lineage records absolute paths, so a moved SOURCE made every day look foreign."""
+    make_days(tmp_path / "src" / "raw")
+    assert run(capsys, "nightly", tmp_path / "src", *FAST)[0] == 0
+    (tmp_path / "src").rename(tmp_path / "moved")
+    code, out, err = run(capsys, "nightly", tmp_path / "moved", "--json", *FAST)
+    assert code == 0 and json.loads(out)["skipped"] == len(DAYS), err
+
+
+def test_stable_places_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    make_days(tmp_path / "src" / "raw")
+    (tmp_path / "afile").write_text("mine")
+    code, out, err = run(capsys, "nightly", tmp_path / "src", "--stable", tmp_path / "afile", *FAST)
+    assert code == 2 and "is a file" in err and (tmp_path / "afile").read_text() == "mine"
+    mine = tmp_path / "src" / "stable" / DAYS[-1]  # the LAST day: found before the first is stabilized
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    code, out, err = run(capsys, "nightly", tmp_path / "src", *FAST)
+    assert code == 2 and "not a dstab output" in err and stable_entries(mine.parent) == [DAYS[-1]]
+    code, out, err = run(capsys, "nightly", tmp_path / "src", "--max-drift", "inf", *FAST)
+    assert code == 2 and "finite number" in err

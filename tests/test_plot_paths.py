@@ -152,3 +152,17 @@ def test_a_directory_named_png_is_refused(
     no_work_done(monkeypatch)
     code, _, err = run_cli(capsys, *command(kind, versions), "--plot", target, *FAST)
     assert code == 2 and "is a directory" in err and target.is_dir()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_plot_inside_another_version_is_refused(
+    versions: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, kind: str
+):
+    """Found by a second trial: a PNG drawn into a version that is not an input made it a foreign file there."""
+    other = versions / "other"
+    if not other.exists():  # the versions are shared by the parametrised cases
+        synth(other, items=30, users=20, dim=4, seed=5)
+    target = other / "p.png"
+    no_work_done(monkeypatch)
+    code, out, err = run_cli(capsys, *command(kind, versions), "--plot", target, *FAST)
+    assert code == 2 and err.count("\n") == 1 and "lies inside the Zarr group" in err and not target.exists()

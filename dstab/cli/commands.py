@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DstabError, UsageError
@@ -86,8 +87,11 @@ def _check_plot_path(args: argparse.Namespace) -> None:
     """
     if not args.plot:
         return
+    from ..extras import require
     from ..plots import check_plot_target
     from ..store import same_or_nested
+
+    require("matplotlib")  # the plot extra, named before any work
 
     plot = os.fspath(args.plot)
     if os.path.splitext(plot)[1].lower() != ".png":
@@ -98,6 +102,9 @@ def _check_plot_path(args: argparse.Namespace) -> None:
         source = getattr(args, name, None)
         if source and same_or_nested(plot, os.fspath(source)):
             raise UsageError(f"--plot {plot} is or lies inside the input {source}; dstab never writes into its inputs")
+    for parent in Path(os.path.abspath(plot)).parents:
+        if (parent / "zarr.json").is_file():  # a version or a table: the PNG would become a foreign file in it
+            raise UsageError(f"--plot {plot} lies inside the Zarr group {parent}; choose a place outside every version")
     check_plot_target(plot)
 
 
@@ -447,9 +454,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         first = todo[0]
         new = open_version(first.raw, options)
         reference = done[first.reference] if first.reference is not None else None
-        check_output(
-            first.stable, inputs=[first.raw], overwrite=False, storage_options=options
-        )  # a folder of the user's
+        for day in todo:  # a folder of the user's at any STABLE/<day>: refused before the first day is stabilized
+            check_output(day.stable, inputs=[day.raw], overwrite=False, storage_options=options)
         check_request(
             new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")}
         )

@@ -82,8 +82,8 @@ def parse_gate(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of at least 0, e.g. 1e-5, got {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, e.g. 1e-5, got {value!r}")
+    if not 0 <= number < float("inf"):  # NaN and inf too: no gate is no flag, and JSON has no Infinity
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, e.g. 1e-5, got {value!r}")
     return number
 
 
