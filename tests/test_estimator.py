@@ -11,6 +11,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dstab
 from dstab.errors import DstabError, InputError, UsageError, VersionNotFoundError
@@ -394,3 +396,43 @@ def test_bad_input_is_one_line_naming_it(tmp_path: Path, days: dict[str, Any]) -
     one_line(VersionNotFoundError, "the rows given for 'users'", "does not exist")(
         lambda: est.transform({"users": missing})
     )
+
+
+# ----------------------------------------------------------------------------- property: any chunking, any input kind
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_items=st.integers(2, 90),
+    n_users=st.integers(2, 60),
+    dim=st.integers(1, 9),
+    chunk=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["float32", "float64"]),
+)
+def test_dask_input_in_any_chunking_gives_the_numpy_result(
+    n_items: int, n_users: int, dim: int, chunk: int, seed: int, dtype: str
+) -> None:
+    """Lazy in, lazy out, the same numbers as numpy in, whatever the row chunks; every score kept, dtype kept."""
+    rng = np.random.default_rng(seed)
+    T = (rng.normal(size=(n_items, dim)) + 0.3).astype(dtype)
+    W = (rng.normal(size=(n_users, dim)) - 0.2).astype(dtype)
+    eager = dstab.Stabilizer().fit({"items": T, "users": W})
+    lazy_in = {"items": da.from_array(T, chunks=(chunk, dim)), "users": da.from_array(W, chunks=(chunk, dim))}
+    lazy = dstab.Stabilizer().fit(lazy_in)
+    out = lazy.transform(lazy_in)
+    assert all(isinstance(x, da.Array) for x in out.values())
+    got = {k: v.compute() for k, v in out.items()}
+    want = eager.transform({"items": T, "users": W})
+    eps = float(np.finfo(dtype).eps)
+    for name in ("items", "users"):
+        assert got[name].dtype == np.dtype(dtype)
+        # two fits of the same rows in other blocks: the same transform up to float64 summation order
+        scale = max(1.0, float(np.abs(want[name]).max()))
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e3 * dim * eps * scale)
+    # every score kept (error bound of a product of rank-revealing float factors)
+    scores = T.astype(np.float64) @ W.astype(np.float64).T
+    kept = got["items"].astype(np.float64) @ got["users"].astype(np.float64).T
+    bound = 50 * dim * eps * np.linalg.norm(T, axis=1)[:, None] * np.linalg.norm(W, axis=1)[None, :]
+    kappa = np.linalg.cond(np.vstack([T, W]).astype(np.float64)) if min(n_items, n_users) >= dim else 1.0
+    assert np.all(np.abs(kept - scores) <= bound * max(1.0, kappa) + 1e-12)
