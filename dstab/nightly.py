@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+from datetime import date
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,19 +68,31 @@ def join(root: str, name: str) -> str:
 
 
 # A day is named by its date, ISO 8601 (zero-padded, so that names sort as the days do), with an optional
-# suffix after T, _ or - (2026-11-20T06, 2026-11-20_eu). Any other name would put the chain in a wrong order.
-DAY_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T_-].*)?$")
+# suffix after T, _, - or . (2026-11-20T06, 2026-11-20_eu, 2026-11-20.zarr). Any other name would put the
+# chain in a wrong order.
+DAY_NAME = re.compile(r"^(?P<date>\d{4}-\d{2}-\d{2})(?:[T_.-].*)?$")
+
+
+def _dated(name: str) -> bool:
+    match = DAY_NAME.match(name)
+    if match is None:
+        return False
+    try:
+        date.fromisoformat(match["date"])  # 2026-13-45 is no day
+    except ValueError:
+        return False
+    return True
 
 
 def day_names(entries: Iterable[tuple[str, bool]], where: str = "SOURCE/raw") -> list[str]:
     """The days, in date order, from (name, is a directory) entries of ``SOURCE/raw``: hidden names and files are
     not days; a directory not named by a date is refused (one line naming it), never ordered by guess."""
     names = sorted(name for name, is_dir in entries if is_dir and name and not name.startswith("."))
-    odd = [name for name in names if not DAY_NAME.match(name)]
+    odd = [name for name in names if not _dated(name)]
     if odd:
         raise InputError(
             f"{join(where, odd[0])} is not named by a date: the nightly orders days by their names, which must be "
-            f"YYYY-MM-DD (zero-padded, e.g. 2026-11-09, optionally followed by T, _ or - and more); rename it or "
+            f"YYYY-MM-DD, a real date, zero-padded (2026-11-09), optionally followed by T, _, - or . and more; rename it or "
             f"move it out of {where}" + (f" ({len(odd)} such names)" if len(odd) > 1 else "")
         )
     return names

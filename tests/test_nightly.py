@@ -254,6 +254,12 @@ def test_day_names_that_are_not_dates_are_refused_not_ordered_by_guess():
     with pytest.raises(dstab.InputError, match=r"raw/latest is not named by a date"):
         nightly.day_names([("2026-11-10", True), ("latest", True)], "raw")
     assert nightly.day_names([("2026-11-10T06", True), ("2026-11-09_eu", True)]) == ["2026-11-09_eu", "2026-11-10T06"]
+    assert nightly.day_names([("2026-11-02.zarr", True), ("2026-11-01.zarr", True)]) == [
+        "2026-11-01.zarr",
+        "2026-11-02.zarr",
+    ]
+    with pytest.raises(dstab.InputError, match=r"raw/2026-13-45 is not named by a date"):
+        nightly.day_names([("2026-13-45", True)], "raw")
 
 
 def test_late_days_are_those_before_a_day_done():
