@@ -238,23 +238,25 @@ def test_chain_on_s3_with_worker_processes(
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no-such-bucket" in err, err
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_killed_before_commit_leaves_the_repository_as_it_was(days: dict[str, str], tmp_path: Path, overwrite: bool):
-    repo_path = tmp_path / "r.icechunk"
+def test_killed_before_commit_leaves_the_repository_as_it_was(
+    days: dict[str, str], tmp_path: Path, s3: dict[str, Any], overwrite: bool, where: str
+):
+    """A run killed (its whole process group, SIGKILL) after the write pass and before its commit, on local storage
+    and on moto's S3: the branch head is exactly the previous snapshot, the old version identical, rerun succeeds."""
+    if where == "local":
+        repo_url, options, extra = str(tmp_path / "r.icechunk"), None, []
+    else:
+        repo_url = f"s3://{BUCKET}/kill-{tmp_path.name}-{int(overwrite)}.icechunk"
+        options, extra = s3, ["--storage-options", json.dumps(s3)]
     with dask.config.set(scheduler="threads"):
-        dstab.stabilize(dstab.open_version(days["day1"])).to_zarr(f"{repo_path}/day1")
-    repo = repository(str(repo_path))
+        dstab.stabilize(dstab.open_version(days["day1"])).to_zarr(f"{repo_url}/day1", storage_options=options)
+    repo = repository(repo_url, options)
     head, before = repo.lookup_branch("main"), head_arrays(repo, "day1")
     # with --overwrite the killed run replaces day1; without, it adds day2
-    out = f"{repo_path}/day1" if overwrite else f"{repo_path}/day2"
-    cmd = dstab_cmd(
-        "stabilize",
-        days["day2"],
-        "--out",
-        out,
-        *FAST,
-        *(["--overwrite"] if overwrite else []),
-    )
+    out = f"{repo_url}/day1" if overwrite else f"{repo_url}/day2"
+    cmd = dstab_cmd("stabilize", days["day2"], "--out", out, *FAST, *extra, *(["--overwrite"] if overwrite else []))
     proc = subprocess.run(
         cmd,
         env={**ENV, "DSTAB_FAILPOINT": "after-write"},
@@ -264,14 +266,14 @@ def test_killed_before_commit_leaves_the_repository_as_it_was(days: dict[str, st
         check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    repo = repository(str(repo_path))
+    repo = repository(repo_url, options)
     assert repo.lookup_branch("main") == head  # no commit: exactly the previous state
     for name, want in before.items():
         np.testing.assert_array_equal(head_arrays(repo, "day1")[name], want)
     assert sorted(zarr.open_group(repo.readonly_session(branch="main").store, mode="r").group_keys()) == ["day1"]
     # the same command again succeeds (no --overwrite needed where the first had none)
     assert main(cmd[3:]) == 0
-    assert dstab.open_version(out).attrs["input"] == str(Path(days["day2"]).resolve())
+    assert dstab.open_version(out, options).attrs["input"] == str(Path(days["day2"]).resolve())
 
 
 def test_overwrite_is_one_snapshot_and_readers_keep_the_old_version(
