@@ -27,9 +27,9 @@ import logging
 import os
 import re
 import time
-from datetime import date
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from .errors import (
