@@ -191,10 +191,6 @@ def compute(*graphs: Any, progress: bool = False, stage: str = DEFAULT_STAGE) ->
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-# How long a failed compute waits for its cancelled tasks to stop running on the workers.
-SETTLE_SECONDS = 120.0
-
-
 def _executing(dask_worker: Any) -> int:
     state = dask_worker.state
     return int(state.executing_count + len(state.long_running))
@@ -206,7 +202,7 @@ def _settle(client: Any, futures: list[Any]) -> None:
     A worker cannot stop a task that has started, so after a failure the other
     block writes of the same compute may still be running; the caller removes
     its staging only once they have ended. Bounded: on a cluster shared with
-    other work it stops waiting after :data:`SETTLE_SECONDS`.
+    other work it stops waiting after the dask config ``dstab.settle-seconds``.
     """
     try:
         client.cancel(futures, force=True)
