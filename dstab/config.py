@@ -29,6 +29,7 @@ IntKey = Literal[
     "neighbour-slice-rows",
     "probe-rows",
     "check-rows",
+    "moved-rows",
 ]
 BytesKey = Literal["block-bytes", "id-sample-bytes", "slice-bytes"]
 SecondsKey = Literal["settle-seconds", "claim-lease", "probe-timeout"]
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "neighbour-slice-rows": 8192,
     "probe-rows": 64,
     "check-rows": 4096,
+    "moved-rows": 10,
     "settle-seconds": 120,
     "claim-lease": 120,
     "probe-timeout": 25,

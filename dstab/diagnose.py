@@ -29,7 +29,7 @@ from .spectrum import (
     singular_values_from_gram,
     spectrum_metrics,
 )
-from .stats import check_finite, side_statistics
+from .stats import check_finite, own_statistics
 from .store import Table, Version, open_group, open_table, open_version
 from .structure import Structure, resolve
 
@@ -104,7 +104,7 @@ def diagnose(
     dim = first.dim  # one width for every table (checked when the version was opened)
     rtol_used = linalg.default_rtol(first.dtype, dim) if rtol is None else float(rtol)
     # one compute for every table: one pass over the data, whatever the number of tables
-    computed = compute(*(side_statistics(t) for t in tables.values()), progress=progress, stage="statistics pass")
+    computed = compute(*(own_statistics(t) for t in tables.values()), progress=progress, stage="statistics pass")
     stats = dict(zip(tables, computed))
     for name, s in stats.items():
         check_finite(labels[name], s, tables[name])

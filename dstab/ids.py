@@ -258,6 +258,55 @@ def merge_pairs(a: Pairs | None, b: Pairs | None, n: int) -> Pairs | None:
     )  # fmt: skip
 
 
+def row_distance_cosine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of float64 ``x`` and ``y``: the distance ``||x_i - y_i||`` and the cosine (widths zero-padded)."""
+    w = min(x.shape[1], y.shape[1])
+    xx, yy = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
+    xy = np.einsum("ij,ij->i", x[:, :w], y[:, :w])
+    distance = np.sqrt(np.maximum(xx + yy - 2.0 * xy, 0.0))
+    norms = np.sqrt(xx * yy)
+    return distance, np.divide(xy, norms, out=np.zeros_like(xy), where=norms > 0)
+
+
+@dataclass
+class Moved:
+    """The ``n`` matched rows that moved most between the two versions: their keys, distances and cosines.
+
+    The distance is the Euclidean ``||x - x_ref||`` (widths zero-padded), the
+    ranking a diagnosis wants: a row's share of the Frobenius drift. Keys are
+    ids, or global row positions for tables without ids.
+    """
+
+    keys: np.ndarray
+    distance: np.ndarray  # float64, largest first
+    cosine: np.ndarray  # float64
+
+    @classmethod
+    def largest(cls, x: np.ndarray, y: np.ndarray, keys: np.ndarray, n: int) -> Moved:
+        """The ``n`` of float64 rows ``x`` (new) and ``y`` (reference) that moved most."""
+        distance, cosine = row_distance_cosine(x, y)
+        return cls.top(keys, distance, cosine, n)
+
+    @classmethod
+    def top(cls, keys: np.ndarray, distance: np.ndarray, cosine: np.ndarray, n: int) -> Moved:
+        if len(distance) > n:
+            idx = np.argpartition(-distance, n - 1)[:n]
+        else:
+            idx = np.arange(len(distance))
+        order = idx[np.lexsort((np.asarray(keys)[idx], -distance[idx]))]  # ties by key: the same in any split
+        return cls(keys=np.asarray(keys)[order], distance=distance[order], cosine=cosine[order])
+
+
+def merge_moved(a: Moved | None, b: Moved | None, n: int) -> Moved | None:
+    """The ``n`` rows of ``a`` and ``b`` that moved most."""
+    if a is None or b is None:
+        return b if a is None else a
+    return Moved.top(
+        np.concatenate([a.keys, b.keys]), np.concatenate([a.distance, b.distance]),
+        np.concatenate([a.cosine, b.cosine]), n,
+    )  # fmt: skip
+
+
 @dataclass
 class Matched:
     """Anchor statistics over the rows whose ids both samples hold (weighted)."""
@@ -266,20 +315,22 @@ class Matched:
     gram: np.ndarray  # X^T W X
     ref_sumsq: float  # sum of w |x_ref|^2
     n_rows: int  # rows matched
-    ref_col_sumsq: np.ndarray | None = None  # per column: sum of w x_ref^2
+    ref_gram: np.ndarray  # X_ref^T W X_ref (its diagonal: per column, sum of w x_ref^2)
     pairs: Pairs | None = None
+    moved: Moved | None = None
 
 
-def match_samples(new: IdSample, ref: IdSample, *, join_rows: int, pair_rows: int) -> Matched:
+def match_samples(new: IdSample, ref: IdSample, *, join_rows: int, pair_rows: int, moved_rows: int = 10) -> Matched:
     """Join two samples on id and accumulate the anchor statistics in float64.
 
     ``join_rows`` rows of ``new`` are looked up at a time (dstab.join-rows: it bounds
     the float64 copies the join makes), and
-    up to ``pair_rows`` matched pairs are kept (dstab.pair-rows).
+    up to ``pair_rows`` matched pairs are kept (dstab.pair-rows), and the
+    ``moved_rows`` matched rows that moved most (dstab.moved-rows).
     """
     e, e_ref = new.rows.shape[1], ref.rows.shape[1]
     out = Matched(
-        cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_col_sumsq=np.zeros(e_ref)
+        cross=np.zeros((e, e_ref)), gram=np.zeros((e, e)), ref_sumsq=0.0, n_rows=0, ref_gram=np.zeros((e_ref, e_ref))
     )
     if len(ref.ids) == 0 or len(new.ids) == 0:
         return out
@@ -297,15 +348,17 @@ def match_samples(new: IdSample, ref: IdSample, *, join_rows: int, pair_rows: in
         xw = x if w is None else x * w[:, None]
         out.cross += xw.T @ y
         out.gram += xw.T @ x
-        col = np.einsum("ij,ij->j", y, y) if w is None else np.einsum("i,ij,ij->j", w, y, y)
-        out.ref_col_sumsq += col
-        out.ref_sumsq += float(col.sum())
+        ref_gram = y.T @ y if w is None else (y * w[:, None]).T @ y
+        out.ref_gram += ref_gram
+        out.ref_sumsq += float(np.trace(ref_gram))
         out.n_rows += int(hit.size)
         if new.hashes is not None:
             found = Pairs.smallest(
                 new.rows[part][hit], ref.rows[order[pos[hit]]], new.ids[part][hit], new.hashes[part][hit], pair_rows
             )
             out.pairs = merge_pairs(out.pairs, found, pair_rows)
+        moved = Moved.largest(x, y, new.ids[part][hit], moved_rows)
+        out.moved = merge_moved(out.moved, moved, moved_rows)
     return out
 
 

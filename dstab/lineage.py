@@ -14,12 +14,15 @@ from .store.icechunk_repo import history, is_repo_url
 
 
 def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
-    """The version, its reference, that one's reference, ... back to the first (newest first).
+    """The version, the one before it, that one's, ... back to the first (newest first).
 
-    Each entry holds the version's URL, when and from what it was made, the
-    reference it was aligned onto and the drift before and after. The walk
-    stops at a version made without a reference (the first), or at a reference
-    that can no longer be opened (``missing`` then says why).
+    The one before is the version recorded as ``previous`` (the nightly job
+    records the day before, whatever it aligned onto), else the (first)
+    reference. Each entry holds the version's URL, when and from what it was
+    made, the references it was aligned onto with their weights, and the
+    drift before and after. The walk stops at a version made without a
+    reference (the first), or at one that can no longer be opened
+    (``missing`` then says why).
     """
     entries: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -35,6 +38,8 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
             "dstab_version": attrs.get("dstab_version"),
             "input": attrs.get("input"),
             "reference": attrs.get("reference"),
+            "references": attrs.get("references") or [],
+            "previous": attrs.get("previous"),
             "rank": report.get("rank"),
             "dim_out": report.get("dim_out"),
             "drift_before": report.get("drift_before"),
@@ -52,7 +57,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
         entries.append(entry)
         if url is not None:
             seen.add(url)
-        ref_url = attrs.get("reference")
+        ref_url = attrs.get("previous") or attrs.get("reference")
         if not ref_url:
             break
         if ref_url in seen:
@@ -191,6 +196,9 @@ def origin_words(entry: dict[str, Any]) -> str:
         return f"imported from {_words(sources)}"
     if kind == "stabilized":
         text = f"stabilized from {_words(entry.get('input') or 'an input that was not recorded')}"
+        several = entry.get("references") or []
+        if len(several) > 1:
+            return f"{text} onto " + " + ".join(f"{_words(r.get('weight'))} x {_words(r.get('url'))}" for r in several)
         if entry.get("reference"):
             return f"{text} onto {_words(entry['reference'])}"
         return f"{text}, with no reference: the first of the chain (deterministic signs)"
@@ -226,11 +234,8 @@ def format_chain(entries: list[dict[str, Any]]) -> str:
         lines.append(head + (")" if kind == "raw" else f", {made_words(e)})"))
         lines.append(f"     {origin_words(e)}")
         if kind == "stabilized":
-            drift = (
-                f"; drift onto the reference {num(e['drift_before'])} -> {num(e['drift_after'])}"
-                if e["reference"]
-                else ""
-            )
+            onto = "the first reference" if len(e.get("references") or []) > 1 else "the reference"
+            drift = f"; drift onto {onto} {num(e['drift_before'])} -> {num(e['drift_after'])}" if e["reference"] else ""
             lines.append(f"     rank {_words(e['rank'])}, width {_words(e['dim_out'])}{drift}")
         lines += _snapshot_lines(e)
         if "missing" in e:

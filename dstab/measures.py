@@ -79,6 +79,59 @@ def table_drift(stats: TableStats, transform: np.ndarray | None) -> dict[str, An
     }
 
 
+# Eigenvalues of a Gram below this share of its largest are taken as zero when
+# finding the orthonormal basis: float32 rows give Gram eigenvalues accurate to
+# about (eps32 * sqrt(n))^2 relative, far below this, and a direction that weak
+# carries nothing of the scores.
+OVERLAP_RTOL = 1e-10
+
+
+def _range_whitener(gram: np.ndarray) -> np.ndarray:
+    """``P`` (e x r) with ``X P`` an orthonormal basis of the column space of ``X``, from ``G = X^T X`` alone."""
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    keep = values > OVERLAP_RTOL * max(float(values[-1]), 0.0) if len(values) else np.zeros(0, bool)
+    if not keep.any():
+        return np.zeros((gram.shape[0], 0))
+    return vectors[:, keep] / np.sqrt(values[keep])
+
+
+def eigenspace_overlap(gram: np.ndarray, ref_gram: np.ndarray, cross: np.ndarray) -> float | None:
+    """Eigenspace overlap of two tables over their paired rows (Leszczynski et al. 2020): ``||U^T V||_F^2 / k``.
+
+    ``U`` and ``V`` are orthonormal bases of the column spaces of the two
+    tables ``X`` and ``Y`` (rows paired), ``k`` the larger of their ranks: 1
+    when both span the same space, 0 when orthogonal; unchanged by any
+    invertible transform of either table's columns, so stabilization leaves it
+    as the retrain made it. From the pass's ``X^T X``, ``Y^T Y`` and ``X^T Y``
+    alone: ``U^T V = P^T (X^T Y) Q`` with ``X P`` and ``Y Q`` orthonormal.
+    """
+    p, q = _range_whitener(gram), _range_whitener(ref_gram)
+    k = max(p.shape[1], q.shape[1])
+    if k == 0:
+        return None
+    w = min(cross.shape[1], ref_gram.shape[0])
+    m = p.T @ cross[:, :w] @ q[:w]
+    return float(min(1.0, np.vdot(m, m) / k))
+
+
+def stats_overlap(stats: TableStats) -> float | None:
+    """:func:`eigenspace_overlap` of a table and its reference, over the anchor rows of the pass."""
+    if stats.cross is None or stats.ref_gram is None:
+        return None
+    return eigenspace_overlap(stats.gram_of_anchors, stats.ref_gram, stats.cross)
+
+
+def moved_rows(stats: TableStats) -> list[dict[str, Any]]:
+    """The rows that moved most, largest first: ``{"id", "distance", "cosine"}`` (``id``: the row's id, or its position)."""
+    moved = stats.moved
+    if moved is None:
+        return []
+    keys = moved.keys.tolist()
+    return [
+        {"id": key, "distance": float(d), "cosine": float(c)} for key, d, c in zip(keys, moved.distance, moved.cosine)
+    ]
+
+
 def relative(sq: float, scale: float) -> float | None:
     """``sqrt(sq / scale)``: a relative Frobenius distance (``None`` when there is nothing to compare)."""
     return float(np.sqrt(sq / scale)) if scale > 0 else None

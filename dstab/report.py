@@ -14,7 +14,7 @@ from .executor import compute
 from .lineage import KIND_WORDS, chain, made_words, origin_words
 from .spectrum import score_singular_values
 from .stabilize import check_same_model
-from .stats import check_finite, pass_statistics, side_statistics
+from .stats import check_finite, own_statistics, pass_statistics
 from .store import Version, canonical_url
 from .structure import Structure, default_structure
 
@@ -51,7 +51,7 @@ def measure_drift(
 
     structure = version.known_structure
     check_same_model(version, reference, structure, what="compare a version with")
-    results = pass_statistics(version, reference, version.names, progress=progress)
+    (results,) = pass_statistics(version, (reference,), version.names, measure=True, progress=progress)
     out: dict[str, Any] = {"k": k, "tables": list(version.names)}
     total = scale = 0.0
     groups, keys = {}, {}
@@ -63,8 +63,13 @@ def measure_drift(
             "frobenius": measures.relative(d["sq"], d["scale"]),
             "mean_cosine": d["cosine"],
             "pairs": 0 if pairs is None else len(pairs.keys),
+            "eigenspace_overlap": measures.stats_overlap(s),
             "neighbour_overlap": None,
             "queries": 0,
+            "moved": measures.moved_rows(s),
+            "moved_among": "sampled common ids"
+            if s.matched_by == "id" and s.sample_fraction < 1
+            else "every common row",
         }
         total, scale = total + d["sq"], scale + d["scale"]
         if k > 0 and pairs is not None and len(pairs.keys):
@@ -118,7 +123,7 @@ def describe(
             zip(
                 version.names,
                 compute(
-                    *(side_statistics(t) for t in version.tables.values()), progress=progress, stage="statistics pass"
+                    *(own_statistics(t) for t in version.tables.values()), progress=progress, stage="statistics pass"
                 ),
             )
         )
@@ -129,7 +134,17 @@ def describe(
         report.update(singular_values=sv.tolist(), rank=linalg.choose_rank(sv, "auto", rtol), rtol=rtol)
     report["lineage"] = {
         key: attrs.get(key)
-        for key in ("input", "reference", "created", "dstab_version", "structure", "params", "sources")
+        for key in (
+            "input",
+            "reference",
+            "references",
+            "previous",
+            "created",
+            "dstab_version",
+            "structure",
+            "params",
+            "sources",
+        )
         if key in attrs
     }
     if reference is not None:

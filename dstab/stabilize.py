@@ -39,8 +39,8 @@ from .stats import (
     AnchorSpec,
     TableStats,
     check_pairable,
+    own_statistics,
     pass_statistics,
-    side_statistics,
 )
 from .store import (
     Staging,
@@ -152,14 +152,21 @@ class Stabilization:
     """
 
     new: Version
-    reference: Version | None
+    references: tuple[Version, ...]
     structure: Structure
     transforms: dict[str, np.ndarray]
     singular_values: np.ndarray
     rank: int
     params: dict[str, Any]
     report: dict[str, Any]
+    reference_weights: tuple[float, ...] = ()  # one per reference, summing to 1
+    previous: str | None = None  # the version before this one in time, when that is not the (first) reference
     _probes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def reference(self) -> Version | None:
+        """The first reference (the one the drift figures of the report are against), or None."""
+        return self.references[0] if self.references else None
 
     @property
     def dim_out(self) -> int:
@@ -170,7 +177,10 @@ class Stabilization:
         drift = ""
         if r.get("drift_before") is not None:
             drift = f", drift {r['drift_before']:.3g} -> {r['drift_after']:.3g}"
-        ref = self.reference.url if self.reference is not None else None
+        ref = " + ".join(
+            f"{w:g} x {v.url or 'in-memory version'}" if len(self.references) > 1 else v.url or "in-memory version"
+            for v, w in zip(self.references, self.reference_weights)
+        )
         rows = ", ".join(f"{name} {t.n_rows:,}" for name, t in self.new.tables.items())
         return (
             f"<Stabilization of {self.new.url or 'in-memory version'} onto {ref or 'no reference'}: "
@@ -241,7 +251,7 @@ class Stabilization:
         """
         compute_now = compute
         out = os.fspath(out)
-        inputs = [v.url for v in (self.new, self.reference) if v is not None and v.url is not None]
+        inputs = [v.url for v in (self.new, *self.references) if v.url is not None]
         staging = Staging(out, inputs=inputs, overwrite=overwrite, storage_options=storage_options)
         try:
             write = self._write_pass(staging)
@@ -318,10 +328,16 @@ class Stabilization:
             "reference": canonical_url(self.reference.url)
             if self.reference is not None and self.reference.url
             else None,
+            "references": [
+                {"url": canonical_url(v.url) if v.url else None, "weight": w}
+                for v, w in zip(self.references, self.reference_weights)
+            ],
             "structure": self.structure.to_attrs(),
             "params": self.params,
             "report": self.report,
         }
+        if self.previous is not None:
+            attrs["previous"] = self.previous
         return json.loads(json.dumps(attrs))
 
 
@@ -340,12 +356,68 @@ class Request:
     method: Method
     neighbours: int
     notes: tuple[str, ...]
+    reference_weights: tuple[float, ...] = ()  # one per reference, summing to 1
+
+
+def reference_list(reference: Any) -> tuple[Any, ...]:
+    """``None``, one reference, or a list or tuple of them, as a tuple."""
+    if reference is None:
+        return ()
+    if isinstance(reference, list | tuple):
+        return tuple(reference)
+    return (reference,)
+
+
+# how close to 1 the weights must sum (they are typed as decimals: 0.3,0.3,0.4)
+WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+def check_reference_weights(weights: Any, n_references: int) -> tuple[float, ...]:
+    """One weight per reference, each > 0, summing to 1; equal weights when ``weights`` is None."""
+    if weights is None:
+        return tuple(1.0 / n_references for _ in range(n_references))
+    if n_references == 0:
+        raise UsageError("--reference-weights weighs references, but no --reference was given; give them or drop it")
+    values = tuple(float(w) for w in weights)
+    if len(values) != n_references:
+        raise UsageError(
+            f"--reference-weights has {len(values)} weight{'s' if len(values) != 1 else ''} for {n_references} "
+            f"reference{'s' if n_references != 1 else ''}; give one weight per --reference, in the same order"
+        )
+    for i, w in enumerate(values):
+        if not np.isfinite(w) or w <= 0:
+            raise UsageError(
+                f"--reference-weights: weight {i + 1} is {w:g}; every weight must be above 0 (a reference not "
+                "wanted is left out, not weighted 0)"
+            )
+    total = sum(values)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise UsageError(
+            f"--reference-weights sum to {total:g}; they must sum to 1 (e.g. "
+            f"{','.join(f'{w / total:.3g}' for w in values)})"
+        )
+    return values
+
+
+def check_distinct(references: tuple[Version, ...]) -> None:
+    """A reference listed twice would count twice in the target: refuse it."""
+    seen: dict[Any, int] = {}
+    for i, ref in enumerate(references):
+        key = canonical_url(ref.url) if ref.url else id(ref)
+        if key in seen:
+            what = ref.url or "the same in-memory version"
+            raise UsageError(
+                f"reference {i + 1} ({what}) is reference {seen[key] + 1} again; list each reference once and "
+                "weigh it with --reference-weights"
+            )
+        seen[key] = i
 
 
 def check_request(
     new: Version,
-    reference: Version | None = None,
+    reference: Version | list[Version] | tuple[Version, ...] | None = None,
     *,
+    reference_weights: Any = None,
     sides: str | Structure | None = None,
     symmetric: bool = False,
     rank: int | Literal["auto"] = "auto",
@@ -363,7 +435,13 @@ def check_request(
     worth a line in the output (rows paired by position because only one
     version has ids; a raw reference). The CLI calls it before any cluster
     starts, so a request that cannot run is refused at once.
+
+    ``reference`` may be a list of references (each checked on its own: same
+    model, pairable rows), weighed by ``reference_weights``.
     """
+    references = reference_list(reference)
+    weights = check_reference_weights(reference_weights, len(references))
+    check_distinct(references)
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if anchor_weights not in ANCHOR_WEIGHTS:
@@ -380,7 +458,7 @@ def check_request(
             raise UsageError(
                 f"--rtol chooses the rank when it is auto; with --rank {rank} it would be ignored: drop one"
             )
-    recorded = new.structure or (reference.structure if reference is not None else None)
+    recorded = new.structure or next((r.structure for r in references if r.structure is not None), None)
     structure = resolve(
         new.names, sides=sides, symmetric_all=symmetric, recorded=recorded, label=f"the new version{_at(new)}"
     )
@@ -389,7 +467,7 @@ def check_request(
     spec = AnchorSpec(min_count=float(anchor_min_count), weighted=anchor_weights == "counts")
     rtol_used = linalg.default_rtol(new.dtype, new.dim) if rtol is None else float(rtol)
     request = dict(structure=structure, spec=spec, rank=rank, rtol=rtol_used, method=method, neighbours=neighbours)
-    if reference is None:
+    if not references:
         if neighbours:
             raise UsageError("--neighbours measures overlap with a reference; give --reference or drop --neighbours")
         given = [flag for flag, used in (("--anchor", anchor not in ("all", "both")),
@@ -401,11 +479,14 @@ def check_request(
                 f"onto a reference; without --reference there is none: give --reference or drop {'it' if len(given) == 1 else 'them'}"
             )
         return Request(anchor_tables=(), notes=(), **request)  # type: ignore[arg-type]
-    check_same_model(new, reference, structure)
+    for ref in references:
+        check_same_model(new, ref, structure)
     anchors = parse_anchor(anchor, structure)
-    check_pairable(new, reference, anchors)
+    for ref in references:
+        check_pairable(new, ref, anchors)
     if neighbours:
-        fewest = min(min(new.table(s).n_rows, reference.table(s).n_rows) for s in anchors)
+        # measured against the first reference
+        fewest = min(min(new.table(s).n_rows, references[0].table(s).n_rows) for s in anchors)
         if neighbours >= fewest:
             raise UsageError(
                 f"--neighbours {neighbours} asks for as many neighbours as a table has rows ({fewest:,}); "
@@ -418,6 +499,19 @@ def check_request(
                 f"cannot apply to {name}; add a {name}/counts array (one count per row), drop those options, "
                 f"or anchor on other tables (--anchor)"
             )
+    notes = []
+    for ref in references:
+        notes += _reference_notes(new, ref, anchors)
+    return Request(
+        anchor_tables=anchors,
+        notes=tuple(notes),
+        reference_weights=weights,
+        **request,  # type: ignore[arg-type]
+    )
+
+
+def _reference_notes(new: Version, reference: Version, anchors: tuple[str, ...]) -> list[str]:
+    """Lines worth printing about one reference: a raw one; rows paired by position because one side lacks ids."""
     notes = []
     # in-memory tables carry no record of what made them: only a stored version can be told raw
     if reference.url is not None and reference.attrs.get("kind") != "stabilized":
@@ -435,7 +529,7 @@ def check_request(
                 f"{name}: only {has} has {name}/ids, so rows are matched by position (row i with row i); "
                 f"if {lacks}'s rows are in another order, give it {name}/ids to match them by id"
             )
-    return Request(anchor_tables=anchors, notes=tuple(notes), **request)  # type: ignore[arg-type]
+    return notes
 
 
 def check_same_model(
@@ -469,8 +563,9 @@ def _at(version: Version) -> str:
 
 def stabilize(
     new: VersionLike,
-    reference: VersionLike | None = None,
+    reference: VersionLike | list[Any] | tuple[Any, ...] | None = None,
     *,
+    reference_weights: Any = None,
     ids: Mapping[str, Any] | None = None,
     counts: Mapping[str, Any] | None = None,
     reference_ids: Mapping[str, Any] | None = None,
@@ -520,6 +615,16 @@ def stabilize(
     :data:`dstab.linalg.GRAM_MAX_CONDITION`, in which case one more pass runs
     TSQR on the tables (the reference is not read again).
 
+    ``reference`` may also be a list of references (today's yesterday and the
+    chain's first version, say) with ``reference_weights`` (one per reference,
+    each > 0, summing to 1; default equal): the rotation is then the
+    orthogonal Procrustes solution onto their weighted combination, each
+    reference's rows matched to the new version's on their own (by position or
+    by id), so it minimises ``sum_j w_j ||X Q - R_j||^2`` over the rows each
+    reference shares with ``new``. Every reference is read once, in the same
+    pass. The drift figures of the report are against the first reference;
+    ``report["references"]`` has them against each.
+
     The report holds the drift before and after (relative Frobenius per table
     and per output dimension, and the mean row cosine on a sample of common
     rows). ``neighbours=k`` also measures the neighbour overlap@k of 1,000
@@ -534,30 +639,34 @@ def stabilize(
     with in-memory reference tables.
     """
     new = as_version(new, ids=ids, counts=counts, label="new", storage_options=storage_options)
-    if reference is not None:
-        reference = as_version(reference, ids=reference_ids, label="reference", storage_options=storage_options)
-    elif reference_ids:
+    given = reference_list(reference)
+    if reference_ids and len(given) > 1:
+        raise UsageError("reference_ids= goes with one in-memory reference; give each of several references its ids")
+    references = tuple(
+        as_version(r, ids=reference_ids, label="reference", storage_options=storage_options) for r in given
+    )
+    if not references and reference_ids:
         raise UsageError(
             "reference_ids= name ids of the reference's tables, but no reference was given; drop it or give reference="
         )
     request = check_request(
-        new, reference, sides=sides, symmetric=symmetric, rank=rank, rtol=rtol, anchor=anchor,
-        anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, method=method, neighbours=neighbours,
+        new, references, reference_weights=reference_weights, sides=sides, symmetric=symmetric, rank=rank, rtol=rtol,
+        anchor=anchor, anchor_min_count=anchor_min_count, anchor_weights=anchor_weights, method=method,
+        neighbours=neighbours,
     )  # fmt: skip
     structure, anchors = request.structure, request.anchor_tables
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
-    stats = pass_statistics(
-        new, reference, anchors, spec=request.spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress
+    per_reference = pass_statistics(
+        new, references, anchors, spec=request.spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress
     )
+    stats = per_reference[0]
     failpoint("after-statistics")
 
     pooled = [pool_side(stats, side) for side in structure.sides]
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(p.gram, new.dtype) for p in pooled):
         method_used = "tsqr"
-        extra = compute(
-            *(side_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass"
-        )
+        extra = compute(*(own_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass")
         stats = {n: replace(stats[n], r=more.r) for n, more in zip(new.names, extra)}
         pooled = [pool_side(stats, side) for side in structure.sides]
     factors = [linalg.gram_factor(p.gram) if method_used == "gram" or p.r is None else p.r for p in pooled]
@@ -566,24 +675,42 @@ def stabilize(
     else:
         canonical = linalg.canonical_transforms(*factors, rank=rank, rtol=request.rtol)
     probes = [p.probe for p in pooled]
-    if reference is not None:
-        _check_anchor_rows(stats, anchors, new.names, canonical.rank, request.spec)
-        crosses = [_sum_or_none(stats[n].cross for n in side if n in anchors) for side in structure.sides]
-        omega = linalg.alignment(canonical, crosses, reference.dim, probes)
+    if references:
+        for ref, ref_stats in zip(references, per_reference):
+            _check_anchor_rows(ref_stats, anchors, new.names, canonical.rank, request.spec, ref, len(references))
+        ref_width = max(r.dim for r in references)
+        crosses = [
+            weighted_cross(per_reference, request.reference_weights, side, anchors, ref_width)
+            for side in structure.sides
+        ]
+        omega = linalg.alignment(canonical, crosses, ref_width, probes)
     else:
         omega = linalg.sign_alignment(canonical, probes)
     transforms = {name: canonical.transforms[structure.side_of(name)] @ omega for name in new.names}
 
+    reference = references[0] if references else None
     report = _fit_report(new, reference, request, stats, transforms, canonical, method_used)
+    if len(references) > 1:
+        report["references"] = [
+            {
+                "url": canonical_url(ref.url) if ref.url else None,
+                "weight": weight,
+                **_drift_figures(ref_stats, anchors, transforms),
+                "matching": {name: matching_report(ref_stats[name], new, ref, name) for name in anchors},
+            }
+            for ref, weight, ref_stats in zip(references, request.reference_weights, per_reference)
+        ]
     if neighbours and anchors:
         _measure_neighbours(new, reference, stats, transforms, anchors, report["drift"], neighbours, progress)  # type: ignore[arg-type]
     params = {
         "rank": rank, "rtol": request.rtol, "anchor": anchor, "anchor_tables": list(anchors),
         "anchor_min_count": request.spec.min_count, "anchor_weights": anchor_weights, "method": method,
+        "reference_weights": list(request.reference_weights),
     }  # fmt: skip
     return Stabilization(
         new=new,
-        reference=reference,
+        references=references,
+        reference_weights=request.reference_weights,
         structure=structure,
         transforms=transforms,
         singular_values=canonical.singular_values,
@@ -617,9 +744,52 @@ def pool_side(stats: dict[str, TableStats], names: tuple[str, ...]) -> PooledSid
     )
 
 
-def _sum_or_none(arrays: Any) -> np.ndarray | None:
-    arrays = list(arrays)
-    return np.sum(arrays, axis=0) if arrays else None
+def weighted_cross(
+    per_reference: list[dict[str, TableStats]],
+    weights: tuple[float, ...],
+    side: tuple[str, ...],
+    anchors: tuple[str, ...],
+    width: int,
+) -> np.ndarray | None:
+    """``sum_j w_j X^T R_j`` over a side's anchor tables (each reference's columns zero-padded to ``width``).
+
+    Procrustes onto this maximises ``sum_j w_j tr(Q^T X^T R_j)``, which is
+    minimising ``sum_j w_j ||X Q - R_j||^2`` (``||X Q||`` does not depend on an
+    orthogonal ``Q``): the rotation onto the weighted combination of the
+    references, each over the rows it shares with the new version.
+    """
+    names = [n for n in side if n in anchors]
+    if not names:
+        return None
+    total: np.ndarray | None = None
+    for stats, weight in zip(per_reference, weights):
+        for name in names:
+            cross = stats[name].cross
+            assert cross is not None  # statistics taken against this reference
+            part = weight * linalg.pad_columns(cross, width)
+            total = part if total is None else total + part
+    return total
+
+
+def _drift_figures(
+    stats: dict[str, TableStats], anchors: tuple[str, ...], transforms: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Drift before and after against one reference, over its anchor tables (relative Frobenius, row cosine)."""
+    out: dict[str, Any] = {"drift": {}}
+    before = after = scale = 0.0
+    for name in anchors:
+        b = measures.table_drift(stats[name], None)
+        a = measures.table_drift(stats[name], transforms[name])
+        before, after, scale = before + b["sq"], after + a["sq"], scale + a["scale"]
+        out["drift"][name] = {
+            "before": measures.relative(b["sq"], b["scale"] or 1.0),
+            "after": measures.relative(a["sq"], a["scale"] or 1.0),
+            "cosine_before": b["cosine"],
+            "cosine_after": a["cosine"],
+        }
+    out["drift_before"] = measures.relative(before, scale or 1.0)
+    out["drift_after"] = measures.relative(after, scale or 1.0)
+    return out
 
 
 def _fit_report(
@@ -725,9 +895,15 @@ def matching_report(stats: TableStats, new: Version, reference: Version | None, 
 
 
 def _check_anchor_rows(
-    stats: dict[str, TableStats], anchors: tuple[str, ...], tables: tuple[str, ...], width: int, spec: AnchorSpec
+    stats: dict[str, TableStats],
+    anchors: tuple[str, ...],
+    tables: tuple[str, ...],
+    width: int,
+    spec: AnchorSpec,
+    reference: Version | None = None,
+    n_references: int = 1,
 ) -> None:
-    """Procrustes of width k needs at least k anchor rows to fix the rotation."""
+    """Procrustes of width k needs at least k anchor rows to fix the rotation (against each reference)."""
     total = sum(stats[s].n_anchor for s in anchors)
     if total >= width:
         return
@@ -740,7 +916,11 @@ def _check_anchor_rows(
         fixes.append("anchor on every table (--anchor all)")
     fixes.append("or stabilize without --reference")
     rows = "anchor row" if total == 1 else "anchor rows"
+    against = ""
+    if n_references > 1 and reference is not None:
+        against = f" shared with the reference {reference.url or 'in memory'}"
+        fixes.insert(0, "leave that reference out")
     raise InputError(
-        f"only {total:,} {rows} ({detail}) to fit a rotation of width {width}; it needs at least {width} rows "
+        f"only {total:,} {rows}{against} ({detail}) to fit a rotation of width {width}; it needs at least {width} rows "
         f"present in both versions: {', '.join(fixes)}"
     )

@@ -85,7 +85,9 @@ class TableStats:
     anchor_gram: np.ndarray | None = None  # e x e: X^T W X (None: same as gram)
     ref_sumsq: float = 0.0  # sum of w ||x_ref||^2
     ref_col_sumsq: np.ndarray | None = None  # e_ref: the same per column
+    ref_gram: np.ndarray | None = None  # e_ref x e_ref: X_ref^T W X_ref (its diagonal is ref_col_sumsq)
     pairs: idm.Pairs | None = None  # a random sample of matched row pairs
+    moved: idm.Moved | None = None  # the matched rows that moved most (among the id sample, when matched by id)
     n_anchor: int = 0  # anchor rows used (in the sample, when matched by id)
     matched_by: Match | None = None
     sample_fraction: float = 1.0  # share of common ids the id sample held
@@ -114,11 +116,14 @@ class PassKnobs:
     slice_bytes: int
     pair_rows: int  # dstab.pair-rows: matched row pairs kept for the row-level drift measures
     join_rows: int  # dstab.join-rows: rows of the id sample joined per step
+    moved_rows: int = 10  # dstab.moved-rows: the rows that moved most, kept with their ids
 
     @classmethod
     def read(cls) -> PassKnobs:
         """The knobs as dask config holds them now (call on the client)."""
-        return cls(config.get("slice-bytes"), config.get("pair-rows"), config.get("join-rows"))
+        return cls(
+            config.get("slice-bytes"), config.get("pair-rows"), config.get("join-rows"), config.get("moved-rows")
+        )
 
 
 def slice_rows(dim: int, slice_bytes: int) -> int:
@@ -177,29 +182,52 @@ class _HouseholderR:
 
 
 class _CrossSums:
-    """Sums against the reference's same rows (matched by position), weighted when anchor weights apply."""
+    """Sums against the reference's same rows (matched by position), weighted when anchor weights apply.
 
-    def __init__(self, ref_block: np.ndarray, weights: np.ndarray | None, e: int, step: int) -> None:
+    With ``measure`` (``dstab report``, not ``stabilize``) also the reference's
+    Gram over the anchor rows (for the eigenspace overlap) and each row's
+    distance and cosine (for the rows that moved most): about 40% more work
+    per block than the cross-Gram and column sums alone, so only when asked.
+    """
+
+    def __init__(self, ref_block: np.ndarray, weights: np.ndarray | None, e: int, step: int, measure: bool) -> None:
         e_ref = ref_block.shape[1]
-        self._ref, self._weights = ref_block, weights
+        self._ref, self._weights, self._measure = ref_block, weights, measure
         self.cross, self.ref_col_sumsq = np.zeros((e, e_ref)), np.zeros(e_ref)
+        self.ref_gram = np.zeros((e_ref, e_ref)) if measure else None
+        self.distance = np.empty(len(ref_block)) if measure else None
+        self.cosine = np.empty(len(ref_block)) if measure else None
         self.anchor_gram = None if weights is None else np.zeros((e, e))
         self._y = np.empty((step, e_ref))
-        self._xw = None if weights is None else np.empty((step, e))
+        self._w = None if weights is None else np.empty((step, max(e, e_ref)))
 
     def add(self, x: np.ndarray, rows: slice) -> None:
         y = self._y[: len(x)]
         np.copyto(y, self._ref[rows])
+        if self._measure:
+            self.distance[rows], self.cosine[rows] = idm.row_distance_cosine(x, y)  # type: ignore[index]
         if self._weights is None:
             self.cross += x.T @ y
-            self.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
+            if self.ref_gram is not None:
+                self.ref_gram += y.T @ y
+            else:
+                self.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
             return
         w = self._weights[rows]
-        xw = self._xw[: len(x)]  # type: ignore[index]
+        xw = self._w[: len(x), : x.shape[1]]  # type: ignore[index]
         np.multiply(x, w[:, None], out=xw)
         self.cross += xw.T @ y
         self.anchor_gram += xw.T @ x
-        self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
+        if self.ref_gram is not None:
+            yw = self._w[: len(x), : y.shape[1]]  # type: ignore[index]  # xw is spent: reuse the buffer
+            np.multiply(y, w[:, None], out=yw)
+            self.ref_gram += yw.T @ y
+        else:
+            self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
+
+    def finish(self) -> None:
+        if self.ref_gram is not None:
+            self.ref_col_sumsq = np.diag(self.ref_gram).copy()
 
 
 def _slice_sums(block: np.ndarray, accumulators: list[Any], slice_bytes: int) -> None:
@@ -240,7 +268,7 @@ def _first_nonfinite(
 
 def _block_stats(
     block: Any,
-    ref_block: Any | None,
+    ref_blocks: tuple[Any, ...],
     counts_block: Any | None,
     ids_block: Any | None,
     offset: int,
@@ -249,19 +277,23 @@ def _block_stats(
     spec: AnchorSpec = AnchorSpec(),
     plan: IdPlan | None = None,
     knobs: PassKnobs | None = None,
-) -> tuple[TableStats, idm.IdSample | None, list[np.ndarray] | None]:
+    measure: bool = False,
+) -> tuple[tuple[TableStats, ...], idm.IdSample | None, list[np.ndarray] | None]:
     """Statistics of one row block; ``offset`` is the block's first global row.
 
     The arguments are block sources (see :func:`dstab.store.load`): the task
-    reads its own rows. ``ref_block`` (the reference's same rows) is given when
-    rows are matched by position. Returns the statistics, the block's id sample
+    reads its own rows. ``ref_blocks`` are the same rows of each reference
+    matched by position (none when every reference is matched by id, or there
+    is none). Returns the statistics (the block's own first, then one per
+    reference block, each with the block's own sums too), the block's id sample
     (when ``plan.sample``) and its id hashes by bucket (when it has ids).
     The graph builder always passes ``knobs``; a direct call (tests, benchmarks)
-    may leave them to the local config.
+    may leave them to the local config. ``measure``: see :class:`_CrossSums`.
     """
     knobs = knobs or PassKnobs.read()
     failpoint("during-statistics")  # in a worker, mid-pass: the kill takes the whole process group
-    block, ref_block, counts, ids = (load(a) for a in (block, ref_block, counts_block, ids_block))
+    block, counts, ids = (load(a) for a in (block, counts_block, ids_block))
+    refs = [load(r) for r in ref_blocks]
     hashes = None
     if ids is not None:
         ids = idm.normalize_ids(ids)
@@ -274,35 +306,46 @@ def _block_stats(
     e, step = block.shape[1], slice_rows(block.shape[1], knobs.slice_bytes)
     own = _OwnSums(e, step)
     householder = _HouseholderR(e, step) if qr else None
-    cross = _CrossSums(ref_block, weights, e, step) if ref_block is not None else None
-    _slice_sums(block, [a for a in (own, householder, cross) if a is not None], knobs.slice_bytes)
-    pairs = None
-    if ref_block is not None:
-        keys, key_hashes = (ids, hashes) if ids is not None else _position_keys(offset, len(block))
-        assert key_hashes is not None  # position keys come with their hashes
-        pairs = idm.Pairs.smallest(block, np.asarray(ref_block), keys, key_hashes, knobs.pair_rows)
-    stats = TableStats(
+    crosses = [_CrossSums(ref, weights, e, step, measure) for ref in refs]
+    _slice_sums(block, [a for a in (own, householder, *crosses) if a is not None], knobs.slice_bytes)
+    for cross in crosses:
+        cross.finish()
+    own_stats = TableStats(
         n_rows=int(block.shape[0]),
         gram=own.gram,
         row_sum=own.row_sum,
         sample=block[:n_sample].astype(np.float64),
         r=householder.r if householder is not None else None,
-        cross=cross.cross if cross is not None else None,
-        anchor_gram=cross.anchor_gram if cross is not None else None,
-        ref_sumsq=float(cross.ref_col_sumsq.sum()) if cross is not None else 0.0,
-        ref_col_sumsq=cross.ref_col_sumsq if cross is not None else None,
-        pairs=pairs,
-        n_anchor=0 if cross is None else int(block.shape[0] if weights is None else np.count_nonzero(weights)),
-        first_nonfinite=_first_nonfinite(block, ref_block, own, cross, offset),
+        first_nonfinite=_first_nonfinite(block, None, own, None, offset),
         first_bad_count=first_bad_count,
     )
+    results = [own_stats]
+    for ref, cross in zip(refs, crosses):
+        keys, key_hashes = (ids, hashes) if ids is not None else _position_keys(offset, len(block))
+        assert key_hashes is not None  # position keys come with their hashes
+        results.append(
+            replace(
+                own_stats,
+                cross=cross.cross,
+                anchor_gram=cross.anchor_gram,
+                ref_sumsq=float(cross.ref_col_sumsq.sum()),
+                ref_col_sumsq=cross.ref_col_sumsq,
+                ref_gram=cross.ref_gram,
+                pairs=idm.Pairs.smallest(block, np.asarray(ref), keys, key_hashes, knobs.pair_rows),
+                moved=None
+                if cross.distance is None
+                else idm.Moved.top(keys, cross.distance, cross.cosine, knobs.moved_rows),  # type: ignore[arg-type]
+                n_anchor=int(block.shape[0] if weights is None else np.count_nonzero(weights)),
+                first_nonfinite=_first_nonfinite(block, ref, own, cross, offset),
+            )
+        )
     id_sample = buckets = None
     if ids is not None and plan is not None:
         assert hashes is not None  # hashed with the ids
         buckets = idm.buckets_of(hashes, plan.n_buckets)
         if plan.sample:
             id_sample = idm.IdSample.take(ids, hashes, block, weights, plan.threshold)
-    return stats, id_sample, buckets
+    return tuple(results), id_sample, buckets
 
 
 def _position_keys(offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,8 +384,8 @@ def _add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a + b
 
 
-def _merge(a: TableStats, b: TableStats, pair_rows: int) -> TableStats:
-    """Combine the statistics of two disjoint row ranges (keeping ``pair_rows`` row pairs)."""
+def _merge(a: TableStats, b: TableStats, pair_rows: int, moved_rows: int = 10) -> TableStats:
+    """Combine the statistics of two disjoint row ranges (keeping ``pair_rows`` row pairs, ``moved_rows`` moved rows)."""
     return TableStats(
         n_rows=a.n_rows + b.n_rows,
         gram=a.gram + b.gram,
@@ -353,11 +396,18 @@ def _merge(a: TableStats, b: TableStats, pair_rows: int) -> TableStats:
         anchor_gram=_add(a.anchor_gram, b.anchor_gram),
         ref_sumsq=a.ref_sumsq + b.ref_sumsq,
         ref_col_sumsq=_add(a.ref_col_sumsq, b.ref_col_sumsq),
+        ref_gram=_add(a.ref_gram, b.ref_gram),
         pairs=idm.merge_pairs(a.pairs, b.pairs, pair_rows),
+        moved=idm.merge_moved(a.moved, b.moved, moved_rows),
         n_anchor=a.n_anchor + b.n_anchor,
         first_nonfinite=_first(a.first_nonfinite, b.first_nonfinite),
         first_bad_count=_min_row(a.first_bad_count, b.first_bad_count),
     )
+
+
+def _merge_each(a: tuple[TableStats, ...], b: tuple[TableStats, ...], knobs: PassKnobs) -> tuple[TableStats, ...]:
+    """:func:`_merge` of two blocks' statistics, the own and each reference's in turn."""
+    return tuple(_merge(x, y, knobs.pair_rows, knobs.moved_rows) for x, y in zip(a, b))
 
 
 def _finish_by_id(
@@ -366,13 +416,16 @@ def _finish_by_id(
     ref_sample: idm.IdSample | None,
     ref_nonfinite: tuple[int, bool] | None,
     summary: idm.IdSummary,
+    *,
     fraction: float,
     knobs: PassKnobs,
 ) -> TableStats:
     """``stats`` with the id samples joined: the anchor statistics, scaled to the whole table."""
     if new_sample is None or ref_sample is None:
         return replace(stats, ids=summary)
-    matched = idm.match_samples(new_sample, ref_sample, join_rows=knobs.join_rows, pair_rows=knobs.pair_rows)
+    matched = idm.match_samples(
+        new_sample, ref_sample, join_rows=knobs.join_rows, pair_rows=knobs.pair_rows, moved_rows=knobs.moved_rows
+    )
     # The sample holds about ``fraction`` of the common ids: scaling back keeps
     # the two sides' weights right when both anchor the rotation.
     return replace(
@@ -383,8 +436,10 @@ def _finish_by_id(
         cross=matched.cross / fraction,
         anchor_gram=matched.gram / fraction,
         ref_sumsq=matched.ref_sumsq / fraction,
-        ref_col_sumsq=None if matched.ref_col_sumsq is None else matched.ref_col_sumsq / fraction,
+        ref_col_sumsq=np.diag(matched.ref_gram) / fraction,
+        ref_gram=matched.ref_gram / fraction,
         pairs=matched.pairs,
+        moved=matched.moved,
         n_anchor=matched.n_rows,
         # the new version's own rows are reported first
         first_nonfinite=stats.first_nonfinite if stats.first_nonfinite is not None else ref_nonfinite,
@@ -397,65 +452,92 @@ def _finish_by_id(
 def side_statistics(
     table: Table,
     *,
-    reference: Table | None = None,
-    match: Match = "position",
+    references: tuple[Table, ...] = (),
+    matches: tuple[Match, ...] = (),
     spec: AnchorSpec = AnchorSpec(),
     plan: IdPlan | None = None,
     qr: bool = False,
+    measure: bool = False,
 ) -> Delayed:
-    """Delayed :class:`TableStats` of one table, against ``reference`` if given.
+    """Delayed list of :class:`TableStats` of one table: one per reference (against it), or one without any.
 
-    One task per block reads the block (matched by position: and the
-    reference's same rows) and reduces it; a binary tree merges the results.
-    Matched by id, one more task per reference block samples it, and the
-    samples are joined in one task at the end. With a ``plan`` the table's ids
-    are also checked for repeats (and counted against the reference's). With
-    ``qr=True`` the pass also runs Householder TSQR (about 28x the work of the
-    Gram per row): the accurate path for float64 or ill-conditioned tables.
+    One task per block reads the block (and the same rows of every reference
+    matched by position) and reduces it; a binary tree merges the results.
+    Each reference matched by id (``matches[j] == "id"``) gets one more task
+    per reference block, which samples it, and its sample is joined with the
+    table's in one task at the end: every table is read once, whatever the
+    number of references. With a ``plan`` the table's ids are also checked for
+    repeats (and counted against each reference's). With ``qr=True`` the pass
+    also runs Householder TSQR (about 28x the work of the Gram per row): the
+    accurate path for float64 or ill-conditioned tables. With ``measure=True``
+    the statistics against each reference also hold its Gram over the anchor
+    rows and the rows that moved most (see :class:`_CrossSums`).
     """
+    if len(matches) != len(references):
+        raise ValueError("one match mode per reference")
     chunks = table.row_chunks()
     n = len(chunks)
-    positional = reference is not None and match == "position"
-    by_id = reference is not None and match == "id"
-    if by_id and (plan is None or not plan.sample or table.ids is None or reference.ids is None):  # type: ignore[union-attr]
+    positional = [j for j, m in enumerate(matches) if m == "position"]
+    by_id = [j for j, m in enumerate(matches) if m == "id"]
+    if by_id and (plan is None or not plan.sample or table.ids is None):
         raise ValueError("matching by id needs ids on both tables and a sampling plan")
+    if any(references[j].ids is None for j in by_id):
+        raise ValueError("matching by id needs ids on both tables")
     blocks = table.blocks(chunks)
-    ref_blocks = reference.blocks(chunks) if positional else [None] * n  # type: ignore[union-attr]
+    ref_blocks = [references[j].blocks(chunks) for j in positional]
     counts = table.count_blocks(chunks) if spec.uses_counts and table.counts is not None else None
     ids = table.id_blocks(chunks) if plan is not None else None
     # read here, on the client: the kernels get the values as arguments (workers do not see dask.config.set)
     knobs = PassKnobs.read()
     n_sample = max(1, -(-config.get("sample-rows") // n))
     parts = [
-        dask.delayed(_block_stats, pure=True, nout=3)(b, r, c, i, off, n_sample, qr, spec, plan, knobs)
-        for b, r, c, i, off in zip(blocks, ref_blocks, counts or [None] * n, ids or [None] * n, row_starts(chunks))
+        dask.delayed(_block_stats, pure=True, nout=3)(
+            b, tuple(r[k] for r in ref_blocks), c, i, off, n_sample, qr, spec, plan, knobs, measure
+        )
+        for k, (b, c, i, off) in enumerate(zip(blocks, counts or [None] * n, ids or [None] * n, row_starts(chunks)))
     ]
-    stats = tree_reduce([p[0] for p in parts], functools.partial(_merge, pair_rows=knobs.pair_rows))
+    merged = tree_reduce([p[0] for p in parts], functools.partial(_merge_each, knobs=knobs))
+    own = merged[0]
+    against: dict[int, Any] = {j: merged[1 + i] for i, j in enumerate(positional)}
     if ids is None:
-        return stats
+        return dask.delayed(list)([against[j] for j in range(len(references))] if references else [own])
     assert plan is not None
-    ref_parts: list[Any] = []
-    new_sample = ref_sample = ref_nonfinite = None
-    if by_id:
-        assert reference is not None
+    new_sample = tree_reduce([p[1] for p in parts], idm.merge_samples) if by_id else None
+    new_buckets = [p[2] for p in parts]
+
+    n_buckets = plan.n_buckets
+
+    def summary(ref_parts: list[Any] | None) -> Delayed:
+        per_bucket = [
+            dask.delayed(idm.bucket_summary, pure=True)(
+                [b[k] for b in new_buckets], [q[1][k] for q in ref_parts] if ref_parts is not None else None
+            )
+            for k in range(n_buckets)
+        ]
+        return tree_reduce(per_bucket, idm.merge_summaries)
+
+    own_summary = summary(None)
+    finish = functools.partial(_finish_by_id, fraction=plan.fraction, knobs=knobs)
+    for j in by_id:
+        reference = references[j]
         ref_chunks = reference.row_chunks()
         ref_parts = [
             dask.delayed(_reference_block_ids, pure=True, nout=3)(b, i, off, plan)
             for b, i, off in zip(reference.blocks(ref_chunks), reference.id_blocks(ref_chunks), row_starts(ref_chunks))  # type: ignore[arg-type]
         ]
-        new_sample = tree_reduce([p[1] for p in parts], idm.merge_samples)
         ref_sample = tree_reduce([p[0] for p in ref_parts], idm.merge_samples)
         ref_nonfinite = tree_reduce([p[2] for p in ref_parts], _first)
-    summaries = [
-        dask.delayed(idm.bucket_summary, pure=True)(
-            [p[2][k] for p in parts], [q[1][k] for q in ref_parts] if by_id else None
-        )
-        for k in range(plan.n_buckets)
-    ]
-    summary = tree_reduce(summaries, idm.merge_summaries)
-    return dask.delayed(_finish_by_id, pure=True)(
-        stats, new_sample, ref_sample, ref_nonfinite, summary, plan.fraction, knobs
-    )
+        against[j] = dask.delayed(finish, pure=True)(own, new_sample, ref_sample, ref_nonfinite, summary(ref_parts))
+    for j in positional:  # the same ids in the same order: the table's own summary (its repeats)
+        against[j] = dask.delayed(finish, pure=True)(against[j], None, None, None, own_summary)
+    if not references:
+        return dask.delayed(list)([dask.delayed(finish, pure=True)(own, None, None, None, own_summary)])
+    return dask.delayed(list)([against[j] for j in range(len(references))])
+
+
+def own_statistics(table: Table, *, qr: bool = False) -> Delayed:
+    """Delayed :class:`TableStats` of one table on its own (no reference)."""
+    return side_statistics(table, qr=qr)[0]  # type: ignore[index]  # a Delayed list indexes lazily
 
 
 def _ids_equal(a: Any, b: Any) -> bool:
@@ -500,84 +582,100 @@ def check_pairable(new: Version, reference: Version, sides: tuple[str, ...]) -> 
 
 
 def match_modes(
-    new: Version, reference: Version, sides: tuple[str, ...], *, progress: bool = False
-) -> dict[str, Match]:
-    """How each side's rows pair with the reference's: by position when that is exact, else by id.
+    new: Version, references: tuple[Version, ...], sides: tuple[str, ...], *, progress: bool = False
+) -> list[dict[str, Match]]:
+    """How each side's rows pair with each reference's: by position when that is exact, else by id.
 
     Raises :class:`InputError` when they cannot be paired (no ids and different
-    lengths; ids of different kinds).
+    lengths; ids of different kinds). The ids are compared in one compute for
+    every reference.
     """
-    check_pairable(new, reference, sides)
-    modes: dict[str, Match] = {}
-    candidates: list[str] = []
-    for side in sides:
-        if new.table(side).ids is not None and reference.table(side).ids is not None:
-            candidates.append(side)
-        else:
-            modes[side] = "position"
-    checks = [ids_identical(new.table(s), reference.table(s)) for s in candidates]
+    modes: list[dict[str, Match]] = [{} for _ in references]
+    candidates: list[tuple[int, str]] = []
+    for j, reference in enumerate(references):
+        check_pairable(new, reference, sides)
+        for side in sides:
+            if new.table(side).ids is not None and reference.table(side).ids is not None:
+                candidates.append((j, side))
+            else:
+                modes[j][side] = "position"
+    checks = [ids_identical(new.table(s), references[j].table(s)) for j, s in candidates]
     lazy = [c for c in checks if isinstance(c, Delayed)]
     answers = iter(compute(*lazy, progress=progress, stage="comparing ids")) if lazy else iter(())
-    for side, check in zip(candidates, checks):
+    for (j, side), check in zip(candidates, checks):
         same = next(answers) if isinstance(check, Delayed) else check
-        modes[side] = "position" if same else "id"
+        modes[j][side] = "position" if same else "id"
     return modes
 
 
 def pass_statistics(
     new: Version,
-    reference: Version | None,
+    references: tuple[Version, ...],
     anchor_tables: tuple[str, ...],
     *,
     spec: AnchorSpec = AnchorSpec(),
     qr: bool = False,
     id_sample_bytes: int | None = None,
     tables: tuple[str, ...] | None = None,
+    measure: bool = False,
     progress: bool = False,
-) -> dict[str, TableStats]:
-    """The statistics pass over ``tables`` of ``new`` (default: all), against the reference on ``anchor_tables``.
+) -> list[dict[str, TableStats]]:
+    """The statistics pass over ``tables`` of ``new`` (default: all), against each reference on ``anchor_tables``.
 
-    One compute for every table's statistics (the ids are compared first, on the
-    ids alone, where both versions have them).
+    Returns one ``{table: TableStats}`` per reference (the table's own sums and
+    those against that reference), or a single one without references. One
+    compute reads every chunk of ``new`` and of each reference's anchor tables
+    once (the ids are compared first, on the ids alone, where both versions
+    have them).
 
     Checks the data on the way (non-finite values, bad counts, repeated ids, no
-    common ids) and raises :class:`InputError` naming the row or id.
+    common ids) and raises :class:`InputError` naming the row or id (and the
+    reference, when there are several).
     ``id_sample_bytes`` defaults to dask config ``dstab.id-sample-bytes``.
     """
     if id_sample_bytes is None:
         id_sample_bytes = config.get("id-sample-bytes")
     # that the anchor tables have counts when the spec uses them is checked before, by stabilize.check_request
     sides = new.names if tables is None else tables
-    modes = match_modes(new, reference, anchor_tables, progress=progress) if reference is not None else {}
+    modes = match_modes(new, references, anchor_tables, progress=progress)
     graphs = []
     for side in sides:
         table = new.table(side)
-        ref_table = reference.table(side) if reference is not None and side in anchor_tables else None
-        match = modes.get(side, "position")
+        refs = tuple(r.table(side) for r in references) if side in anchor_tables else ()
+        matches = tuple(m.get(side, "position") for m in modes) if refs else ()
         plan = None
         if table.ids is not None:
-            n_ref = ref_table.n_rows if ref_table is not None else 0
-            plan = IdPlan(n_buckets=idm.bucket_count(max(table.n_rows, n_ref)))
-            if ref_table is not None and match == "id":
-                row_bytes = max(table.dim * table.dtype.itemsize, ref_table.dim * ref_table.dtype.itemsize)
-                fraction = min(1.0, max(1, id_sample_bytes // row_bytes) / max(table.n_rows, n_ref))
+            n_most = max([table.n_rows] + [r.n_rows for r in refs])
+            plan = IdPlan(n_buckets=idm.bucket_count(n_most))
+            if "id" in matches:
+                row_bytes = max([table.dim * table.dtype.itemsize] + [r.dim * r.dtype.itemsize for r in refs])
+                fraction = min(1.0, max(1, id_sample_bytes // row_bytes) / n_most)
                 plan = IdPlan(plan.n_buckets, sample=True, threshold=idm.sample_threshold(fraction), fraction=fraction)
         graphs.append(
             side_statistics(
                 table,
-                reference=ref_table,
-                match=match,
-                spec=spec if ref_table is not None else AnchorSpec(),
+                references=refs,
+                matches=matches,
+                spec=spec if refs else AnchorSpec(),
                 plan=plan,
                 qr=qr,
+                measure=measure,
             )
         )
-    results = dict(zip(sides, compute(*graphs, progress=progress, stage="statistics pass")))
-    for side in sides:
-        stats = results[side]
-        if side in anchor_tables and stats.matched_by is None:
-            stats = results[side] = replace(stats, matched_by="position")
-        raise_data_errors(side, stats, new, reference)
+    computed = dict(zip(sides, compute(*graphs, progress=progress, stage="statistics pass")))
+    results: list[dict[str, TableStats]] = []
+    for j in range(max(1, len(references))):
+        reference = references[j] if references else None
+        label = "the reference" if len(references) < 2 else f"the reference {reference.url or j + 1}"  # type: ignore[union-attr]
+        per_table = {}
+        for side in sides:
+            found = computed[side]
+            stats = found[j] if side in anchor_tables and references else found[0]
+            if side in anchor_tables and reference is not None and stats.matched_by is None:
+                stats = replace(stats, matched_by="position")
+            raise_data_errors(side, stats, new, reference, label)
+            per_table[side] = stats
+        results.append(per_table)
     return results
 
 
@@ -634,13 +732,15 @@ def check_finite(label: str, stats: TableStats, table: Table) -> None:
     )
 
 
-def raise_data_errors(side: str, stats: TableStats, new: Version, reference: Version | None) -> None:
-    """Turn what a statistics pass found wrong in the data into a clear :class:`InputError`."""
+def raise_data_errors(
+    side: str, stats: TableStats, new: Version, reference: Version | None, label: str = "the reference"
+) -> None:
+    """Turn what a statistics pass found wrong in the data into a clear :class:`InputError` (``label`` names the reference)."""
     table = new.table(side)
     if stats.first_nonfinite is not None:
         row, in_reference = stats.first_nonfinite
         where = table if not in_reference else reference.table(side)  # type: ignore[union-attr]
-        check_finite(f"{side}/vectors" + (" of the reference" if in_reference else ""), stats, where)
+        check_finite(f"{side}/vectors" + (f" of {label}" if in_reference else ""), stats, where)
     if stats.first_bad_count is not None:
         row = stats.first_bad_count
         value = np.asarray(table.counts[row : row + 1])[0].item()  # type: ignore[index]
@@ -650,11 +750,11 @@ def raise_data_errors(side: str, stats: TableStats, new: Version, reference: Ver
         return
     check_repeat(side, "the new version", table, summary.repeat_new)
     if summary.repeat_ref is not None:
-        check_repeat(side, "the reference", reference.table(side), summary.repeat_ref)  # type: ignore[union-attr]
+        check_repeat(side, label, reference.table(side), summary.repeat_ref)  # type: ignore[union-attr]
     if stats.matched_by == "id" and summary.n_common == 0:
         assert reference is not None
         raise InputError(
-            f"{side}: none of the new version's {table.n_rows:,} ids appears among the reference's "
+            f"{side}: none of the new version's {table.n_rows:,} ids appears among {label}'s "
             f"{reference.table(side).n_rows:,} ids; check that the reference is the right version, "
             f"or anchor on the other side only (--anchor)"
         )

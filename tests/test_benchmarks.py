@@ -49,7 +49,7 @@ def test_each_task_holds_one_block_of_each_input(tmp_path: Path):
 
     T, W = random_tables(3, 5000, 100, 8, "float32")
     new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))
-    graph = dict(side_statistics(new.items, reference=new.items).__dask_graph__())
+    graph = dict(side_statistics(new.items, references=(new.items,), matches=("position",)).__dask_graph__())
     block_bytes = new.items.block_rows() * new.items.dim * new.items.dtype.itemsize
     for task in graph.values():
         sources = [a for a in getattr(task, "args", ()) if isinstance(a, RowBlock)]

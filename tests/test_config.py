@@ -17,7 +17,7 @@ import pytest
 import dstab
 from dstab import config
 from dstab.errors import UsageError
-from dstab.stats import pass_statistics, side_statistics
+from dstab.stats import own_statistics, pass_statistics
 from tests.conftest import random_tables, write_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +41,9 @@ def test_sample_rows_changes_the_sample_on_every_scheduler(version, scheduler: s
     new, T, _ = version
     # blocks of 2 chunks (200 rows), so the sample is spread over 5 blocks
     with dask.config.set({"dstab.block-bytes": 200 * 8 * 4}):
-        (default,) = dask.compute(side_statistics(new.items))
+        (default,) = dask.compute(own_statistics(new.items))
         with dask.config.set({"dstab.sample-rows": 17}):
-            (changed,) = dask.compute(side_statistics(new.items))
+            (changed,) = dask.compute(own_statistics(new.items))
     np.testing.assert_array_equal(default.sample, spread_sample(T, 200, 256))
     np.testing.assert_array_equal(changed.sample, spread_sample(T, 200, 17))
     assert len(changed.sample) == 5 * 4 and len(default.sample) == 5 * 52
@@ -54,9 +54,9 @@ def test_knobs_reach_the_kernels_on_every_scheduler(version, scheduler: str) -> 
     they only take effect because the client reads them and passes them in."""
     new, T, _ = version
     with dask.config.set({"dstab.block-bytes": 200 * 8 * 4}):
-        base = pass_statistics(new, new, ("items",))["items"]
+        base = pass_statistics(new, (new,), ("items",))[0]["items"]
         with dask.config.set({"dstab.pair-rows": 7, "dstab.slice-bytes": 1, "dstab.join-rows": 3}):
-            small = pass_statistics(new, new, ("items",))["items"]
+            small = pass_statistics(new, (new,), ("items",))[0]["items"]
     assert len(base.pairs.keys) == 1000 and len(small.pairs.keys) == 7
     # the 7 pairs are the 7 rows with the smallest key hashes among all 1,000 (merged across blocks)
     np.testing.assert_array_equal(small.pairs.keys, base.pairs.keys[:7])
@@ -75,7 +75,7 @@ def test_id_knobs_on_every_scheduler(tmp_path: Path, scheduler: str) -> None:
     order = np.random.default_rng(0).permutation(600)
     new = dstab.open_version(write_version(tmp_path / "new", T[order], W, item_ids=ids[order]))
     with dask.config.set({"dstab.pair-rows": 11, "dstab.join-rows": 5, "dstab.id-bucket-rows": 16}):
-        stats = pass_statistics(new, ref, ("items",))["items"]
+        stats = pass_statistics(new, (ref,), ("items",))[0]["items"]
     assert stats.matched_by == "id" and stats.n_anchor == 600 and len(stats.pairs.keys) == 11
     X = T.astype(np.float64)
     np.testing.assert_allclose(stats.cross, X.T @ X, rtol=1e-10)
@@ -87,8 +87,8 @@ def test_env_var_form_works_in_a_subprocess(tmp_path: Path) -> None:
     code = (
         "import json, dask, dstab\n"
         "from dstab import config\n"
-        "from dstab.stats import side_statistics\n"
-        f"(s,) = dask.compute(side_statistics(dstab.open_version({path!r}).items), scheduler='synchronous')\n"
+        "from dstab.stats import own_statistics\n"
+        f"(s,) = dask.compute(own_statistics(dstab.open_version({path!r}).items), scheduler='synchronous')\n"
         "print(json.dumps({'rows': len(s.sample), 'lease': config.get('claim-lease'), "
         "'block': config.get('block-bytes')}))\n"
     )

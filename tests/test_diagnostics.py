@@ -181,7 +181,7 @@ def test_drift_measures_against_numpy(tmp_path: Path, scheduler: str):
     X, Y = T2[common].astype(np.float64), T[[where[v] for v in ids2[common]]].astype(np.float64)
     assert d["items"]["frobenius"] == pytest.approx(np.linalg.norm(X - Y) / np.linalg.norm(Y), rel=1e-6)
     # the pairs are a hash sample of common ids: recompute their cosines and neighbours from the keys
-    pairs = dstab.stats.pass_statistics(new, ref, ("items", "users"))["items"].pairs
+    pairs = dstab.stats.pass_statistics(new, (ref,), ("items", "users"))[0]["items"].pairs
     assert len(pairs.keys) == min(1024, len(common)) and set(pairs.keys.tolist()) <= set(ids2[common].tolist())
     rows_new = np.array([int(np.flatnonzero(ids2 == k)[0]) for k in pairs.keys])
     rows_ref = np.array([where[k] for k in pairs.keys.tolist()])
@@ -191,7 +191,7 @@ def test_drift_measures_against_numpy(tmp_path: Path, scheduler: str):
     expected = numpy_overlap(T2, ids2, T, ids, pairs.keys[:60], 10)
     assert d["items"]["neighbour_overlap"] == pytest.approx(expected, abs=1e-12) and d["items"]["queries"] == 60
     # score error over the sampled users x items
-    up = dstab.stats.pass_statistics(new, ref, ("items", "users"))["users"].pairs
+    up = dstab.stats.pass_statistics(new, (ref,), ("items", "users"))[0]["users"].pairs
     s_new = up.new.astype(np.float64) @ pairs.new.astype(np.float64).T
     s_ref = up.ref.astype(np.float64) @ pairs.ref.astype(np.float64).T
     assert d["score_error"] == pytest.approx(np.linalg.norm(s_new - s_ref) / np.linalg.norm(s_ref), rel=1e-9)

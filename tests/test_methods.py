@@ -51,7 +51,7 @@ def test_gram_path_matches_householder_for_float32_up_to_condition_1e4(seed, log
 
 def test_tsqr_factor_matches_householder_exactly_enough():
     X = conditioned_table(1, 3000, 16, 1e7, "float64")
-    r = dstab.stats._block_stats(X, None, None, None, 0, 1, qr=True)[0].r
+    r = dstab.stats._block_stats(X, (), None, None, 0, 1, qr=True)[0][0].r
     np.testing.assert_allclose(
         triangular(r), triangular(np.linalg.qr(X, mode="r")), rtol=0, atol=1e-12 * np.abs(r).max()
     )

@@ -163,12 +163,15 @@ def test_statistics_graph_reads_each_chunk_once(tmp_path: Path):
     new = dstab.open_version(write_version(tmp_path / "v", T, W, chunk_rows=100))
     table = new.items
     assert table.block_rows() % 100 == 0  # a task's block is whole storage chunks
-    graph = side_statistics(table, reference=table).__dask_graph__()
+    graph = side_statistics(table, references=(table,), matches=("position",)).__dask_graph__()
     n_blocks = len(table.row_chunks())
     # one task per block (it reads its own rows of both tables), one that picks its
-    # statistics out of what it returns, and n - 1 merges: O(blocks)
-    assert len(graph) == 3 * n_blocks - 1
-    sources = [arg for task in dict(graph).values() for arg in getattr(task, "args", ()) if isinstance(arg, RowBlock)]
+    # statistics out of what it returns, n - 1 merges, and two that pick the
+    # reference's statistics out of the merged ones and list them: O(blocks)
+    assert len(graph) == 3 * n_blocks + 1
+    args = [arg for task in dict(graph).values() for arg in getattr(task, "args", ())]
+    args += [inner for arg in args if isinstance(arg, tuple) for inner in arg]  # the reference blocks come as a tuple
+    sources = [arg for arg in args if isinstance(arg, RowBlock)]
     spans = sorted((b.start, b.stop) for b in sources if b.array.path == table.vectors.path)
     # every row read exactly once per table, by exactly one task
     assert len(spans) == 2 * n_blocks

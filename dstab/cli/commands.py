@@ -28,6 +28,7 @@ log = logging.getLogger("dstab")
 def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The stabilize options as :func:`dstab.stabilize` takes them."""
     return {
+        "reference_weights": args.reference_weights,
         "sides": args.sides, "symmetric": args.symmetric, "rank": args.rank, "rtol": args.rtol, "anchor": args.anchor,
         "anchor_min_count": args.anchor_min_count, "anchor_weights": args.anchor_weights, "method": args.method,
         "neighbours": args.neighbours,
@@ -37,7 +38,7 @@ def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
 def _key_figures(report: dict[str, Any]) -> dict[str, Any]:
     """What a scheduler gates on, from a stabilization's report."""
     keys = ("rank", "dim_in", "dim_out", "structure", "tables", "dtype", "method", "drift_before", "drift_after",
-            "score_error", "score_max_abs_error", "score_max_abs", "anchor", "drift", "notes")  # fmt: skip
+            "score_error", "score_max_abs_error", "score_max_abs", "anchor", "drift", "references", "notes")  # fmt: skip
     return {key: report.get(key) for key in keys}
 
 
@@ -48,13 +49,13 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
 
     options = _storage_options(args)
     new = open_version(args.new, options)
-    reference = open_version(args.reference, options) if args.reference else None
-    inputs = [v.url for v in (new, reference) if v is not None and v.url]
+    references = [open_version(ref, options) for ref in args.reference or ()]
+    inputs = [v.url for v in (new, *references) if v.url]
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
-    request = check_request(new, reference, **_fit_options(args))
+    request = check_request(new, references, **_fit_options(args))
     started = time.perf_counter()
-    with scheduler_from_args(args, _tables(new, reference)):
-        result = stabilize(new, reference, **_fit_options(args), progress=output.progress(args))
+    with scheduler_from_args(args, _tables(new, *references)):
+        result = stabilize(new, references, **_fit_options(args), progress=output.progress(args))
         result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=output.progress(args))
     r = result.report
     seconds = time.perf_counter() - started
@@ -66,8 +67,14 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
             f"score error {r['score_error']:.3g} (relative), max abs {r['score_max_abs_error']:.3g} of {r['score_max_abs']:.3g}",
         ]
         if r["drift_before"] is not None:
+            onto = " onto the first reference" if r.get("references") else ""
             text.append(
-                f"drift before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})"
+                f"drift{onto} before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})"
+            )
+        for i, ref in enumerate(r.get("references") or []):
+            text.append(
+                f"reference {i + 1} ({ref['url']}, weight {ref['weight']:g}): drift before {ref['drift_before']:.4g}, "
+                f"after {ref['drift_after']:.4g}"
             )
         return text + format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}) + notes
 

@@ -54,6 +54,14 @@ def _positive_int(value: str, wording: str) -> int:
     return number
 
 
+def parse_weights(value: str) -> list[float]:
+    """``0.5,0.5``: one number per --reference (each > 0, summing to 1 is checked with the references)."""
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.5,0.5, got {value!r}") from None
+
+
 def parse_workers(value: str) -> int:
     return _positive_int(value, "a whole number of worker processes, at least 1")
 
@@ -157,7 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stabilize", help="stabilize a version (optionally onto a reference) and write it")
     p.add_argument("new", metavar="NEW", help="the new version (Zarr group: local path or fsspec URL)")
     p.add_argument("--out", required=True, metavar="OUT", help="where to write the stabilized version")
-    p.add_argument("--reference", metavar="REF", help="yesterday's stabilized version to align to")
+    p.add_argument(
+        "--reference", metavar="REF", action="append",
+        help="yesterday's stabilized version to align to; give it more than once (e.g. yesterday's and the chain's "
+        "first) to align onto their weighted combination, each matched by id on its own",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference-weights", type=parse_weights, metavar="W1,W2,...",
+        help="one weight per --reference, in order, each above 0 and summing to 1 (default: equal)",
+    )  # fmt: skip
     p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
     add_structure_options(
