@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [
             ("read one block (zarr, zstd)", lambda: stored[:]),
             ("write one block (zarr, zstd)", lambda: write_block(x, target, 0)),
-            ("statistics: block + reference block", lambda: _block_stats(x, y, None, None, 0, 4, False)),
-            ("statistics: block alone", lambda: _block_stats(x, None, None, None, 0, 4, False)),
-            ("statistics with Householder TSQR", lambda: _block_stats(x, None, None, None, 0, 4, True)),
+            ("statistics: block + reference block", lambda: _block_stats(x, (y,), None, None, 0, 4, False)),
+            ("statistics: block alone", lambda: _block_stats(x, (), None, None, 0, 4, False)),
+            ("statistics with Householder TSQR", lambda: _block_stats(x, (), None, None, 0, 4, True)),
             ("transform (float32 matmul)", lambda: transform_rows(x, a)),
             ("transform + write + score check", lambda: _apply_write_check(x, a, target, 0, probe, probe)),
         ]
