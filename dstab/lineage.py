@@ -16,8 +16,8 @@ from .store.icechunk_repo import history, is_repo_url
 def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
     """The version, the one before it, that one's, ... back to the first (newest first).
 
-    The one before is the version recorded as ``previous`` (the nightly job
-    records the day before, whatever it aligned onto), else the (first)
+    The one before is the version recorded as ``chain.previous`` (the nightly
+    job records the day before, whatever it aligned onto), else the (first)
     reference. Each entry holds the version's URL, when and from what it was
     made, the references it was aligned onto with their weights, and the
     drift before and after. The walk stops at a version made without a
@@ -39,7 +39,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
             "input": attrs.get("input"),
             "reference": attrs.get("reference"),
             "references": attrs.get("references") or [],
-            "previous": attrs.get("previous"),
+            "chain": attrs.get("chain"),
             "rank": report.get("rank"),
             "dim_out": report.get("dim_out"),
             "drift_before": report.get("drift_before"),
@@ -57,7 +57,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
         entries.append(entry)
         if url is not None:
             seen.add(url)
-        ref_url = attrs.get("previous") or attrs.get("reference")
+        ref_url = (attrs.get("chain") or {}).get("previous") or attrs.get("reference")
         if not ref_url:
             break
         if ref_url in seen:

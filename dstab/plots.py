@@ -434,3 +434,43 @@ def diagnosis_figure(diagnosis: dict[str, Any]) -> Any:
 def plot_diagnosis(diagnosis: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Draw :func:`diagnosis_figure` into the PNG ``path``."""
     save_figure(diagnosis_figure(diagnosis), path)
+
+
+# ----------------------------------------------------------------------------- chain
+
+
+def chain_figure(report: dict[str, Any]) -> Any:
+    """Drift over time (``report --chain``): mean row cosine and relative drift of every version against the base
+    and against the version before, by step; the eigenspace overlap with the version before on the cosine panel."""
+    steps = report["steps"]
+    fig = _figure(14, 5.2)
+    cos_ax, drift_ax = fig.subplots(1, 2)
+    x = [s["step"] for s in steps]
+
+    def series(to: str, key: str) -> list[float]:
+        return [np.nan if s[to][key] is None else s[to][key] for s in steps]
+
+    for ax, key, title, ylabel in (
+        (cos_ax, "mean_cosine", "mean row cosine (sampled common rows)", "mean row cosine"),
+        (drift_ax, "drift", "relative drift (Frobenius, every common row)", "relative drift"),
+    ):
+        ax.plot(x, series("to_base", key), marker="o", color="C0", label="to the base")
+        ax.plot(x, series("to_previous", key), marker="s", color="C1", label="to the version before")
+        if key == "mean_cosine":
+            ax.plot(x, series("to_previous", "eigenspace_overlap"), linestyle="--", color="C2",
+                    label="eigenspace overlap with the version before")  # fmt: skip
+        ax.set_xlabel("step (versions after the base)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
+        if x:
+            ax.set_xticks(x if len(x) <= 20 else x[:: max(1, len(x) // 10)])
+    base = os.path.basename(str(report["base"]).rstrip("/"))
+    fig.suptitle(f"drift over time: {report['versions']} versions from the base {base}", fontsize=11)
+    return fig
+
+
+def plot_chain(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Draw :func:`chain_figure` into the PNG ``path``."""
+    save_figure(chain_figure(report), path)

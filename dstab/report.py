@@ -138,7 +138,7 @@ def describe(
             "input",
             "reference",
             "references",
-            "previous",
+            "chain",
             "created",
             "dstab_version",
             "structure",

@@ -160,7 +160,9 @@ class Stabilization:
     params: dict[str, Any]
     report: dict[str, Any]
     reference_weights: tuple[float, ...] = ()  # one per reference, summing to 1
-    previous: str | None = None  # the version before this one in time, when that is not the (first) reference
+    # where the version sits in a chain, recorded in its lineage: the policy, the version before it in time
+    # (which ``dstab log`` and ``report --chain`` follow) and the base (set by the nightly job)
+    chain: dict[str, Any] | None = None
     _probes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     @property
@@ -336,8 +338,8 @@ class Stabilization:
             "params": self.params,
             "report": self.report,
         }
-        if self.previous is not None:
-            attrs["previous"] = self.previous
+        if self.chain is not None:
+            attrs["chain"] = self.chain
         return json.loads(json.dumps(attrs))
 
 

@@ -105,7 +105,8 @@ def test_nightly_verbose_shows_the_plan_and_quiet_nothing(tmp_path: Path, capsys
     make_days(tmp_path / "raw")
     code, out, err = run(capsys, "-v", "nightly", tmp_path, "--scheduler", "threads", "--no-progress")
     assert code == 0 and "nightly: 3 days under" in err and f"todo {tmp_path / 'raw' / DAYS[1]}" in err
-    assert f"{DAYS[1]}: stabilizing (onto {tmp_path / 'stable' / DAYS[0]})" in err
+    assert f"{DAYS[1]}: stabilizing (onto 1 x {DAYS[0]})" in err
+    assert f"{DAYS[2]}: stabilizing (onto 0.5 x {DAYS[1]} + 0.5 x {DAYS[0]})" in err  # the default policy: mix
     code, out, err = run(capsys, "nightly", tmp_path, "-q", "--scheduler", "threads")
     assert code == 0 and err == "" and out == ""
 

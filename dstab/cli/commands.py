@@ -134,6 +134,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     _check_plot_path(args)
     options = _storage_options(args)
+    if args.chain:
+        if args.reference:
+            raise UsageError("--chain measures each version against the base and the version before; drop --reference")
+        return _chain_report(args, options)
     version = open_version(args.version, options)
     reference = open_version(args.reference, options) if args.reference else None
     base = open_version(args.base, options) if args.base else None
@@ -143,6 +147,21 @@ def cmd_report(args: argparse.Namespace) -> int:
             version, reference, base=base, progress=needs_pass and output.progress(args) and not args.json
         )
     _emit(args, report, lambda: format_report(report), lambda path: plot_report(report, path))
+    return 0
+
+
+def _chain_report(args: argparse.Namespace, options: dict[str, Any] | None) -> int:
+    """``report VERSION --chain [--base FIRST]``: drift over time along the lineage (text, JSON, PNG)."""
+    from ..chain import chain_report, chain_versions, format_chain_report
+    from ..plots import plot_chain
+    from ..store import open_version
+
+    version = open_version(args.version, options)
+    base = open_version(args.base, options) if args.base else None
+    versions, _ = chain_versions(version, base)  # a base off the lineage is refused before any cluster starts
+    with scheduler_from_args(args, _tables(*versions[-2:])) if len(versions) > 1 else contextlib.nullcontext():
+        report = chain_report(version, base, progress=output.progress(args) and not args.json)
+    _emit(args, report, lambda: format_chain_report(report), lambda path: plot_chain(report, path))
     return 0
 
 
@@ -432,13 +451,21 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     source = os.fspath(args.source)
     stable = args.stable if args.stable is not None else nightly.join(source, "stable")
     gates = nightly.Gates(max_score_error=args.max_score_error, max_drift=args.max_drift)
+    if args.previous_weight is not None and args.policy != "mix":
+        raise UsageError(
+            f"--previous-weight weighs the day before in --policy mix; with --policy {args.policy} drop it"
+        )
+    if args.base is not None and args.policy == "previous":
+        raise UsageError("--base names the day --policy base or mix aligns onto; --policy previous has none: drop it")
+    weight = nightly.DEFAULT_PREVIOUS_WEIGHT if args.previous_weight is None else args.previous_weight
+    policy = nightly.Policy(args.policy, weight, args.base)
     if args.sides:
         parse_sides(args.sides)  # a malformed --sides is refused before anything is opened
     nightly.check_stable_location(source, stable)
     names = nightly.list_raw_days(source, options)
     if not names:
         log.info("nightly: no days under %s yet: nothing to do", nightly.join(source, "raw"))
-    days = nightly.plan(source, names, (), stable=stable)
+    days = nightly.plan(source, names, (), stable=stable, policy=policy)
     done = nightly.find_done(days, options)
     todo = [day for day in days if day.name not in done]
     for day in nightly.late_days(days, done):
@@ -460,13 +487,14 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         # the first day to do, checked (structure, anchors, rank) before any cluster starts; its reference is done
         first = todo[0]
         new = open_version(first.raw, options)
-        reference = done[first.reference] if first.reference is not None else None
+        references = [done[name] for name, _ in first.references]  # every day before the first to do is done
         for day in todo:  # a folder of the user's at any STABLE/<day>: refused before the first day is stabilized
             check_output(day.stable, inputs=[day.raw], overwrite=False, storage_options=options)
         check_request(
-            new, reference, **{k: v for k, v in fit.items() if reference is not None or not k.startswith("anchor")}
-        )
-        tables = _tables(new, reference)
+            new, references, reference_weights=[w for _, w in first.references] if references else None,
+            **{k: v for k, v in fit.items() if references or not k.startswith("anchor")},
+        )  # fmt: skip
+        tables = _tables(new, *references)
 
     def said(record: dict[str, Any]) -> None:
         if not args.json:
@@ -476,12 +504,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         for note in record.get("notes") or []:
             log.info("%s: note: %s", record["name"], note)
 
-    night = nightly.Night(source=source, stable=stable, gates=gates)
+    night = nightly.Night(source=source, stable=stable, gates=gates, policy=policy)
     try:
         with scheduler_from_args(args, tables) if todo else contextlib.nullcontext():
             nightly.run(
-                days, done, source=source, stable=stable, options=fit, gates=gates, storage_options=options,
-                progress=output.progress(args), on_day=said, night=night,
+                days, done, source=source, stable=stable, options=fit, gates=gates, policy=policy,
+                storage_options=options, progress=output.progress(args), on_day=said, night=night,
             )  # fmt: skip
     except DstabError as exc:
         exc.night = night  # type: ignore[attr-defined]  # the failure's JSON object says what the night did before it

@@ -62,6 +62,19 @@ def parse_weights(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers such as 0.5,0.5, got {value!r}") from None
 
 
+def parse_fraction(value: str) -> float:
+    """A number strictly between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be between 0 and 1 (exclusive), got {value!r}; 0 and 1 are --policy base and --policy previous"
+        )
+    return number
+
+
 def parse_workers(value: str) -> int:
     return _positive_int(value, "a whole number of worker processes, at least 1")
 
@@ -223,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base",
         metavar="FIRST",
-        help="also measure the drift accumulated since FIRST (e.g. the first version of the chain) and list the steps",
+        help="also measure the drift accumulated since FIRST (e.g. the first version of the chain) and list the steps; "
+        "with --chain, where the chain starts",
     )
+    p.add_argument(
+        "--chain", action="store_true",
+        help="drift over time: every version of VERSION's lineage (back to its first, or --base) against the base "
+        "and the version before it (drift, mean row cosine, eigenspace overlap), and the ids that moved most; "
+        "one pass per version",
+    )  # fmt: skip
     add_output_options(p, json_help="print one JSON object: the report")
     p.add_argument("--plot", metavar="FILE.png", help="also draw spectra, drift per side and per dimension")
     add_scheduler_options(p)
@@ -363,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_synth)
 
     p = sub.add_parser(
-        "nightly", help="stabilize SOURCE/raw/<date> into SOURCE/stable/<date> in order, each day onto the day before",
-        description="Stabilize every day under SOURCE/raw/ in order, each onto the stabilized day before it, into "
-        "SOURCE/stable/<date> (or --stable LOCATION/<date>). Days already stabilized are skipped: run it every night, "
+        "nightly", help="stabilize SOURCE/raw/<date> into SOURCE/stable/<date> in order, each day onto the days before",
+        description="Stabilize every day under SOURCE/raw/ in order into SOURCE/stable/<date> (or --stable "
+        "LOCATION/<date>), each aligned onto 0.5 x the stabilized day before + 0.5 x the base (the first day), or as "
+        "--policy says. Days already stabilized are skipped: run it every night, "
         "and again after a night that died. Exit 3 when a day crosses a quality gate: that day is not published and "
         "the night stops there; the days before it stay published.",
     )  # fmt: skip
@@ -378,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--stable", "--out-repo", dest="stable", metavar="LOCATION",
         help="where the stabilized days go, LOCATION/<date> (default SOURCE/stable): a directory, an fsspec URL, "
         "or an Icechunk repository (a URL with a .icechunk component)",
+    )  # fmt: skip
+    g = p.add_argument_group("what each day is aligned onto (the first day: nothing)")
+    g.add_argument(
+        "--policy", choices=("previous", "base", "mix"), default="mix",
+        help="previous: the stabilized day before (steps small, drift from the base grows); base: the base day "
+        "(stays near it, bigger steps); mix (default): W x the day before + (1 - W) x the base, near the best of both",
+    )  # fmt: skip
+    g.add_argument(
+        "--previous-weight", type=parse_fraction, metavar="W",
+        help="--policy mix: the weight W of the day before, between 0 and 1 (default 0.5; the base gets 1 - W)",
+    )  # fmt: skip
+    g.add_argument(
+        "--base", metavar="DAY",
+        help="the base day of --policy base or mix, a day under SOURCE/raw (default: the first); days up to it "
+        "are aligned onto the day before",
     )  # fmt: skip
     p.add_argument("--rank", type=parse_rank, default="auto", metavar="auto|K", help="core rank (default auto)")
     p.add_argument("--rtol", type=float, metavar="X", help="auto rank: keep singular values above X * max")
@@ -402,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument(
         "--max-drift", type=parse_gate, metavar="X",
-        help="the relative drift after stabilization, against the day before, must be at most X (not gated on the first day)",
+        help="the relative drift after stabilization, against the first day it is aligned onto (the day before, or the "
+        "base with --policy base), must be at most X (not gated on the first day)",
     )  # fmt: skip
     add_scheduler_options(p)
     add_storage_option(p)
