@@ -11,6 +11,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
+import zarr
 from threadpoolctl import threadpool_info
 
 import dstab
@@ -150,3 +151,28 @@ def test_models_smoke(tmp_path: Path):
         assert case["score_error"] < 1e-5  # float32 outputs keep every score to a few eps32
     assert result["one_over_two"] == pytest.approx(one["median_ratio"] / two["median_ratio"])
     assert not (tmp_path / "data" / "out").exists()  # each timed output is removed after its run
+
+
+@pytest.mark.slow
+def test_chain_smoke(tmp_path: Path):
+    """The long-chain benchmark on synthetic retrains: three nightly policies measured by report --chain, each the
+    exact in-memory reference's figures; JSON and PNG written. The real retrains need the bench extra + recbole."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "chain.py"), "--quick", "--dir", str(tmp_path / "data"),
+         "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "PASS" in proc.stdout
+    result = json.loads((tmp_path / "c.json").read_text())
+    for policy in ("previous", "base", "mix"):
+        ours, exact = result["dstab"][policy], result["exact"][policy]
+        assert len(ours["curves"]["cos_base"]) == 5 and len(ours["curves"]["cos_prev"]) == 5
+        # report --chain's cosines over every common row against numpy's (float32 outputs: to 1e-5)
+        np.testing.assert_allclose(ours["curves"]["cos_base"], exact["cos_base"], atol=1e-5)
+        np.testing.assert_allclose(ours["curves"]["cos_prev"], exact["cos_prev"], atol=1e-5)
+        np.testing.assert_allclose(ours["curves"]["drift_base"], exact["drift_base"], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the days really were stabilized under each policy: the mix days record both references
+    mix_day = zarr.open_group(str(tmp_path / "data" / "stable-mix" / "2026-11-05"), mode="r")
+    assert [r["weight"] for r in mix_day.attrs["dstab"]["references"]] == [0.5, 0.5]

@@ -1,0 +1,287 @@
+"""Long chains: the nightly policies, report --chain against numpy, eigenspace overlap, the rows that moved most."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dstab
+from dstab import measures
+from dstab.chain import chain_report
+from dstab.cli import main as dstab_main
+from dstab.errors import UsageError
+from dstab.nightly import Policy, plan
+from tests.conftest import random_tables
+
+DAYS = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
+
+
+# ----------------------------------------------------------------------------- the plan (pure)
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        (Policy("previous"), [[], [("2026-11-01", 1.0)], [("2026-11-02", 1.0)], [("2026-11-03", 1.0)]]),
+        (Policy("base"), [[], [("2026-11-01", 1.0)], [("2026-11-01", 1.0)], [("2026-11-01", 1.0)]]),
+        (
+            Policy("mix", 0.7),
+            [
+                [],
+                [("2026-11-01", 1.0)],
+                [("2026-11-02", 0.7), ("2026-11-01", 0.3)],
+                [("2026-11-03", 0.7), ("2026-11-01", 0.3)],
+            ],
+        ),
+        # a named base: the days up to it follow the day before
+        (
+            Policy("base", base="2026-11-02"),
+            [[], [("2026-11-01", 1.0)], [("2026-11-02", 1.0)], [("2026-11-02", 1.0)]],
+        ),
+        (
+            Policy("mix", 0.5, base="2026-11-02"),
+            [[], [("2026-11-01", 1.0)], [("2026-11-02", 1.0)], [("2026-11-03", 0.5), ("2026-11-02", 0.5)]],
+        ),
+    ],
+)
+def test_plan_references_by_policy(policy: Policy, expected: list):
+    days = plan("/src", DAYS, (), policy=policy)
+    assert [[name for name, _ in d.references] for d in days] == [[name for name, _ in e] for e in expected]
+    for d, e in zip(days, expected):
+        np.testing.assert_allclose([w for _, w in d.references], [w for _, w in e], rtol=1e-12)
+    assert [d.reference for d in days] == [None, *DAYS[:-1]]  # the day before, whatever the policy
+    for d in days:
+        assert not d.references or abs(sum(w for _, w in d.references) - 1.0) < 1e-12
+
+
+def test_default_policy_is_mix_at_one_half():
+    assert Policy() == Policy("mix", 0.5, None)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_bad_previous_weight_refused(weight: float):
+    with pytest.raises(UsageError, match="--previous-weight must be between 0 and 1"):
+        Policy("mix", weight)
+
+
+def test_base_not_a_day_refused():
+    with pytest.raises(UsageError, match="--base 2026-10-01 is not a day under /src/raw"):
+        plan("/src", DAYS, (), policy=Policy("base", base="2026-10-01"))
+
+
+# ----------------------------------------------------------------------------- measures (numpy references)
+
+
+def _overlap_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """Leszczynski et al.'s eigenspace overlap from the thin SVDs of the two tables."""
+    ux = np.linalg.svd(x.astype(np.float64), full_matrices=False)[0]
+    uy = np.linalg.svd(y.astype(np.float64), full_matrices=False)[0]
+    return float(np.linalg.norm(ux.T @ uy) ** 2 / max(ux.shape[1], uy.shape[1]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(20, 300), e=st.integers(1, 12), noise=st.floats(0.0, 2.0))
+def test_eigenspace_overlap_from_grams_is_the_svd_one(seed: int, n: int, e: int, noise: float):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, e))
+    y = (x + noise * rng.normal(size=(n, e))) @ rng.normal(size=(e, e))  # another basis, another span
+    got = measures.eigenspace_overlap(x.T @ x, y.T @ y, x.T @ y)
+    expected = _overlap_numpy(x, y)
+    # both from well-conditioned float64 data: the Gram route loses about eps * cond^2
+    assert got == pytest.approx(expected, abs=1e-8 * max(1.0, np.linalg.cond(x) ** 2, np.linalg.cond(y) ** 2))
+    assert 0.0 <= got <= 1.0
+
+
+def test_eigenspace_overlap_is_invariant_to_invertible_transforms_and_one_for_the_same_span():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 6))
+    g = rng.normal(size=(6, 6))
+    y = x @ g
+    assert measures.eigenspace_overlap(x.T @ x, y.T @ y, x.T @ y) == pytest.approx(1.0, abs=1e-10)
+    z = rng.normal(size=(200, 6))
+    a = measures.eigenspace_overlap(x.T @ x, z.T @ z, x.T @ z)
+    b = measures.eigenspace_overlap(x.T @ x, (z @ g).T @ (z @ g), x.T @ (z @ g))
+    assert a == pytest.approx(b, abs=1e-10) and a < 0.2
+
+
+def _version(path: Path, users: np.ndarray, items: np.ndarray, user_ids=None, item_ids=None) -> str:
+    g = zarr.open_group(str(path), mode="w")
+    for name, x, ids in (("users", users, user_ids), ("items", items, item_ids)):
+        g.create_array(f"{name}/vectors", data=x.astype(np.float32), chunks=(64, x.shape[1]))
+        if ids is not None:
+            g.create_array(f"{name}/ids", data=np.asarray(ids, dtype=np.int64), chunks=(64,))
+    return str(path)
+
+
+@pytest.mark.parametrize("churn", [False, True])
+def test_report_reference_overlap_and_moved_rows_match_numpy(tmp_path: Path, churn: bool):
+    rng = np.random.default_rng(11)
+    T, W = random_tables(4, 500, 300, 6)
+    T2, W2 = T + 0.1 * rng.normal(size=T.shape), W + 0.1 * rng.normal(size=W.shape)
+    T2[117] += 3.0  # moved most, by far
+    ids_t, ids_w = np.arange(500) + 1000, np.arange(300)
+    ids_t2 = ids_t.copy()
+    if churn:
+        ids_t2[:50] += 10_000  # 50 new items
+    old = _version(tmp_path / "old", W, T, ids_w, ids_t)
+    new = _version(tmp_path / "new", W2, T2, ids_w, ids_t2)
+    with dask.config.set(scheduler="sync"):
+        d = dstab.report.measure_drift(dstab.open_version(new), dstab.open_version(old), k=0)
+    common = slice(50, 500) if churn else slice(0, 500)
+    x, y = T2[common].astype(np.float32).astype(np.float64), T[common].astype(np.float32).astype(np.float64)
+    assert d["items"]["eigenspace_overlap"] == pytest.approx(_overlap_numpy(x, y), abs=1e-6)
+    distance = np.linalg.norm(x - y, axis=1)
+    order = np.argsort(-distance)[:10]
+    moved = d["items"]["moved"]
+    assert [m["id"] for m in moved] == list(ids_t2[common][order])
+    assert moved[0]["id"] == 1117
+    np.testing.assert_allclose([m["distance"] for m in moved], distance[order], rtol=1e-6)
+    cos = np.sum(x * y, axis=1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    np.testing.assert_allclose([m["cosine"] for m in moved], cos[order], rtol=1e-6)
+
+
+def test_a_version_against_itself_overlap_one_nothing_moved(tmp_path: Path):
+    T, W = random_tables(5, 300, 200, 6)
+    v = _version(tmp_path / "v", W, T)
+    with dask.config.set(scheduler="sync"):
+        d = dstab.report.measure_drift(dstab.open_version(v), dstab.open_version(v), k=0)
+    for name in ("users", "items"):
+        assert d[name]["eigenspace_overlap"] == pytest.approx(1.0, abs=1e-9)
+        assert max(m["distance"] for m in d[name]["moved"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- the nightly and report --chain
+
+
+def _days(root: Path, n: int = 4, noise: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Retrains of one model: the same scores up to noise, each in its own random basis, 10% of items churned."""
+    rng = np.random.default_rng(7)
+    T, W = random_tables(8, 400, 250, 6)
+    made = []
+    for i in range(n):
+        g = rng.normal(size=(6, 6)) + 3 * np.eye(6)
+        t = (T + noise * rng.normal(size=T.shape)) @ g
+        w = (W + noise * rng.normal(size=W.shape)) @ np.linalg.inv(g).T
+        item_ids = np.arange(400) + (1000 * i if i % 2 else 0) * (np.arange(400) < 40)
+        _version(root / "raw" / DAYS[i], w, t, np.arange(250), item_ids)
+        made.append((w, t))
+    return made
+
+
+def _pooled_cosine_and_drift(a: dstab.Version, b: dstab.Version) -> tuple[float, float]:
+    """Mean row cosine and relative drift over every common id of both tables (numpy)."""
+    xs, ys = [], []
+    for name in ("users", "items"):
+        ta, tb = a.table(name), b.table(name)
+        ia, ib = np.asarray(ta.ids[:]), np.asarray(tb.ids[:])
+        _, pa, pb = np.intersect1d(ia, ib, return_indices=True)
+        xs.append(np.asarray(ta.vectors[:], dtype=np.float64)[pa])
+        ys.append(np.asarray(tb.vectors[:], dtype=np.float64)[pb])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    cos = np.sum(x * y, axis=1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    return float(cos.mean()), float(np.linalg.norm(x - y) / np.linalg.norm(y))
+
+
+@pytest.mark.parametrize("policy", ["previous", "base", "mix"])
+def test_nightly_policy_and_chain_report_match_numpy(tmp_path: Path, policy: str, capsys: pytest.CaptureFixture[str]):
+    _days(tmp_path)
+    assert dstab_main(["nightly", str(tmp_path), "--policy", policy, "--scheduler", "synchronous", "-q", "--json"]) == 0
+    night = json.loads(capsys.readouterr().out)
+    assert night["policy"] == policy and night["done"] == 4
+    stable = [dstab.open_version(tmp_path / "stable" / d) for d in DAYS]
+    last = stable[-1].attrs
+    assert last["chain"]["policy"] == policy and last["chain"]["previous"].endswith(DAYS[2])
+    weights = {"previous": [1.0], "base": [1.0], "mix": [0.5, 0.5]}[policy]
+    assert [r["weight"] for r in last["references"]] == weights
+    onto = {"previous": [DAYS[2]], "base": [DAYS[0]], "mix": [DAYS[2], DAYS[0]]}[policy]
+    assert [r["url"].rsplit("/", 1)[-1] for r in last["references"]] == onto
+    with dask.config.set({"dstab.pair-rows": 10_000, "scheduler": "sync"}):  # every common row in the cosines
+        report = chain_report(stable[-1])
+    assert [Path(s["url"]).name for s in report["steps"]] == DAYS[1:]
+    assert Path(report["base"]).name == DAYS[0]
+    for i, step in enumerate(report["steps"], start=1):
+        cos_base, drift_base = _pooled_cosine_and_drift(stable[i], stable[0])
+        cos_prev, drift_prev = _pooled_cosine_and_drift(stable[i], stable[i - 1])
+        assert step["to_base"]["mean_cosine"] == pytest.approx(cos_base, abs=1e-6)
+        assert step["to_base"]["drift"] == pytest.approx(drift_base, rel=1e-5)
+        assert step["to_previous"]["mean_cosine"] == pytest.approx(cos_prev, abs=1e-6)
+        assert step["to_previous"]["drift"] == pytest.approx(drift_prev, rel=1e-5)
+        assert 0.0 < step["to_previous"]["eigenspace_overlap"] <= 1.0
+    # the log walks the days in order, whatever each was aligned onto
+    assert [Path(e["url"]).name for e in dstab.lineage.chain(stable[-1])] == DAYS[::-1]
+
+
+def test_policies_trade_the_base_for_the_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """On retrains of one model, base keeps the last day nearer day 0 than previous does; mix lies between."""
+    _days(tmp_path, noise=0.6)
+    end = {}
+    for policy in ("previous", "base", "mix"):
+        stable = tmp_path / f"stable-{policy}"
+        assert dstab_main(["nightly", str(tmp_path), "--stable", str(stable), "--policy", policy,
+                           "--scheduler", "synchronous", "-q", "--json"]) == 0  # fmt: skip
+        capsys.readouterr()
+        end[policy] = _pooled_cosine_and_drift(
+            dstab.open_version(stable / DAYS[-1]), dstab.open_version(stable / DAYS[0])
+        )[0]
+    assert end["base"] >= end["mix"] - 1e-9 and end["mix"] >= end["previous"] - 1e-9
+    assert end["base"] > end["previous"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dstab.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--previous-weight", "0"], "between 0 and 1 (exclusive)"),
+        (["--previous-weight", "1.5"], "between 0 and 1 (exclusive)"),
+        (["--policy", "base", "--previous-weight", "0.3"], "with --policy base drop it"),
+        (["--policy", "previous", "--base", "2026-11-02"], "--policy previous has none"),
+        (["--base", "2026-12-01"], "--base 2026-12-01 is not a day"),
+        (["--policy", "sideways"], "invalid choice"),
+    ],
+)
+def test_nightly_bad_policy_one_line_exit_2_nothing_written(tmp_path: Path, extra: list[str], words: str):
+    _days(tmp_path, n=2)
+    done = _cli("nightly", str(tmp_path), *extra)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], done.stderr
+    assert not (tmp_path / "stable").exists()
+
+
+@pytest.mark.slow
+def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    _days(tmp_path, n=3)
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    last = str(tmp_path / "stable" / DAYS[2])
+    done = _cli("report", last, "--chain", "--scheduler", "synchronous", "--plot", str(tmp_path / "c.png"))
+    assert done.returncode == 0, done.stderr
+    assert "cos base" in done.stdout and DAYS[1] in done.stdout and "moved most" in done.stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = _cli("report", last, "--chain", "--json", "--scheduler", "synchronous")
+    data = json.loads(done.stdout)
+    assert len(data["steps"]) == 2 and data["summary"]["mean_step_cosine"] > 0
+    # a base on the lineage shortens the chain; one off it is one line, exit 2
+    done = _cli("report", last, "--chain", "--base", str(tmp_path / "stable" / DAYS[1]), "--json", "--scheduler",
+                "synchronous")  # fmt: skip
+    assert done.returncode == 0 and len(json.loads(done.stdout)["steps"]) == 1
+    done = _cli("report", last, "--chain", "--base", str(tmp_path / "raw" / DAYS[0]))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "not on the lineage" in done.stderr
+    done = _cli("report", last, "--chain", "--reference", str(tmp_path / "stable" / DAYS[0]))
+    assert done.returncode == 2 and "drop --reference" in done.stderr
+    # the first version: no steps, said so
+    done = _cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
+    assert done.returncode == 0 and "no steps" in done.stdout
