@@ -56,8 +56,10 @@ class Stabilizer:
     The parameters are those of :func:`dstab.stabilize` (see there): ``rank``
     (``"auto"`` or an int), ``rtol``, ``sides`` (``"users:items,creators"``),
     ``symmetric``, ``anchor``, ``anchor_min_count``, ``anchor_weights``
-    (``"uniform"`` or ``"counts"``) and ``method`` (``"auto"``, ``"gram"``,
-    ``"tsqr"``). Nothing is checked or computed until :meth:`fit`.
+    (``"uniform"`` or ``"counts"``), ``method`` (``"auto"``, ``"gram"``,
+    ``"tsqr"``) and ``reference_weights`` (one per reference when :meth:`fit`
+    gets a list of them; default equal). Nothing is checked or computed until
+    :meth:`fit`.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Stabilizer:
         anchor_min_count: float | None = None,
         anchor_weights: AnchorWeights = "uniform",
         method: Method = "auto",
+        reference_weights: list[float] | tuple[float, ...] | None = None,
     ) -> None:
         self.rank = rank
         self.rtol = rtol
@@ -79,6 +82,7 @@ class Stabilizer:
         self.anchor_min_count = anchor_min_count
         self.anchor_weights = anchor_weights
         self.method = method
+        self.reference_weights = reference_weights
 
     # ------------------------------------------------------------------------- parameters
 
@@ -121,7 +125,7 @@ class Stabilizer:
     def fit(
         self,
         new: VersionLike,
-        reference: VersionLike | None = None,
+        reference: VersionLike | list[Any] | tuple[Any, ...] | None = None,
         *,
         ids: Mapping[str, Any] | None = None,
         counts: Mapping[str, Any] | None = None,
@@ -129,7 +133,8 @@ class Stabilizer:
         storage_options: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> Stabilizer:
-        """Fit on ``new`` (against ``reference``, yesterday's stabilized tables; none the first day). Returns self.
+        """Fit on ``new`` (against ``reference``, yesterday's stabilized tables, or a list of references weighed by
+        ``reference_weights``; none the first day). Returns self.
 
         One read pass of ``new`` and the reference's anchor tables on the active
         Dask scheduler. ``ids`` / ``counts`` (``{name: array}``) go with in-memory
@@ -209,7 +214,7 @@ class Stabilizer:
     def fit_transform(
         self,
         new: VersionLike,
-        reference: VersionLike | None = None,
+        reference: VersionLike | list[Any] | tuple[Any, ...] | None = None,
         **fit_params: Any,
     ) -> dict[str, Any]:
         """:meth:`fit`, then the stabilized tables of ``new`` as a dict.

@@ -180,8 +180,13 @@ def _drift_lines(title: str, d: dict[str, Any]) -> list[str]:
         m = d[side]
         lines.append(
             f"    {side}: Frobenius {num(m['frobenius'])}, mean row cosine {num(m['mean_cosine'])} ({m['pairs']} rows), "
-            f"neighbour overlap@{d['k']} {num(m['neighbour_overlap'])} ({m['queries']} queries)"
+            f"neighbour overlap@{d['k']} {num(m['neighbour_overlap'])} ({m['queries']} queries), "
+            f"eigenspace overlap {num(m.get('eigenspace_overlap'))}"
         )
+        moved = m.get("moved") or []
+        if moved:
+            shown = ", ".join(f"{r['id']!r} ({r['distance']:.3g}, cos {r['cosine']:.3f})" for r in moved[:5])
+            lines.append(f"      moved most (of {m.get('moved_among', 'every common row')}): {shown}")
     return lines
 
 

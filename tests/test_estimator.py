@@ -221,7 +221,7 @@ def test_get_params_set_params_round_trip() -> None:
     params = est.get_params()
     assert params == {
         "rank": 5, "rtol": None, "sides": "users:items", "symmetric": False, "anchor": "items",
-        "anchor_min_count": 3.0, "anchor_weights": "uniform", "method": "gram",
+        "anchor_min_count": 3.0, "anchor_weights": "uniform", "method": "gram", "reference_weights": None,
     }  # fmt: skip
     twin = dstab.Stabilizer(**params)
     assert twin.get_params() == params and twin is not est

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dstab
 from dstab.errors import InputError, UsageError
@@ -238,3 +240,56 @@ def test_cli_two_references_json(chain: dict, tmp_path: Path):
     assert [r["weight"] for r in data["references"]] == [0.6, 0.4]
     assert data["references"][1]["matching"]["items"]["by"] == "id"
     assert data["score_error"] < 1e-5
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_refs=st.integers(2, 3),
+    raw_weights=st.lists(st.floats(0.05, 1.0), min_size=3, max_size=3),
+    keep=st.floats(0.5, 1.0),
+)
+def test_property_weighted_target_optimal_and_scores_kept(seed, n_refs, raw_weights, keep):
+    """Random references (each a noisy rotated copy, its own random subset of ids, reordered) and weights: the
+    output keeps every score and is the Procrustes optimum of the weighted target (symmetric PSD cross matrix)."""
+    rng = np.random.default_rng(seed)
+    n_items, n_users, e = 120, 80, 5
+    T, W = random_tables(int(rng.integers(1 << 30)), n_items, n_users, e, "float64")
+    weights = np.array(raw_weights[:n_refs]) / np.sum(raw_weights[:n_refs])
+    X_T, X_W, _ = reference_stabilize(T, W)
+    refs, ref_ids = [], []
+    for _ in range(n_refs):
+        q, _ = np.linalg.qr(rng.normal(size=(e, e)))
+        ids = {
+            side: rng.permutation(n)[: max(e, int(keep * n))] for side, n in (("items", n_items), ("users", n_users))
+        }
+        R_T = (X_T @ q + 0.2 * rng.normal(size=X_T.shape))[ids["items"]]
+        R_W = (X_W @ q + 0.2 * rng.normal(size=X_W.shape))[ids["users"]]
+        refs.append({"items": R_T, "users": R_W})
+        ref_ids.append(ids)
+    new = {"items": T, "users": W}
+    # in-memory references with their ids: each a version of its own
+    versions = [
+        dstab.store.coerce.as_version(r, ids={s: ids[s].astype(np.int64) for s in r}, label=f"reference {j + 1}")
+        for j, (r, ids) in enumerate(zip(refs, ref_ids))
+    ]
+    result = dstab.stabilize(
+        new, versions, reference_weights=list(weights), ids={"items": np.arange(n_items), "users": np.arange(n_users)}
+    )
+    Y = {"items": result.transform("items", T), "users": result.transform("users", W)}
+    assert relative_score_error(T, W, Y["items"], Y["users"]) < 1e-10  # float64 throughout
+    M = np.zeros((e, e))
+    for r, ids, w in zip(refs, ref_ids, weights):
+        for side in ("items", "users"):
+            M += w * Y[side][ids[side]].T @ r[side]
+    scale = np.abs(M).max()
+    np.testing.assert_allclose(M, M.T, atol=1e-8 * scale)
+    assert np.linalg.eigvalsh((M + M.T) / 2).min() > -1e-8 * scale
+
+
+def test_estimator_takes_a_list_of_references_and_weights(chain: dict):
+    est = dstab.Stabilizer(reference_weights=[0.8, 0.2]).fit(chain["new"], [chain["a"], chain["b"]])
+    direct = dstab.stabilize(chain["new"], [chain["a"], chain["b"]], reference_weights=[0.8, 0.2])
+    for name in ("items", "users"):
+        np.testing.assert_array_equal(est.transforms_[name], direct.transforms[name])
+    assert [r["weight"] for r in est.report_["references"]] == [0.8, 0.2]
