@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -118,6 +119,11 @@ def random_basis(rng: np.random.Generator, dim: int, condition: float) -> np.nda
     q1, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
     q2, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
     return (q1 * np.logspace(0, np.log10(condition), dim)) @ q2
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``dstab ARGS`` in a fresh process, as a user runs it: exit code, stdout and stderr captured."""
+    return subprocess.run([sys.executable, "-m", "dstab.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- versions on disk

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import dask
@@ -20,7 +18,7 @@ from dstab.chain import chain_report
 from dstab.cli import main as dstab_main
 from dstab.errors import UsageError
 from dstab.nightly import Policy, plan
-from tests.conftest import random_tables
+from tests.conftest import random_tables, run_cli
 
 DAYS = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
 
@@ -236,10 +234,6 @@ def test_policies_trade_the_base_for_the_step(tmp_path: Path, capsys: pytest.Cap
     assert end["base"] > end["previous"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dstab.cli", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, words",
@@ -254,7 +248,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 )
 def test_nightly_bad_policy_one_line_exit_2_nothing_written(tmp_path: Path, extra: list[str], words: str):
     _days(tmp_path, n=2)
-    done = _cli("nightly", str(tmp_path), *extra)
+    done = run_cli("nightly", str(tmp_path), *extra)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], done.stderr
@@ -267,21 +261,21 @@ def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pyt
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
     capsys.readouterr()
     last = str(tmp_path / "stable" / DAYS[2])
-    done = _cli("report", last, "--chain", "--scheduler", "synchronous", "--plot", str(tmp_path / "c.png"))
+    done = run_cli("report", last, "--chain", "--scheduler", "synchronous", "--plot", str(tmp_path / "c.png"))
     assert done.returncode == 0, done.stderr
     assert "cos base" in done.stdout and DAYS[1] in done.stdout and "moved most" in done.stdout
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = _cli("report", last, "--chain", "--json", "--scheduler", "synchronous")
+    done = run_cli("report", last, "--chain", "--json", "--scheduler", "synchronous")
     data = json.loads(done.stdout)
     assert len(data["steps"]) == 2 and data["summary"]["mean_step_cosine"] > 0
     # a base on the lineage shortens the chain; one off it is one line, exit 2
-    done = _cli("report", last, "--chain", "--base", str(tmp_path / "stable" / DAYS[1]), "--json", "--scheduler",
+    done = run_cli("report", last, "--chain", "--base", str(tmp_path / "stable" / DAYS[1]), "--json", "--scheduler",
                 "synchronous")  # fmt: skip
     assert done.returncode == 0 and len(json.loads(done.stdout)["steps"]) == 1
-    done = _cli("report", last, "--chain", "--base", str(tmp_path / "raw" / DAYS[0]))
+    done = run_cli("report", last, "--chain", "--base", str(tmp_path / "raw" / DAYS[0]))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "not on the lineage" in done.stderr
-    done = _cli("report", last, "--chain", "--reference", str(tmp_path / "stable" / DAYS[0]))
+    done = run_cli("report", last, "--chain", "--reference", str(tmp_path / "stable" / DAYS[0]))
     assert done.returncode == 2 and "drop --reference" in done.stderr
     # the first version: no steps, said so
-    done = _cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
+    done = run_cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
     assert done.returncode == 0 and "no steps" in done.stdout

@@ -10,8 +10,6 @@ line with exit code 2 and nothing written.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 
 import dstab
 from dstab.errors import InputError, UsageError
-from tests.conftest import random_tables, reference_stabilize, relative_score_error, write_version
+from tests.conftest import random_tables, reference_stabilize, relative_score_error, run_cli, write_version
 
 
 def _weighted_numpy(
@@ -196,10 +194,6 @@ def test_reference_with_other_tables_refused(chain: dict, tmp_path: Path):
         dstab.stabilize(chain["new"], [chain["a"], str(tmp_path / "other")])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dstab.cli", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, words",
@@ -220,7 +214,7 @@ def test_cli_bad_references_one_line_exit_2_nothing_written(chain: dict, tmp_pat
     extra = [e.format(a=chain["a"], other=tmp_path / "other") for e in extra]
     out = tmp_path / "out"
     args = ["stabilize", chain["new"], "--reference", chain["a"], "--reference", chain["b"], *extra, "--out", str(out)]
-    done = _cli(*args)
+    done = run_cli(*args)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], done.stderr
@@ -231,7 +225,7 @@ def test_cli_bad_references_one_line_exit_2_nothing_written(chain: dict, tmp_pat
 @pytest.mark.slow
 def test_cli_two_references_json(chain: dict, tmp_path: Path):
     out = tmp_path / "out"
-    done = _cli(
+    done = run_cli(
         "--json", "stabilize", chain["new"], "--reference", chain["a"], "--reference", chain["b"],
         "--reference-weights", "0.6,0.4", "--out", str(out), "--workers", "1",
     )  # fmt: skip

@@ -471,7 +471,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     for day in nightly.late_days(days, done):
         log.warning(
             "dstab: note: %s arrived after a later day was stabilized: it is aligned onto %s, and the days after "
-            "it stay as they were (the chain branches here)", day.name, day.reference or "nothing (the first day)",
+            "it stay as they were (the chain branches here)", day.name,
+            " + ".join(f"{w:g} x {name}" for name, w in day.references) or "nothing (the first day)",
         )  # fmt: skip
     log.debug("nightly: %d days under %s: %d done, %d to do; stable versions in %s", len(days), nightly.join(source, "raw"),
               len(done), len(todo), stable)  # fmt: skip
