@@ -297,6 +297,29 @@ def late_days(days: list[Day], done: Iterable[str]) -> list[Day]:
     return [day for day in days[:last_done] if day.name not in finished]
 
 
+def base_change(days: list[Day], done: dict[str, Version], policy: Policy) -> str | None:
+    """A note when the first day to do gets another base than the day before it recorded (raw days pruned, say).
+
+    The default base is the first day under SOURCE/raw: removing old raw days moves it, and every later day
+    would then be pulled towards a new base. Said before any work, with the fix; ``--base`` names one.
+    """
+    todo = [d for d in days if d.name not in done]
+    if policy.kind == "previous" or not todo or todo[0].reference not in done:
+        return None
+    before = done[todo[0].reference]
+    recorded = (before.attrs.get("chain") or {}).get("base")
+    base = todo[0].base
+    if not recorded or base is None:
+        return None
+    now = next((d for d in days if d.name == base), None)
+    if now is None or canonical_url(now.stable) == recorded:
+        return None
+    return (
+        f"{todo[0].name} gets the base {base}, but {todo[0].reference} was aligned with the base {recorded}: "
+        f"if raw days were removed, pass --base with the day you want (the chain's base stays fixed only by name)"
+    )
+
+
 def _staged_aside(url: str) -> bool:
     """A local version moved aside by a publish killed between its renames: opening it puts it back."""
     path = local_path(url)

@@ -279,3 +279,20 @@ def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pyt
     # the first version: no steps, said so
     done = run_cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
     assert done.returncode == 0 and "no steps" in done.stdout
+
+
+def test_pruned_raw_days_moving_the_base_are_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Removing the first raw day moves the default base: the next night says so and names --base."""
+    import shutil
+
+    _days(tmp_path, n=4)
+    shutil.rmtree(tmp_path / "raw" / DAYS[3])
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    _days(tmp_path, n=4)  # day 4 arrives; day 1's raw version is pruned (its stable version stays)
+    shutil.rmtree(tmp_path / "raw" / DAYS[0])
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert f"gets the base {DAYS[1]}" in err and "pass --base" in err
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0  # all done: nothing said
+    assert "gets the base" not in capsys.readouterr().err

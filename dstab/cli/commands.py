@@ -474,6 +474,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             "it stay as they were (the chain branches here)", day.name,
             " + ".join(f"{w:g} x {name}" for name, w in day.references) or "nothing (the first day)",
         )  # fmt: skip
+    changed = nightly.base_change(days, done, policy)
+    if changed:
+        log.warning("dstab: note: %s", changed)
     log.debug("nightly: %d days under %s: %d done, %d to do; stable versions in %s", len(days), nightly.join(source, "raw"),
               len(done), len(todo), stable)  # fmt: skip
     for day in days:
