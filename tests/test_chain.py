@@ -296,3 +296,33 @@ def test_pruned_raw_days_moving_the_base_are_said(tmp_path: Path, capsys: pytest
     assert f"gets the base {DAYS[1]}" in err and "pass --base" in err
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0  # all done: nothing said
     assert "gets the base" not in capsys.readouterr().err
+
+
+def test_compounding_bases_keep_the_score_error_at_float32_rounding(tmp_path: Path, capsys):
+    """Retrains of retrains (synth --like of the day before): the bases compound, the transforms' condition
+    grows into the thousands, and the score error must stay at a few float32 roundings (it grew as 3e-9 x cond)."""
+    from dstab.synth import synth, synth_like
+
+    with dask.config.set(scheduler="synchronous"):
+        synth(tmp_path / "raw" / DAYS[0], items=600, users=300, dim=8, seed=1)
+        for i in range(1, 4):
+            synth_like(
+                tmp_path / "raw" / DAYS[i], dstab.open_version(tmp_path / "raw" / DAYS[i - 1]), noise=0.05, seed=i
+            )
+        for i, name in enumerate(["2026-11-05", "2026-11-06", "2026-11-07"]):
+            synth_like(
+                tmp_path / "raw" / name,
+                dstab.open_version(tmp_path / "raw" / (DAYS + ["2026-11-05", "2026-11-06"])[i + 3]),
+                noise=0.05,
+                seed=10 + i,
+            )
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    night = json.loads(capsys.readouterr().out)
+    conds = []
+    for day in night["days"]:
+        version = dstab.open_version(day["out"])
+        conds.append(
+            dstab.linalg.transform_condition(np.asarray(zarr.open_group(day["out"], mode="r")["transform/items"][:]))
+        )
+        assert version.attrs["report"]["score_error"] < 5e-7, (day["name"], conds[-1])
+    assert max(conds) > 4 * dstab.linalg.FLOAT32_PRODUCT_MAX_CONDITION  # the case that needs the float64 product
