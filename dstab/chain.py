@@ -40,12 +40,19 @@ def chain_versions(version: Version, base: Version | None = None) -> tuple[list[
     if base is not None:
         target = canonical_url(base.url) if base.url else None
         if target not in urls:
+            stops = f"; it stops early: {missing}" if missing else ""
             raise InputError(
                 f"--base {base.url} is not on the lineage of {version.url} ({len(urls)} versions back to "
-                f"{urls[-1]}); give a version of that chain (see dstab log {version.url})"
+                f"{urls[-1]}{stops}); give a version of that chain (see dstab log {version.url})"
             )
         urls = urls[: urls.index(target) + 1]
         missing = None
+    elif missing:
+        # a base quietly moved to wherever the walk stopped would measure drift from the wrong version
+        raise InputError(
+            f"the lineage of {version.url} stops at {urls[-1]}: {missing}; restore that version, or pass "
+            f"--base with a version from {urls[-1]} on to measure from there"
+        )
     versions = [version] + [open_version(url, version.storage_options) for url in urls[1:]]
     return versions[::-1], missing
 
@@ -138,7 +145,8 @@ def format_chain_report(report: dict[str, Any], moved: int = 3) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     lines = [
-        f"drift over time: {report['versions']} versions from {report['base']} to {report['version']}",
+        f"drift over time: {report['versions']} version{'s' if report['versions'] != 1 else ''} from {report['base']} "
+        f"to {report['version']}",
         f"  {'step':>4}  {'version':<40} {'cos base':>9} {'drift base':>10} {'cos prev':>9} {'drift prev':>10} "
         f"{'overlap':>8}",
     ]
@@ -162,7 +170,7 @@ def format_chain_report(report: dict[str, Any], moved: int = 3) -> str:
                 shown = ", ".join(f"{r['id']!r} ({r['distance']:.3g}, cos {r['cosine']:.3f})" for r in rows[:moved])
                 lines.append(f"  moved most at the last step, {name}: {shown}")
     else:
-        lines.append("  no steps: the version is the first of its chain")
+        lines.append("  no steps: the version is the base of its chain")
     lines.append("  (cos: mean row cosine of sampled common rows; drift: relative Frobenius; overlap: eigenspace")
     lines.append("   overlap with the version before, 1 = the same subspace)")
     if report["stopped"]:

@@ -237,6 +237,11 @@ def format_chain(entries: list[dict[str, Any]]) -> str:
             onto = "the first reference" if len(e.get("references") or []) > 1 else "the reference"
             drift = f"; drift onto {onto} {num(e['drift_before'])} -> {num(e['drift_after'])}" if e["reference"] else ""
             lines.append(f"     rank {_words(e['rank'])}, width {_words(e['dim_out'])}{drift}")
+            policy = (e.get("chain") or {}).get("policy")
+            if policy:
+                weight = (e.get("chain") or {}).get("previous_weight")
+                said = f" ({_words(weight)} x the day before)" if policy == "mix" and weight is not None else ""
+                lines.append(f"     nightly --policy {policy}{said}")
         lines += _snapshot_lines(e)
         if "missing" in e:
             lines.append(f"     chain ends here: {e['missing']}")

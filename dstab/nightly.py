@@ -298,25 +298,30 @@ def late_days(days: list[Day], done: Iterable[str]) -> list[Day]:
 
 
 def base_change(days: list[Day], done: dict[str, Version], policy: Policy) -> str | None:
-    """A note when the first day to do gets another base than the day before it recorded (raw days pruned, say).
+    """A note when the first day to do gets another policy or base than the day before it recorded.
 
     The default base is the first day under SOURCE/raw: removing old raw days moves it, and every later day
     would then be pulled towards a new base. Said before any work, with the fix; ``--base`` names one.
     """
     todo = [d for d in days if d.name not in done]
-    if policy.kind == "previous" or not todo or todo[0].reference not in done:
+    if not todo or todo[0].reference not in done:
         return None
     before = done[todo[0].reference]
-    recorded = (before.attrs.get("chain") or {}).get("base")
-    base = todo[0].base
-    if not recorded or base is None:
+    chain = before.attrs.get("chain") or {}
+    if chain.get("policy") and chain.get("policy") != policy.kind:
+        return (
+            f"{todo[0].name} is aligned by --policy {policy.kind}, but {todo[0].reference} was aligned by "
+            f"--policy {chain['policy']}: the chain changes policy here (give --policy {chain['policy']} to keep it)"
+        )
+    recorded, base = chain.get("base"), todo[0].base
+    if policy.kind == "previous" or not recorded or base is None:
         return None
     now = next((d for d in days if d.name == base), None)
     if now is None or canonical_url(now.stable) == recorded:
         return None
     return (
         f"{todo[0].name} gets the base {base}, but {todo[0].reference} was aligned with the base {recorded}: "
-        f"if raw days were removed, pass --base with the day you want (the chain's base stays fixed only by name)"
+        f"pass --base with the day you want, every night (a --base given once, or raw days removed, move it)"
     )
 
 
@@ -424,8 +429,9 @@ def _one_day(
 
     references = [versions[name] for name, _ in day.references]
     weights = [w for _, w in day.references]
-    onto = " + ".join(f"{w:g} x {name}" for name, w in day.references) or "first: no reference"
-    log.log(logging.INFO if progress else logging.DEBUG, "%s: stabilizing (onto %s)", day.name, onto)
+    weighed = " + ".join(f"{w:g} x {name}" for name, w in day.references)
+    onto = f"onto {weighed}" if weighed else "first: no reference"
+    log.log(logging.INFO if progress else logging.DEBUG, "%s: stabilizing (%s)", day.name, onto)
     started = time.perf_counter()
     fit = dict(options)
     if not references:  # the anchor options choose rows that fit the rotation onto a reference: the first day has none

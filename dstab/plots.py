@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,14 @@ def check_plot_target(path: str | os.PathLike[str]) -> None:
             f"--plot {name} exists and is not a plot dstab drew; dstab never overwrites other files: "
             "choose another name or remove it"
         )
+    directory = os.path.dirname(os.path.abspath(name))
+    try:  # can a file be made there (not /proc, not a read-only mount)? asked before any work, not after it
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".dstab-plot-", suffix=".png"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"--plot {name}: cannot write in {directory} ({exc.strerror or exc}); choose a directory you may write to"
+        ) from None
 
 
 # Every size below is in points at the saved resolution (DPI): a 9-point note is 12.5 pixels high in the PNG.
@@ -444,6 +453,11 @@ def chain_figure(report: dict[str, Any]) -> Any:
     and against the version before, by step; the eigenspace overlap with the version before on the cosine panel."""
     steps = report["steps"]
     fig = _figure(14, 5.2)
+    if not steps:  # the version is the base: nothing to draw but that
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"no steps: {report['base']} is the base of the chain", ha="center", va="center")
+        return fig
     cos_ax, drift_ax = fig.subplots(1, 2)
     x = [s["step"] for s in steps]
 
@@ -467,7 +481,9 @@ def chain_figure(report: dict[str, Any]) -> Any:
         if x:
             ax.set_xticks(x if len(x) <= 20 else x[:: max(1, len(x) // 10)])
     base = os.path.basename(str(report["base"]).rstrip("/"))
-    fig.suptitle(f"drift over time: {report['versions']} versions from the base {base}", fontsize=11)
+    fig.suptitle(
+        f"drift over time: {len(steps)} step{'s' if len(steps) != 1 else ''} from the base {base}", fontsize=11
+    )
     return fig
 
 

@@ -256,11 +256,17 @@ def format_report(report: dict[str, Any]) -> str:
             f"  rank kept {report.get('rank')} of {len(sv)}; top singular values {top}",
             f"  score error {num(report.get('score_error'))} (relative Frobenius, sampled rows of every block x sampled rows)",
         ]
+        several = report.get("references") or []
         if report.get("drift_before") is None:
             lines.append("  no drift recorded: stabilized without a reference")
-        else:
+        elif not several:
             lines.append(
                 f"  drift onto the reference: before {num(report.get('drift_before'))}  after {num(report.get('drift_after'))}"
+            )
+        for i, ref in enumerate(several):
+            lines.append(
+                f"  drift onto reference {i + 1} ({ref.get('url')}, weight {ref.get('weight'):g}): "
+                f"before {num(ref.get('drift_before'))}  after {num(ref.get('drift_after'))}"
             )
     else:
         rtol = report.get("rtol")

@@ -387,25 +387,36 @@ def check_reference_weights(weights: Any, n_references: int) -> tuple[float, ...
             f"reference{'s' if n_references != 1 else ''}; give one weight per --reference, in the same order"
         )
     for i, w in enumerate(values):
-        if not np.isfinite(w) or w <= 0:
+        if not np.isfinite(w):
+            raise UsageError(f"--reference-weights: weight {i + 1} is {w:g}; every weight must be a finite number")
+        if w <= 0:
             raise UsageError(
                 f"--reference-weights: weight {i + 1} is {w:g}; every weight must be above 0 (a reference not "
                 "wanted is left out, not weighted 0)"
             )
     total = sum(values)
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
-        raise UsageError(
-            f"--reference-weights sum to {total:g}; they must sum to 1 (e.g. "
-            f"{','.join(f'{w / total:.3g}' for w in values)})"
-        )
+        raise UsageError(f"--reference-weights sum to {total:.7g}; they must sum to 1 (e.g. {_normalized(values)})")
     return values
+
+
+def _normalized(values: tuple[float, ...]) -> str:
+    """The weights scaled to sum to 1, written with 4 decimals, the last taking the rounding (they sum to 1)."""
+    scaled = [round(w / sum(values), 4) for w in values]
+    scaled[-1] = round(1.0 - sum(scaled[:-1]), 4)
+    return ",".join(f"{w:g}" for w in scaled)
 
 
 def check_distinct(references: tuple[Version, ...]) -> None:
     """A reference listed twice would count twice in the target: refuse it."""
+    from .store.icechunk_repo import parse as parse_repo
+
     seen: dict[Any, int] = {}
     for i, ref in enumerate(references):
-        key = canonical_url(ref.url) if ref.url else id(ref)
+        key: Any = canonical_url(ref.url) if ref.url else id(ref)
+        place = parse_repo(key) if ref.url else None
+        if place is not None:  # REPO.icechunk/V and REPO.icechunk@main/V are the same version (main is the default)
+            key = (canonical_url(place.repo), place.ref or "main", place.group)
         if key in seen:
             what = ref.url or "the same in-memory version"
             raise UsageError(

@@ -567,8 +567,9 @@ def check_pairable(new: Version, reference: Version, sides: tuple[str, ...]) -> 
         if a.ids is not None and b.ids is not None:
             ka, kb = idm.id_kind(a.ids.dtype), idm.id_kind(b.ids.dtype)
             if ka != kb:
+                at = f" ({reference.url})" if reference.url else ""
                 raise InputError(
-                    f"{side}/ids of the new version are {ka}s ({a.ids.dtype}) but the reference's are {kb}s "
+                    f"{side}/ids of the new version are {ka}s ({a.ids.dtype}) but the reference's{at} are {kb}s "
                     f"({b.ids.dtype}); ids only match ids of the same kind: write both versions' ids as "
                     "int64 or both as strings"
                 )

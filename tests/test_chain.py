@@ -276,6 +276,11 @@ def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pyt
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "not on the lineage" in done.stderr
     done = run_cli("report", last, "--chain", "--reference", str(tmp_path / "stable" / DAYS[0]))
     assert done.returncode == 2 and "drop --reference" in done.stderr
+    # a plot where no file can be made: one line, before any work
+    done = run_cli("report", last, "--chain", "--plot", "/proc/chain.png")
+    assert (
+        done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "cannot write in /proc" in done.stderr
+    )
     # the first version: no steps, said so
     done = run_cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
     assert done.returncode == 0 and "no steps" in done.stdout
@@ -326,3 +331,36 @@ def test_compounding_bases_keep_the_score_error_at_float32_rounding(tmp_path: Pa
         )
         assert version.attrs["report"]["score_error"] < 5e-7, (day["name"], conds[-1])
     assert max(conds) > 4 * dstab.linalg.FLOAT32_PRODUCT_MAX_CONDITION  # the case that needs the float64 product
+
+
+@pytest.mark.slow
+def test_chain_with_a_missing_middle_version_is_refused_unless_a_base_is_named(tmp_path: Path, capsys):
+    import shutil
+
+    _days(tmp_path, n=4)
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "stable" / DAYS[1])
+    last = str(tmp_path / "stable" / DAYS[3])
+    done = run_cli("report", last, "--chain")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "stops at" in lines[0] and "--base" in lines[0]
+    done = run_cli("report", last, "--chain", "--base", str(tmp_path / "stable" / DAYS[2]), "--json")
+    assert done.returncode == 0 and len(json.loads(done.stdout)["steps"]) == 1
+
+
+def test_a_policy_change_between_nights_is_said(tmp_path: Path, capsys):
+    _days(tmp_path, n=4)
+    shutil_days = tmp_path / "raw" / DAYS[3]
+    import shutil
+
+    held = tmp_path / "held"
+    shutil.move(str(shutil_days), held)
+    assert dstab_main(["nightly", str(tmp_path), "--policy", "mix", "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    shutil.move(str(held), shutil_days)
+    assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "changes policy here" in err and "--policy mix" in err
+    log = dstab.lineage.format_chain(dstab.lineage.chain(dstab.open_version(tmp_path / "stable" / DAYS[3])))
+    assert "nightly --policy previous" in log and "nightly --policy mix (0.5 x the day before)" in log

@@ -10,6 +10,7 @@ line with exit code 2 and nothing written.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,10 +173,13 @@ def test_lineage_records_references_and_weights(chain: dict):
         ([1.5, -0.5], "weight 2 is -0.5; every weight must be above 0"),
         ([1.0, 0.0], "weight 2 is 0"),
         ([1.0], "1 weight for 2 references"),
+        ([float("nan"), 0.5], "weight 1 is nan; every weight must be a finite number"),
+        ([float("inf"), 0.5], "weight 1 is inf; every weight must be a finite number"),
+        ([0.333, 0.6671], "sum to 1.0001; they must sum to 1 (e.g. 0.333,0.667)"),
     ],
 )
 def test_bad_weights_refused(chain: dict, weights: list[float], words: str):
-    with pytest.raises(UsageError, match=words.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(UsageError, match=re.escape(words)):
         dstab.stabilize(chain["new"], [chain["a"], chain["b"]], reference_weights=weights)
 
 
@@ -287,3 +291,23 @@ def test_estimator_takes_a_list_of_references_and_weights(chain: dict):
     for name in ("items", "users"):
         np.testing.assert_array_equal(est.transforms_[name], direct.transforms[name])
     assert [r["weight"] for r in est.report_["references"]] == [0.8, 0.2]
+
+
+def test_suggested_weights_sum_to_one(chain: dict, tmp_path: Path):
+    third = dstab.stabilize(chain["new"]).to_zarr(tmp_path / "c")
+    with pytest.raises(UsageError, match=r"sum to 0\.999; they must sum to 1 \(e\.g\. 0\.3333,0\.3333,0\.3334\)"):
+        dstab.stabilize(chain["new"], [chain["a"], chain["b"], third], reference_weights=[0.333, 0.333, 0.333])
+
+
+def test_same_icechunk_version_through_main_refused(chain: dict, tmp_path: Path):
+    repo = tmp_path / "chain.icechunk"
+    dstab.stabilize(chain["a"]).to_zarr(f"{repo}/day1")
+    with pytest.raises(UsageError, match="is reference 1 again"):
+        dstab.stabilize(chain["new"], [f"{repo}/day1", f"{tmp_path}/chain.icechunk@main/day1"])
+
+
+def test_report_text_names_every_reference(chain: dict, tmp_path: Path):
+    out = dstab.stabilize(chain["new"], [chain["a"], chain["b"]], reference_weights=[0.6, 0.4]).to_zarr(tmp_path / "o")
+    text = dstab.report.format_report(dstab.report.describe(out))
+    assert "drift onto reference 1" in text and "weight 0.6" in text and "drift onto reference 2" in text
+    assert "0.6 x" in text and "0.4 x" in text  # the lineage line

@@ -71,12 +71,19 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
             text.append(
                 f"drift{onto} before {r['drift_before']:.4g}, after {r['drift_after']:.4g} (relative, anchors: {r['anchor']})"
             )
-        for i, ref in enumerate(r.get("references") or []):
+        several = r.get("references") or []
+        for i, ref in enumerate(several):
             text.append(
                 f"reference {i + 1} ({ref['url']}, weight {ref['weight']:g}): drift before {ref['drift_before']:.4g}, "
                 f"after {ref['drift_after']:.4g}"
             )
-        return text + format_side_drift(r.get("drift") or {}) + format_matching(r.get("matching") or {}) + notes
+        text += format_side_drift(r.get("drift") or {})
+        if several:  # how each reference's rows were paired with today's
+            for i, ref in enumerate(several):
+                text += [f"reference {i + 1}: {line}" for line in format_matching(ref.get("matching") or {})]
+        else:
+            text += format_matching(r.get("matching") or {})
+        return text + notes
 
     notes = output.notes(args, r.get("notes") or [])
     data = {"out": args.out, **_key_figures(r), "matching": r.get("matching") or {}, "seconds": round(seconds, 3)}
