@@ -42,7 +42,8 @@ def chain_versions(version: Version, base: Version | None = None) -> tuple[list[
         if target not in urls:
             stops = f"; it stops early: {missing}" if missing else ""
             raise InputError(
-                f"--base {base.url} is not on the lineage of {version.url} ({len(urls)} versions back to "
+                f"--base {base.url} is not on the lineage of {version.url} ({len(urls)} version"
+                f"{'s' if len(urls) != 1 else ''} back to "
                 f"{urls[-1]}{stops}); give a version of that chain (see dstab log {version.url})"
             )
         urls = urls[: urls.index(target) + 1]
@@ -166,7 +167,9 @@ def format_chain_report(report: dict[str, Any], moved: int = 3) -> str:
         )
         last = report["steps"][-1]
         for name, rows in last["moved"].items():
-            if rows:
+            if rows and max(r["distance"] for r in rows) == 0.0:
+                lines.append(f"  moved most at the last step, {name}: no row moved")
+            elif rows:
                 shown = ", ".join(f"{r['id']!r} ({r['distance']:.3g}, cos {r['cosine']:.3f})" for r in rows[:moved])
                 lines.append(f"  moved most at the last step, {name}: {shown}")
     else:

@@ -57,7 +57,7 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
         entries.append(entry)
         if url is not None:
             seen.add(url)
-        ref_url = (attrs.get("chain") or {}).get("previous") or attrs.get("reference")
+        ref_url, expected = _before(attrs)
         if not ref_url:
             break
         if ref_url in seen:
@@ -68,7 +68,25 @@ def chain(version: Version, *, limit: int = 10_000) -> list[dict[str, Any]]:
         except DstabError as exc:
             entry["missing"] = f"reference {ref_url} cannot be opened: {exc}"
             break
+        found = current.attrs.get("version_id")
+        if expected and found != expected:
+            made = current.attrs.get("created") or "at an unrecorded time"
+            entry["missing"] = (
+                f"{ref_url} was replaced after this version was made from it (what is there now was made {made}); "
+                "the figures measured against it no longer apply"
+            )
+            break
     return entries
+
+
+def _before(attrs: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The version before this one (the nightly's day before, else the first reference) and its recorded publish id."""
+    chain_attrs = attrs.get("chain") or {}
+    if chain_attrs.get("previous"):
+        return chain_attrs["previous"], chain_attrs.get("previous_version_id")
+    references = attrs.get("references") or []
+    recorded = references[0].get("version_id") if references and isinstance(references[0], dict) else None
+    return attrs.get("reference"), recorded
 
 
 KIND_WORDS = {

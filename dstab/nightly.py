@@ -161,19 +161,29 @@ class Day:
 
 
 def plan(
-    source: str, names: list[str], done: Iterable[str], stable: str | None = None, policy: Policy = Policy()
+    source: str,
+    names: list[str],
+    done: Iterable[str],
+    stable: str | None = None,
+    policy: Policy = Policy(),
+    *,
+    base_kept: bool = False,
 ) -> list[Day]:
-    """Every day in order, whether it is done, the day before it, its base and the days it is aligned onto."""
+    """Every day in order, whether it is done, the day before it, its base and the days it is aligned onto.
+
+    ``base_kept``: ``policy.base`` is a day whose raw version is gone (pruned) but whose stabilized version
+    the chain recorded as its base: every day is aligned with it.
+    """
     finished = set(done)
     root = stable if stable is not None else join(source, "stable")
     base = policy.base if policy.base is not None else (names[0] if names else None)
-    if base is not None and base not in names:
+    if base is not None and base not in names and not base_kept:
         raise UsageError(
             f"--base {base} is not a day under {join(source, 'raw')}; give one of its days ({names[0]} to {names[-1]})"
             if names
             else f"--base {base}: there are no days under {join(source, 'raw')}"
         )
-    days, before, reached = [], None, False
+    days, before, reached = [], None, base_kept and base not in names
     for name in names:
         day_base = base if reached else None
         refs = tuple(policy.references(before, day_base))
@@ -246,6 +256,14 @@ def check_stable_location(source: str, stable: str) -> None:
     raw = join(source, "raw")
     if is_local(stable) and not is_repo_url(stable) and local_path(stable).exists() and not local_path(stable).is_dir():
         raise UsageError(f"--stable {stable} is a file: give a directory (created if missing) or a URL")
+    if is_local(stable) and not is_repo_url(stable):
+        path = local_path(stable)
+        for place in (path, *path.parents):
+            if (place / "zarr.json").is_file():
+                raise UsageError(
+                    f"--stable {stable} is or lies inside the Zarr group {place} (a version or a table): the "
+                    "stabilized days would become part of it; give a directory outside every version"
+                )
     if same_or_nested(canonical_url(stable), canonical_url(raw)):
         raise UsageError(
             f"--stable {stable} is {raw} or inside it, where the raw days are: the nightly never writes among its "
@@ -295,6 +313,26 @@ def late_days(days: list[Day], done: Iterable[str]) -> list[Day]:
     finished = set(done)
     last_done = max((i for i, day in enumerate(days) if day.name in finished), default=0)
     return [day for day in days[:last_done] if day.name not in finished]
+
+
+def recorded_base(
+    days: list[Day], done: dict[str, Version], storage_options: dict[str, Any] | None = None
+) -> tuple[str, Version] | None:
+    """The base the chain recorded: (its day name, its stabilized version), from the last day done before the
+    first day to do. The chain keeps its base whatever raw days are pruned; None when none is recorded or it
+    cannot be opened (then the default applies, and :func:`base_change` says so)."""
+    todo = [d for d in days if d.name not in done]
+    last = todo[0].reference if todo else None
+    if last is None or last not in done:
+        return None
+    url = (done[last].attrs.get("chain") or {}).get("base")
+    if not url:
+        return None
+    try:
+        version = open_version(url, storage_options)
+    except DstabError:
+        return None
+    return url.rstrip("/").rsplit("/", 1)[-1], version
 
 
 def base_change(days: list[Day], done: dict[str, Version], policy: Policy) -> str | None:
@@ -379,8 +417,11 @@ def run(
     progress: bool = False,
     on_day: Callable[[dict[str, Any]], None] | None = None,
     night: Night | None = None,
+    known: dict[str, Version] | None = None,
 ) -> Night:
     """Stabilize the days not ``done`` in order, each onto the days :func:`plan` chose for it by the policy.
+
+    ``known`` holds stabilized days that are not among ``days`` (a kept base whose raw day is gone).
 
     ``options`` are :func:`dstab.stabilize`'s (sides, symmetric, rank, rtol,
     anchor, anchor_min_count, anchor_weights, method); the anchor options are
@@ -394,7 +435,7 @@ def run(
     it with the error) as that day failed.
     """
     night = night if night is not None else Night(source=source, stable=stable, gates=gates, policy=policy)
-    versions: dict[str, Version] = {}
+    versions: dict[str, Version] = dict(known or {})
     for day in days:
         if day.name in done:
             versions[day.name] = done[day.name]
@@ -451,6 +492,7 @@ def _one_day(
         **policy.as_dict(),
         "base": canonical_url(base.url) if base is not None and base.url else None,
         "previous": canonical_url(before.url) if before is not None and before.url else None,
+        "previous_version_id": before.attrs.get("version_id") if before is not None else None,
     }
     try:
         written = result.to_zarr(

@@ -81,7 +81,8 @@ def check_plot_target(path: str | os.PathLike[str]) -> None:
             pass
     except OSError as exc:
         raise UsageError(
-            f"--plot {name}: cannot write in {directory} ({exc.strerror or exc}); choose a directory you may write to"
+            f"--plot {name}: no file can be created in {directory} (the system said: {exc.strerror or exc}); "
+            "choose a directory you may write to"
         ) from None
 
 
@@ -465,7 +466,7 @@ def chain_figure(report: dict[str, Any]) -> Any:
         return [np.nan if s[to][key] is None else s[to][key] for s in steps]
 
     for ax, key, title, ylabel in (
-        (cos_ax, "mean_cosine", "mean row cosine (sampled common rows)", "mean row cosine"),
+        (cos_ax, "mean_cosine", "mean row cosine, and eigenspace overlap (dashed)", "mean row cosine / overlap"),
         (drift_ax, "drift", "relative drift (Frobenius, every common row)", "relative drift"),
     ):
         ax.plot(x, series("to_base", key), marker="o", color="C0", label="to the base")

@@ -184,7 +184,9 @@ def _drift_lines(title: str, d: dict[str, Any]) -> list[str]:
             f"eigenspace overlap {num(m.get('eigenspace_overlap'))}"
         )
         moved = m.get("moved") or []
-        if moved:
+        if moved and max(r["distance"] for r in moved) == 0.0:
+            lines.append("      moved most: no row moved")
+        elif moved:
             shown = ", ".join(f"{r['id']!r} ({r['distance']:.3g}, cos {r['cosine']:.3f})" for r in moved[:5])
             lines.append(f"      moved most (of {m.get('moved_among', 'every common row')}): {shown}")
     return lines
@@ -291,7 +293,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += _drift_lines(f"accumulated drift since {report['base_checked']} (measured now)", d)
         if c["base_in_chain"]:
             lines.append(
-                f"  over {len(c['steps'])} steps of stabilization; step drifts after alignment: "
+                f"  over {len(c['steps'])} steps of stabilization; each step's drift after alignment onto its "
+                "(first) reference: "
                 + ", ".join(num(s["drift_after"]) for s in reversed(c["steps"]))
                 + f" (sum {num(c['sum_of_step_drift_after'])})"
             )

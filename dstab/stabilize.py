@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -326,12 +327,14 @@ class Stabilization:
             "kind": "stabilized",
             "dstab_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "version_id": uuid.uuid4().hex,  # this publish, whatever is written at the same place later
             "input": canonical_url(self.new.url) if self.new.url else None,
             "reference": canonical_url(self.reference.url)
             if self.reference is not None and self.reference.url
             else None,
+            # which version each reference was when used: a later --overwrite of it is then told (dstab.lineage)
             "references": [
-                {"url": canonical_url(v.url) if v.url else None, "weight": w}
+                {"url": canonical_url(v.url) if v.url else None, "weight": w, "version_id": v.attrs.get("version_id")}
                 for v, w in zip(self.references, self.reference_weights)
             ],
             "structure": self.structure.to_attrs(),

@@ -279,15 +279,17 @@ def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pyt
     # a plot where no file can be made: one line, before any work
     done = run_cli("report", last, "--chain", "--plot", "/proc/chain.png")
     assert (
-        done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "cannot write in /proc" in done.stderr
+        done.returncode == 2
+        and len(done.stderr.strip().splitlines()) == 1
+        and "no file can be created in /proc" in done.stderr
     )
     # the first version: no steps, said so
     done = run_cli("report", str(tmp_path / "stable" / DAYS[0]), "--chain")
     assert done.returncode == 0 and "no steps" in done.stdout
 
 
-def test_pruned_raw_days_moving_the_base_are_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """Removing the first raw day moves the default base: the next night says so and names --base."""
+def test_pruned_raw_days_keep_the_chains_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """Removing the first raw day (retention) must not move the base: the chain keeps the base it recorded."""
     import shutil
 
     _days(tmp_path, n=4)
@@ -297,10 +299,18 @@ def test_pruned_raw_days_moving_the_base_are_said(tmp_path: Path, capsys: pytest
     _days(tmp_path, n=4)  # day 4 arrives; day 1's raw version is pruned (its stable version stays)
     shutil.rmtree(tmp_path / "raw" / DAYS[0])
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0
-    err = capsys.readouterr().err
-    assert f"gets the base {DAYS[1]}" in err and "pass --base" in err
-    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0  # all done: nothing said
-    assert "gets the base" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "gets the base" not in captured.err
+    assert json.loads(captured.out)["base"] == DAYS[0]
+    day4 = dstab.open_version(tmp_path / "stable" / DAYS[3]).attrs
+    assert day4["chain"]["base"].endswith(f"stable/{DAYS[0]}")
+    assert [Path(r["url"]).name for r in day4["references"]] == [DAYS[2], DAYS[0]]
+    # a --base given on the command line wins, and is said
+    _days(tmp_path, n=4)
+    shutil.rmtree(tmp_path / "raw" / DAYS[0])
+    shutil.rmtree(tmp_path / "stable" / DAYS[3])
+    assert dstab_main(["nightly", str(tmp_path), "--base", DAYS[1], "--scheduler", "synchronous", "--json"]) == 0
+    assert f"gets the base {DAYS[1]}" in capsys.readouterr().err
 
 
 def test_compounding_bases_keep_the_score_error_at_float32_rounding(tmp_path: Path, capsys):
@@ -364,3 +374,30 @@ def test_a_policy_change_between_nights_is_said(tmp_path: Path, capsys):
     assert "changes policy here" in err and "--policy mix" in err
     log = dstab.lineage.format_chain(dstab.lineage.chain(dstab.open_version(tmp_path / "stable" / DAYS[3])))
     assert "nightly --policy previous" in log and "nightly --policy mix (0.5 x the day before)" in log
+
+
+@pytest.mark.slow
+def test_a_reference_replaced_afterwards_ends_the_chain_there(tmp_path: Path, capsys):
+    """Overwriting a version that a later one was aligned onto: log and report --chain say so, never measure it."""
+    _days(tmp_path, n=3)
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    first = tmp_path / "stable" / DAYS[0]
+    dstab.stabilize(str(tmp_path / "raw" / DAYS[2])).to_zarr(first, overwrite=True)  # another version at day 1's place
+    last = dstab.open_version(tmp_path / "stable" / DAYS[2])
+    entries = dstab.lineage.chain(last)
+    assert len(entries) == 2 and "was replaced after this version was made from it" in entries[-1]["missing"]
+    done = run_cli("report", str(tmp_path / "stable" / DAYS[2]), "--chain")
+    assert done.returncode == 2 and "was replaced" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_nightly_stable_inside_a_version_is_refused_naming_stable(tmp_path: Path):
+    _days(tmp_path, n=2)
+    inside = tmp_path / "raw" / DAYS[0] / "stable"
+    done = run_cli("nightly", str(tmp_path), "--stable", str(tmp_path / "other" / "x"), "--json")
+    assert done.returncode == 0, done.stderr  # a plain new directory is fine
+    done = run_cli("nightly", str(tmp_path / "other"), "--stable", str(inside))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("dstab: error: --stable"), done.stderr
+    assert "inside the Zarr group" in lines[0] and not inside.exists()

@@ -206,6 +206,7 @@ def test_reference_with_other_tables_refused(chain: dict, tmp_path: Path):
         (["--reference-weights", "1.2,-0.2"], "weight 2 is -0.2"),
         (["--reference-weights", "0.5,0.5,0"], "3 weights for 2 references"),
         (["--reference-weights", "half,half"], "comma-separated numbers"),
+        (["--reference-weights", "-0.5,1.5"], "weight 1 is -0.5; every weight must be above 0"),
         (["--reference", "{a}"], "is reference 1 again"),
         (["--reference", "{other}"], "has the tables"),
     ],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 
@@ -30,10 +31,28 @@ from ..errors import DstabError
 from . import output
 from .parser import OneLineParser, build_parser
 
+# options whose value is a comma-separated list of numbers: argparse takes "-0.5,1.5" for an option, so a
+# negative first number would never reach the option's own one-line check
+LIST_OPTIONS = ("--reference-weights",)
+
+
+def _attach_negative_lists(argv: list[str]) -> list[str]:
+    """``--reference-weights -0.5,1.5`` as ``--reference-weights=-0.5,1.5``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in LIST_OPTIONS and i + 1 < len(argv) and re.match(r"-[0-9.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _attach_negative_lists(sys.argv[1:] if argv is None else list(argv))
     OneLineParser.last_error = None
     try:
         args = parser.parse_args(argv)

@@ -111,7 +111,10 @@ def _check_plot_path(args: argparse.Namespace) -> None:
     if os.path.splitext(plot)[1].lower() != ".png":
         raise UsageError(f"--plot needs a .png file name, got {plot}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
-        raise UsageError(f"--plot {plot}: the directory {os.path.dirname(os.path.abspath(plot))} does not exist")
+        raise UsageError(
+            f"--plot {plot}: the directory {os.path.dirname(os.path.abspath(plot))} does not exist; create it or "
+            "choose a .png in an existing directory"
+        )
     for name in ("version", "reference", "base", "path"):
         source = getattr(args, name, None)
         if source and same_or_nested(plot, os.fspath(source)):
@@ -474,6 +477,13 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         log.info("nightly: no days under %s yet: nothing to do", nightly.join(source, "raw"))
     days = nightly.plan(source, names, (), stable=stable, policy=policy)
     done = nightly.find_done(days, options)
+    known: dict[str, Version] = {}
+    if args.base is None and policy.kind != "previous":
+        kept = nightly.recorded_base(days, done, options)  # the chain keeps its base, whatever raw days are gone
+        if kept is not None:
+            policy = nightly.Policy(policy.kind, policy.previous_weight, kept[0])
+            known = {kept[0]: kept[1]} if kept[0] not in names else {}
+            days = nightly.plan(source, names, (), stable=stable, policy=policy, base_kept=True)
     todo = [day for day in days if day.name not in done]
     for day in nightly.late_days(days, done):
         log.warning(
@@ -498,7 +508,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         # the first day to do, checked (structure, anchors, rank) before any cluster starts; its reference is done
         first = todo[0]
         new = open_version(first.raw, options)
-        references = [done[name] for name, _ in first.references]  # every day before the first to do is done
+        # every day before the first to do is done (or is the kept base)
+        references = [{**known, **done}[name] for name, _ in first.references]
         for day in todo:  # a folder of the user's at any STABLE/<day>: refused before the first day is stabilized
             check_output(day.stable, inputs=[day.raw], overwrite=False, storage_options=options)
         check_request(
@@ -515,12 +526,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         for note in record.get("notes") or []:
             log.info("%s: note: %s", record["name"], note)
 
-    night = nightly.Night(source=source, stable=stable, gates=gates, policy=policy)
+    night = nightly.Night(source=source, stable=stable, gates=gates, policy=policy)  # the policy as applied
     try:
         with scheduler_from_args(args, tables) if todo else contextlib.nullcontext():
             nightly.run(
                 days, done, source=source, stable=stable, options=fit, gates=gates, policy=policy,
-                storage_options=options, progress=output.progress(args), on_day=said, night=night,
+                storage_options=options, progress=output.progress(args), on_day=said, night=night, known=known,
             )  # fmt: skip
     except DstabError as exc:
         exc.night = night  # type: ignore[attr-defined]  # the failure's JSON object says what the night did before it
