@@ -320,7 +320,7 @@ def recorded_base(
 ) -> tuple[str, Version] | None:
     """The base the chain recorded: (its day name, its stabilized version), from the last day done before the
     first day to do. The chain keeps its base whatever raw days are pruned; None when none is recorded or it
-    cannot be opened (then the default applies, and :func:`base_change` says so)."""
+    cannot be opened (then the default applies, and :func:`chain_changes` says so)."""
     todo = [d for d in days if d.name not in done]
     last = todo[0].reference if todo else None
     if last is None or last not in done:
@@ -335,32 +335,38 @@ def recorded_base(
     return url.rstrip("/").rsplit("/", 1)[-1], version
 
 
-def base_change(days: list[Day], done: dict[str, Version], policy: Policy) -> str | None:
-    """A note when the first day to do gets another policy or base than the day before it recorded.
-
-    The default base is the first day under SOURCE/raw: removing old raw days moves it, and every later day
-    would then be pulled towards a new base. Said before any work, with the fix; ``--base`` names one.
-    """
+def chain_changes(days: list[Day], done: dict[str, Version], policy: Policy, known: dict[str, Version]) -> list[str]:
+    """Notes when the first day to do is aligned otherwise than the day before it recorded: another policy,
+    another base (``--base``), or the same base replaced (overwritten) since. Said before any work."""
     todo = [d for d in days if d.name not in done]
     if not todo or todo[0].reference not in done:
-        return None
-    before = done[todo[0].reference]
+        return []
+    first, before = todo[0], done[todo[0].reference]
     chain = before.attrs.get("chain") or {}
+    notes = []
     if chain.get("policy") and chain.get("policy") != policy.kind:
-        return (
-            f"{todo[0].name} is aligned by --policy {policy.kind}, but {todo[0].reference} was aligned by "
+        notes.append(
+            f"{first.name} is aligned by --policy {policy.kind}, but {first.reference} was aligned by "
             f"--policy {chain['policy']}: the chain changes policy here (give --policy {chain['policy']} to keep it)"
         )
-    recorded, base = chain.get("base"), todo[0].base
-    if policy.kind == "previous" or not recorded or base is None:
-        return None
-    now = next((d for d in days if d.name == base), None)
-    if now is None or canonical_url(now.stable) == recorded:
-        return None
-    return (
-        f"{todo[0].name} gets the base {base}, but {todo[0].reference} was aligned with the base {recorded}: "
-        f"pass --base with the day you want, every night (a --base given once, or raw days removed, move it)"
-    )
+    recorded, base = chain.get("base"), first.base
+    if not recorded or base is None:
+        return notes
+    now = next((d.stable for d in days if d.name == base), None)
+    if now is not None and canonical_url(now) != recorded:
+        notes.append(
+            f"{first.name} gets the base {base}, but {first.reference} was aligned with the base {recorded}: "
+            f"the chain's base is {base} from here on"
+        )
+        return notes
+    version = {**known, **done}.get(base)
+    recorded_id = chain.get("base_version_id")
+    if version is not None and recorded_id and version.attrs.get("version_id") != recorded_id:
+        notes.append(
+            f"the base {recorded} was replaced after {first.reference} was aligned with it: {first.name} and later "
+            "days are aligned with what is there now (restore the old base to keep the chain's)"
+        )
+    return notes
 
 
 def _staged_aside(url: str) -> bool:
@@ -493,6 +499,7 @@ def _one_day(
         "base": canonical_url(base.url) if base is not None and base.url else None,
         "previous": canonical_url(before.url) if before is not None and before.url else None,
         "previous_version_id": before.attrs.get("version_id") if before is not None else None,
+        "base_version_id": base.attrs.get("version_id") if base is not None else None,
     }
     try:
         written = result.to_zarr(

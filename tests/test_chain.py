@@ -401,3 +401,33 @@ def test_nightly_stable_inside_a_version_is_refused_naming_stable(tmp_path: Path
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("dstab: error: --stable"), done.stderr
     assert "inside the Zarr group" in lines[0] and not inside.exists()
+
+
+def test_the_base_survives_a_previous_night_and_a_replaced_base_is_said(tmp_path: Path, capsys):
+    """--base once, then a --policy previous night, then the default: the base stays; overwriting it is said."""
+    import shutil
+
+    _days(tmp_path, n=4)
+    held = tmp_path / "held"
+    held.mkdir()
+    for day in DAYS[2:]:
+        shutil.move(str(tmp_path / "raw" / day), held / day)
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    shutil.move(str(held / DAYS[2]), tmp_path / "raw" / DAYS[2])
+    assert dstab_main(["nightly", str(tmp_path), "--base", DAYS[1], "--scheduler", "synchronous", "-q", "--json"]) == 0
+    capsys.readouterr()
+    shutil.move(str(held / DAYS[3]), tmp_path / "raw" / DAYS[3])
+    assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
+    night = json.loads(capsys.readouterr().out)
+    assert night["base"] == DAYS[1]
+    day4 = dstab.open_version(tmp_path / "stable" / DAYS[3]).attrs["chain"]
+    assert day4["base"].endswith(f"stable/{DAYS[1]}") and day4["policy"] == "previous"
+    # the base is overwritten, then a new day: said
+    dstab.stabilize(str(tmp_path / "raw" / DAYS[1]), str(tmp_path / "stable" / DAYS[0])).to_zarr(
+        tmp_path / "stable" / DAYS[1], overwrite=True
+    )
+    _version(tmp_path / "raw" / "2026-11-05", *[np.asarray(a) for a in _days(tmp_path / "again", n=1)[0]],
+             np.arange(250), np.arange(400))  # fmt: skip
+    assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert f"the base {tmp_path / 'stable' / DAYS[1]} was replaced" in err

@@ -478,8 +478,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     days = nightly.plan(source, names, (), stable=stable, policy=policy)
     done = nightly.find_done(days, options)
     known: dict[str, Version] = {}
-    if args.base is None and policy.kind != "previous":
-        kept = nightly.recorded_base(days, done, options)  # the chain keeps its base, whatever raw days are gone
+    if args.base is None:  # the chain keeps its base, whatever raw days are gone (and through previous nights)
+        kept = nightly.recorded_base(days, done, options)
         if kept is not None:
             policy = nightly.Policy(policy.kind, policy.previous_weight, kept[0])
             known = {kept[0]: kept[1]} if kept[0] not in names else {}
@@ -491,9 +491,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             "it stay as they were (the chain branches here)", day.name,
             " + ".join(f"{w:g} x {name}" for name, w in day.references) or "nothing (the first day)",
         )  # fmt: skip
-    changed = nightly.base_change(days, done, policy)
-    if changed:
-        log.warning("dstab: note: %s", changed)
+    for change in nightly.chain_changes(days, done, policy, known):
+        log.warning("dstab: note: %s", change)
     log.debug("nightly: %d days under %s: %d done, %d to do; stable versions in %s", len(days), nightly.join(source, "raw"),
               len(done), len(todo), stable)  # fmt: skip
     for day in days:
