@@ -474,13 +474,15 @@ def chain_figure(report: dict[str, Any]) -> Any:
         if key == "mean_cosine":
             ax.plot(x, series("to_previous", "eigenspace_overlap"), linestyle="--", color="C2",
                     label="eigenspace overlap with the version before")  # fmt: skip
-        ax.set_xlabel("step (versions after the base)")
+        ax.set_xlabel("version (steps after the base)")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=9)
-        if x:
-            ax.set_xticks(x if len(x) <= 20 else x[:: max(1, len(x) // 10)])
+        ax.legend(loc="best", fontsize=9, framealpha=0.6)
+        if x:  # the versions' names (dates, for nightly days) under their steps
+            ticks = x if len(x) <= 20 else x[:: max(1, len(x) // 10)]
+            names = {s["step"]: _short(os.path.basename(str(s["url"]).rstrip("/"))) for s in steps}
+            ax.set_xticks(ticks, [f"{names[t]}\n({t})" for t in ticks], rotation=30, ha="right", fontsize=8)
     base = os.path.basename(str(report["base"]).rstrip("/"))
     fig.suptitle(
         f"drift over time: {len(steps)} step{'s' if len(steps) != 1 else ''} from the base {base}", fontsize=11
