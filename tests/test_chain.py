@@ -431,3 +431,25 @@ def test_the_base_survives_a_previous_night_and_a_replaced_base_is_said(tmp_path
     assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
     err = capsys.readouterr().err
     assert f"the base {tmp_path / 'stable' / DAYS[1]} was replaced" in err
+
+
+def test_chain_figure_labels_the_versions_and_draws_every_step():
+    from dstab.plots import chain_figure
+
+    def point(c: float, d: float) -> dict:
+        return {"mean_cosine": c, "drift": d, "eigenspace_overlap": 0.99, "tables": {}}
+
+    steps = [
+        {"step": i, "url": f"/data/stable/{DAYS[i]}", "to_base": point(1 - 0.01 * i, 0.1 * i),
+         "to_previous": point(0.99, 0.05), "moved": {}}
+        for i in range(1, 4)
+    ]  # fmt: skip
+    fig = chain_figure({"steps": steps, "versions": 4, "base": f"/data/stable/{DAYS[0]}"})
+    cos_ax, drift_ax = fig.axes
+    labels = [t.get_text() for t in cos_ax.get_xticklabels()]
+    assert [label.split("\n")[0] for label in labels] == DAYS[1:]
+    to_base = cos_ax.get_lines()[0]
+    np.testing.assert_allclose(to_base.get_ydata(), [0.99, 0.98, 0.97])
+    np.testing.assert_allclose(drift_ax.get_lines()[0].get_ydata(), [0.1, 0.2, 0.3])
+    empty = chain_figure({"steps": [], "versions": 1, "base": "/data/stable/x"})
+    assert "no steps" in empty.axes[0].texts[0].get_text()
