@@ -711,7 +711,7 @@ def stabilize(
             {
                 "url": canonical_url(ref.url) if ref.url else None,
                 "weight": weight,
-                **_drift_figures(ref_stats, anchors, transforms),
+                **_drift_figures(ref_stats, anchors, transforms)[0],
                 "matching": {name: matching_report(ref_stats[name], new, ref, name) for name in anchors},
             }
             for ref, weight, ref_stats in zip(references, request.reference_weights, per_reference)
@@ -789,35 +789,12 @@ def weighted_cross(
 
 def _drift_figures(
     stats: dict[str, TableStats], anchors: tuple[str, ...], transforms: dict[str, np.ndarray]
-) -> dict[str, Any]:
-    """Drift before and after against one reference, over its anchor tables (relative Frobenius, row cosine)."""
-    out: dict[str, Any] = {"drift": {}}
-    before = after = scale = 0.0
-    for name in anchors:
-        b = measures.table_drift(stats[name], None)
-        a = measures.table_drift(stats[name], transforms[name])
-        before, after, scale = before + b["sq"], after + a["sq"], scale + a["scale"]
-        out["drift"][name] = {
-            "before": measures.relative(b["sq"], b["scale"] or 1.0),
-            "after": measures.relative(a["sq"], a["scale"] or 1.0),
-            "cosine_before": b["cosine"],
-            "cosine_after": a["cosine"],
-        }
-    out["drift_before"] = measures.relative(before, scale or 1.0)
-    out["drift_after"] = measures.relative(after, scale or 1.0)
-    return out
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Drift before and after onto one reference, over its anchor tables (relative Frobenius, row cosine).
 
-
-def _fit_report(
-    new: Version,
-    reference: Version | None,
-    request: Request,
-    stats: dict[str, TableStats],
-    transforms: dict[str, np.ndarray],
-    canonical: linalg.Canonical,
-    method_used: str,
-) -> dict[str, Any]:
-    anchors = request.anchor_tables
+    Returns the report's figures (``drift`` per table, ``drift_before``, ``drift_after``) and each table's
+    measures before and after (:func:`dstab.measures.table_drift`), for the figures per dimension.
+    """
     drift: dict[str, dict[str, Any]] = {}
     before, after = [], []
     for name in anchors:
@@ -833,6 +810,25 @@ def _fit_report(
             drift[name]["cosine_before"] = b["cosine"]
             drift[name]["cosine_after"] = a["cosine"]
     scale = sum(m["scale"] for m in after) or 1.0
+    figures = {
+        "drift": drift,
+        "drift_before": measures.relative(sum(m["sq"] for m in before), scale) if anchors else None,
+        "drift_after": measures.relative(sum(m["sq"] for m in after), scale) if anchors else None,
+    }
+    return figures, before, after
+
+
+def _fit_report(
+    new: Version,
+    reference: Version | None,
+    request: Request,
+    stats: dict[str, TableStats],
+    transforms: dict[str, np.ndarray],
+    canonical: linalg.Canonical,
+    method_used: str,
+) -> dict[str, Any]:
+    anchors = request.anchor_tables
+    figures, before, after = _drift_figures(stats, anchors, transforms)
     report: dict[str, Any] = {
         "structure": request.structure.to_attrs(),
         "rank": canonical.rank,
@@ -843,9 +839,7 @@ def _fit_report(
         "rtol": request.rtol,
         "method": method_used,
         "singular_values": canonical.singular_values.tolist(),
-        "drift_before": measures.relative(sum(m["sq"] for m in before), scale) if anchors else None,
-        "drift_after": measures.relative(sum(m["sq"] for m in after), scale) if anchors else None,
-        "drift": drift,
+        **figures,
         "drift_per_dim": _per_dim(before, after) if anchors else None,
         "side_spectra": {name: singular_values_from_gram(stats[name].gram).tolist() for name in new.names},
         "anchor": ",".join(anchors) if reference is not None else None,
