@@ -156,7 +156,7 @@ class Day:
     stable: str  # where its stabilized version goes
     done: bool  # its stabilized version is there, complete
     reference: str | None  # the day before it (None: the first day)
-    base: str | None = None  # its chain's base day (None: it is the base, or comes before it)
+    base: str | None = None  # its chain's base day (itself for the base day; None before the base)
     references: tuple[tuple[str, float], ...] = ()  # the days it is aligned onto, with weights
 
 
@@ -185,8 +185,8 @@ def plan(
         )
     days, before, reached = [], None, base_kept and base not in names
     for name in names:
-        day_base = base if reached else None
-        refs = tuple(policy.references(before, day_base))
+        refs = tuple(policy.references(before, base if reached else None))
+        day_base = base if reached or name == base else None  # the base day records itself as the chain's base
         days.append(
             Day(name, join(join(source, "raw"), name), join(root, name), name in finished, before, day_base, refs)
         )
@@ -493,10 +493,11 @@ def _one_day(
         progress=progress,
     )
     before = versions.get(day.reference) if day.reference is not None else None
-    base = versions.get(day.base) if day.base is not None else None
+    base = versions.get(day.base) if day.base is not None and day.base != day.name else None
+    base_url = canonical_url(day.stable) if day.base == day.name else base.url if base is not None else None
     result.chain = {
         **policy.as_dict(),
-        "base": canonical_url(base.url) if base is not None and base.url else None,
+        "base": canonical_url(base_url) if base_url else None,
         "previous": canonical_url(before.url) if before is not None and before.url else None,
         "previous_version_id": before.attrs.get("version_id") if before is not None else None,
         "base_version_id": base.attrs.get("version_id") if base is not None else None,

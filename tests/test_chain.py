@@ -453,3 +453,27 @@ def test_chain_figure_labels_the_versions_and_draws_every_step():
     np.testing.assert_allclose(drift_ax.get_lines()[0].get_ydata(), [0.1, 0.2, 0.3])
     empty = chain_figure({"steps": [], "versions": 1, "base": "/data/stable/x"})
     assert "no steps" in empty.axes[0].texts[0].get_text()
+
+
+def test_a_base_named_on_its_own_night_is_kept(tmp_path: Path, capsys):
+    """--base names the day stabilized tonight: that day records itself as the base, and the next night keeps it."""
+    import shutil
+
+    _days(tmp_path, n=4)
+    held = tmp_path / "held"
+    held.mkdir()
+    for day in DAYS[2:]:
+        shutil.move(str(tmp_path / "raw" / day), held / day)
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
+    shutil.move(str(held / DAYS[2]), tmp_path / "raw" / DAYS[2])
+    assert dstab_main(["nightly", str(tmp_path), "--base", DAYS[2], "--scheduler", "synchronous", "-q", "--json"]) == 0
+    assert dstab.open_version(tmp_path / "stable" / DAYS[2]).attrs["chain"]["base"].endswith(f"stable/{DAYS[2]}")
+    capsys.readouterr()
+    shutil.move(str(held / DAYS[3]), tmp_path / "raw" / DAYS[3])
+    assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["base"] == DAYS[2] and "gets the base" not in captured.err
+    day4 = dstab.open_version(tmp_path / "stable" / DAYS[3]).attrs
+    # the day after the base: the day before is the base, so it is the only reference
+    assert [Path(r["url"]).name for r in day4["references"]] == [DAYS[2]]
+    assert day4["chain"]["base"].endswith(f"stable/{DAYS[2]}")
