@@ -27,12 +27,13 @@ from .stats import TableStats, pass_statistics
 from .store import Version, canonical_url, open_version
 
 
-def chain_versions(version: Version, base: Version | None = None) -> tuple[list[Version], str | None]:
-    """The versions from the base to ``version``, oldest first, and why the walk stopped early (or None).
+def chain_versions(version: Version, base: Version | None = None) -> list[Version]:
+    """The versions from the base to ``version``, oldest first.
 
     The walk follows each version's recorded ``chain.previous`` (the nightly
     job's day before) or its (first) reference. With ``base`` it stops there,
-    and a base not on the lineage is refused.
+    and a base not on the lineage is refused; without, a lineage that stops
+    early (a version gone or replaced) is refused.
     """
     entries = chain(version)
     urls = [e["url"] for e in entries]
@@ -47,7 +48,6 @@ def chain_versions(version: Version, base: Version | None = None) -> tuple[list[
                 f"{urls[-1]}{stops}); give a version of that chain (see dstab log {version.url})"
             )
         urls = urls[: urls.index(target) + 1]
-        missing = None
     elif missing:
         # a base quietly moved to wherever the walk stopped would measure drift from the wrong version
         raise InputError(
@@ -55,7 +55,7 @@ def chain_versions(version: Version, base: Version | None = None) -> tuple[list[
             f"--base with a version from {urls[-1]} on to measure from there"
         )
     versions = [version] + [open_version(url, version.storage_options) for url in urls[1:]]
-    return versions[::-1], missing
+    return versions[::-1]
 
 
 def _pooled(version: Version, per_table: dict[str, TableStats]) -> dict[str, Any]:
@@ -85,15 +85,20 @@ def _pooled(version: Version, per_table: dict[str, TableStats]) -> dict[str, Any
 
 
 def chain_report(version: Version, base: Version | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """The drift-over-time report of ``version``'s lineage (JSON-ready), oldest version first.
+    """The drift-over-time report of ``version``'s lineage (JSON-ready): :func:`measure_chain` of
+    :func:`chain_versions`."""
+    return measure_chain(chain_versions(version, base), progress=progress)
+
+
+def measure_chain(versions: list[Version], *, progress: bool = False) -> dict[str, Any]:
+    """Every version after the first (the base) against it and against the version before, oldest first.
 
     ``steps[i]`` holds the i-th version after the base: ``to_base`` and
     ``to_previous`` (each: ``drift``, ``mean_cosine``, ``eigenspace_overlap``,
     pooled and per table) and ``moved`` (per table, the rows that moved most
     since the version before: ``id``, ``distance``, ``cosine``).
     """
-    versions, stopped = chain_versions(version, base)
-    first = versions[0]
+    first, version = versions[0], versions[-1]
     steps: list[dict[str, Any]] = []
     for i, current in enumerate(versions[1:], start=1):
         previous = versions[i - 1]
@@ -119,7 +124,6 @@ def chain_report(version: Version, base: Version | None = None, *, progress: boo
         "version": canonical_url(version.url) if version.url else None,
         "base": canonical_url(first.url) if first.url else None,
         "versions": len(versions),
-        "stopped": stopped,
         "steps": steps,
         "summary": _summary(steps),
     }
@@ -176,6 +180,4 @@ def format_chain_report(report: dict[str, Any], moved: int = 3) -> str:
         lines.append("  no steps: the version is the base of its chain")
     lines.append("  (cos: mean row cosine of sampled common rows; drift: relative Frobenius; overlap: eigenspace")
     lines.append("   overlap with the version before, 1 = the same subspace)")
-    if report["stopped"]:
-        lines.append(f"  the lineage stops early: {report['stopped']}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import dask
@@ -175,6 +176,17 @@ def _days(root: Path, n: int = 4, noise: float = 0.3) -> list[tuple[np.ndarray, 
     return made
 
 
+def _hold_back(root: Path, days: list[str]) -> None:
+    """Move raw days out of SOURCE/raw, as if they had not arrived yet (:func:`_arrive` brings one in)."""
+    (root / "held").mkdir(exist_ok=True)
+    for day in days:
+        shutil.move(str(root / "raw" / day), root / "held" / day)
+
+
+def _arrive(root: Path, day: str) -> None:
+    shutil.move(str(root / "held" / day), root / "raw" / day)
+
+
 def _pooled_cosine_and_drift(a: dstab.Version, b: dstab.Version) -> tuple[float, float]:
     """Mean row cosine and relative drift over every common id of both tables (numpy)."""
     xs, ys = [], []
@@ -290,8 +302,6 @@ def test_report_chain_cli_text_json_png_and_bad_base(tmp_path: Path, capsys: pyt
 
 def test_pruned_raw_days_keep_the_chains_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Removing the first raw day (retention) must not move the base: the chain keeps the base it recorded."""
-    import shutil
-
     _days(tmp_path, n=4)
     shutil.rmtree(tmp_path / "raw" / DAYS[3])
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
@@ -345,8 +355,6 @@ def test_compounding_bases_keep_the_score_error_at_float32_rounding(tmp_path: Pa
 
 @pytest.mark.slow
 def test_chain_with_a_missing_middle_version_is_refused_unless_a_base_is_named(tmp_path: Path, capsys):
-    import shutil
-
     _days(tmp_path, n=4)
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
     capsys.readouterr()
@@ -361,14 +369,10 @@ def test_chain_with_a_missing_middle_version_is_refused_unless_a_base_is_named(t
 
 def test_a_policy_change_between_nights_is_said(tmp_path: Path, capsys):
     _days(tmp_path, n=4)
-    shutil_days = tmp_path / "raw" / DAYS[3]
-    import shutil
-
-    held = tmp_path / "held"
-    shutil.move(str(shutil_days), held)
+    _hold_back(tmp_path, DAYS[3:])
     assert dstab_main(["nightly", str(tmp_path), "--policy", "mix", "--scheduler", "synchronous", "-q", "--json"]) == 0
     capsys.readouterr()
-    shutil.move(str(held), shutil_days)
+    _arrive(tmp_path, DAYS[3])
     assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
     err = capsys.readouterr().err
     assert "changes policy here" in err and "--policy mix" in err
@@ -405,18 +409,13 @@ def test_nightly_stable_inside_a_version_is_refused_naming_stable(tmp_path: Path
 
 def test_the_base_survives_a_previous_night_and_a_replaced_base_is_said(tmp_path: Path, capsys):
     """--base once, then a --policy previous night, then the default: the base stays; overwriting it is said."""
-    import shutil
-
     _days(tmp_path, n=4)
-    held = tmp_path / "held"
-    held.mkdir()
-    for day in DAYS[2:]:
-        shutil.move(str(tmp_path / "raw" / day), held / day)
+    _hold_back(tmp_path, DAYS[2:])
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
-    shutil.move(str(held / DAYS[2]), tmp_path / "raw" / DAYS[2])
+    _arrive(tmp_path, DAYS[2])
     assert dstab_main(["nightly", str(tmp_path), "--base", DAYS[1], "--scheduler", "synchronous", "-q", "--json"]) == 0
     capsys.readouterr()
-    shutil.move(str(held / DAYS[3]), tmp_path / "raw" / DAYS[3])
+    _arrive(tmp_path, DAYS[3])
     assert dstab_main(["nightly", str(tmp_path), "--policy", "previous", "--scheduler", "synchronous", "--json"]) == 0
     night = json.loads(capsys.readouterr().out)
     assert night["base"] == DAYS[1]
@@ -457,19 +456,14 @@ def test_chain_figure_labels_the_versions_and_draws_every_step():
 
 def test_a_base_named_on_its_own_night_is_kept(tmp_path: Path, capsys):
     """--base names the day stabilized tonight: that day records itself as the base, and the next night keeps it."""
-    import shutil
-
     _days(tmp_path, n=4)
-    held = tmp_path / "held"
-    held.mkdir()
-    for day in DAYS[2:]:
-        shutil.move(str(tmp_path / "raw" / day), held / day)
+    _hold_back(tmp_path, DAYS[2:])
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "-q", "--json"]) == 0
-    shutil.move(str(held / DAYS[2]), tmp_path / "raw" / DAYS[2])
+    _arrive(tmp_path, DAYS[2])
     assert dstab_main(["nightly", str(tmp_path), "--base", DAYS[2], "--scheduler", "synchronous", "-q", "--json"]) == 0
     assert dstab.open_version(tmp_path / "stable" / DAYS[2]).attrs["chain"]["base"].endswith(f"stable/{DAYS[2]}")
     capsys.readouterr()
-    shutil.move(str(held / DAYS[3]), tmp_path / "raw" / DAYS[3])
+    _arrive(tmp_path, DAYS[3])
     assert dstab_main(["nightly", str(tmp_path), "--scheduler", "synchronous", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["base"] == DAYS[2] and "gets the base" not in captured.err

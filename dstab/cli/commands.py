@@ -162,15 +162,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _chain_report(args: argparse.Namespace, options: dict[str, Any] | None) -> int:
     """``report VERSION --chain [--base FIRST]``: drift over time along the lineage (text, JSON, PNG)."""
-    from ..chain import chain_report, chain_versions, format_chain_report
+    from ..chain import chain_versions, format_chain_report, measure_chain
     from ..plots import plot_chain
     from ..store import open_version
 
     version = open_version(args.version, options)
     base = open_version(args.base, options) if args.base else None
-    versions, _ = chain_versions(version, base)  # a base off the lineage is refused before any cluster starts
+    versions = chain_versions(version, base)  # walked once; a broken lineage is refused before any cluster starts
     with scheduler_from_args(args, _tables(*versions[-2:])) if len(versions) > 1 else contextlib.nullcontext():
-        report = chain_report(version, base, progress=output.progress(args) and not args.json)
+        report = measure_chain(versions, progress=output.progress(args) and not args.json)
     _emit(args, report, lambda: format_chain_report(report), lambda path: plot_chain(report, path))
     return 0
 
