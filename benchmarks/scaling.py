@@ -71,15 +71,17 @@ def dataset(directory: Path, rows: int, dim: int) -> tuple[dstab.Version, dstab.
 
 
 def run_point(client: Client, new: dstab.Version, ref: dstab.Version, out: Path, repeat: int) -> dict:
-    times, peaks, spills = [], [], []
+    times, peaks, spills, kept = [], [], [], []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         client.run(lambda: __import__("gc").collect())
         spill_before = spilled_bytes(client)
         with PeakSampler() as sampler:
             started = time.perf_counter()
-            dstab.stabilize(new, ref).to_zarr(out)
+            result = dstab.stabilize(new, ref)  # in memory or not as the default (auto) decides for these workers
+            result.to_zarr(out)
             times.append(time.perf_counter() - started)
+        kept.append(result.report["in_memory"])
         peaks.append(sampler.peak)
         spills.append(spilled_bytes(client) - spill_before)
         shutil.rmtree(out, ignore_errors=True)
@@ -93,6 +95,7 @@ def run_point(client: Client, new: dstab.Version, ref: dstab.Version, out: Path,
         "ns_per_row": median / rows * 1e9,
         "peak_rss_bytes": max(peaks),
         "spilled_bytes": max(spills),
+        "in_memory": all(kept),
     }
 
 
@@ -195,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     result["speedup_1_to_max_workers"] = sweep[0]["median_s"] / sweep[-1]["median_s"] if len(sweep) > 1 else None
     (args.out / "scaling.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "scaling.png")
-    print(f"{'rows':>12} {'median s':>9} {'ns/row':>8} {'peak GiB':>9} {'pair GiB':>9} {'spilled MiB':>12}")
+    print(f"{'rows':>12} {'median s':>9} {'ns/row':>8} {'peak GiB':>9} {'pair GiB':>9} {'spilled MiB':>12} in memory")
     for p in result["rows_sweep"]:
         print(f"{p['rows']:>12,} {p['median_s']:>9.2f} {p['ns_per_row']:>8.1f} {p['peak_rss_bytes'] / 2**30:>9.2f} "
-              f"{p['vector_bytes_pair'] / 2**30:>9.2f} {p['spilled_bytes'] / 2**20:>12.1f}")  # fmt: skip
+              f"{p['vector_bytes_pair'] / 2**30:>9.2f} {p['spilled_bytes'] / 2**20:>12.1f} {p['in_memory']}")  # fmt: skip
     lo, hi = result["time_per_row_spread"]
     print(f"time per row within {lo:+.0%} / {hi:+.0%} of the median across sizes")
     for p in sweep:

@@ -31,7 +31,7 @@ IntKey = Literal[
     "check-rows",
     "moved-rows",
 ]
-BytesKey = Literal["block-bytes", "id-sample-bytes", "slice-bytes"]
+BytesKey = Literal["block-bytes", "id-sample-bytes", "slice-bytes", "in-process-bytes"]
 SecondsKey = Literal["settle-seconds", "claim-lease", "probe-timeout"]
 Key = IntKey | BytesKey | SecondsKey
 
@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "sample-rows": 256,
     "id-sample-bytes": "32MiB",
     "slice-bytes": "1MiB",
+    "in-process-bytes": "1GiB",
     "id-bucket-rows": 4_194_304,
     "pair-rows": 1024,
     "join-rows": 65_536,

@@ -57,8 +57,10 @@ class Stabilizer:
     (``"auto"`` or an int), ``rtol``, ``sides`` (``"users:items,creators"``),
     ``symmetric``, ``anchor``, ``anchor_min_count``, ``anchor_weights``
     (``"uniform"`` or ``"counts"``), ``method`` (``"auto"``, ``"gram"``,
-    ``"tsqr"``) and ``reference_weights`` (one per reference when :meth:`fit`
-    gets a list of them; default equal). Nothing is checked or computed until
+    ``"tsqr"``), ``reference_weights`` (one per reference when :meth:`fit`
+    gets a list of them; default equal) and ``in_memory`` (``"auto"``, ``True``,
+    ``False``: whether :meth:`fit` keeps the new tables' blocks in memory for
+    :meth:`to_zarr`, which lets them go). Nothing is checked or computed until
     :meth:`fit`.
     """
 
@@ -73,6 +75,7 @@ class Stabilizer:
         anchor_weights: AnchorWeights = "uniform",
         method: Method = "auto",
         reference_weights: list[float] | tuple[float, ...] | None = None,
+        in_memory: bool | Literal["auto"] = "auto",
     ) -> None:
         self.rank = rank
         self.rtol = rtol
@@ -83,6 +86,7 @@ class Stabilizer:
         self.anchor_weights = anchor_weights
         self.method = method
         self.reference_weights = reference_weights
+        self.in_memory = in_memory
 
     # ------------------------------------------------------------------------- parameters
 

@@ -27,9 +27,10 @@ from typing import Any, Literal
 import dask
 import dask.array as da
 import numpy as np
+import zarr
 from dask.delayed import Delayed
 
-from . import config, executor, linalg, measures
+from . import config, executor, linalg, measures, residency
 from .errors import InputError, UsageError
 from .executor import compute, tree_reduce
 from .faults import failpoint
@@ -165,6 +166,8 @@ class Stabilization:
     # (which ``dstab log`` and ``report --chain`` follow) and the base (set by the nightly job)
     chain: dict[str, Any] | None = None
     _probes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    # the new tables' blocks the statistics pass kept in memory (dstab.residency), written from and then let go
+    _kept: residency.Kept = field(repr=False, default=residency.NOTHING_KEPT)
 
     @property
     def reference(self) -> Version | None:
@@ -262,7 +265,7 @@ class Stabilization:
             staging.discard()
             raise
         finish = functools.partial(self._publish, staging, out, storage_options, gate)
-        pending = PendingVersion(out, write, finish=finish, discard=staging.discard, compute=executor.compute)
+        pending = PendingVersion(out, write, finish=finish, discard=self._discard(staging), compute=executor.compute)
         if not compute_now:
             return pending
         version: Version = pending.compute(progress=progress)
@@ -276,7 +279,8 @@ class Stabilization:
             target = staging.create_table(name, table, w)
             probe_raw, probe_out = self._probe_rows(name, table.dtype)
             chunks = table.row_chunks()
-            for block, start in zip(table.blocks(chunks), row_starts(chunks)):
+            blocks = self._kept.get(name) or table.blocks(chunks)  # the blocks kept in memory, else read again
+            for block, start in zip(blocks, row_starts(chunks)):
                 checks.append(
                     dask.delayed(_apply_write_check, pure=True)(
                         block, self.transforms[name], target, start, probe_raw, probe_out, config.get("check-rows")
@@ -284,6 +288,15 @@ class Stabilization:
                 )
             checks += staging.copy_ids(name, table)
         return tree_reduce(checks, _sum_checks)
+
+    def _discard(self, staging: Staging) -> Callable[[], None]:
+        """What a failed or abandoned write pass runs: remove what was staged, and let the kept blocks go."""
+
+        def discard() -> None:
+            self._kept.release()
+            staging.discard()
+
+        return discard
 
     def _publish(
         self,
@@ -294,6 +307,7 @@ class Stabilization:
         result: tuple[np.ndarray | None, Any],
     ) -> Version:
         """After the write pass: score error into the report, transforms, the gate, then publish (the caller discards on failure)."""
+        self._kept.release()  # written: the kept blocks can go
         totals, receipt = result
         staging.merge(receipt)  # the write tasks' Icechunk forks (None for plain Zarr)
         if totals is None:  # no rows at all
@@ -596,6 +610,7 @@ def stabilize(
     method: Method = "auto",
     id_sample_bytes: int | None = None,
     neighbours: int = 0,
+    in_memory: residency.InMemory = "auto",
     progress: bool = False,
 ) -> Stabilization:
     """Fit the stabilization of ``new`` onto ``reference`` (yesterday's stabilized version).
@@ -647,6 +662,14 @@ def stabilize(
     sampled rows before and after, at the price of two more reads of the new
     tables and one of the reference's.
 
+    ``in_memory`` (``"auto"``, ``True``, ``False``): keep the blocks of the new
+    tables that the statistics pass reads in the memory of the workers (or of
+    this process, on a local scheduler), so that :meth:`Stabilization.to_zarr`
+    writes from them instead of reading the tables again. ``auto`` keeps them
+    when they take at most half the memory free without spilling
+    (:mod:`dstab.residency`); ``True`` keeps them whenever they fit and refuses
+    when they do not. They are let go once written (or with the result).
+
     ``new`` and ``reference`` are each a :class:`Version`, the path or URL of
     one (opened with ``storage_options``), or a mapping ``{name: X}`` of numpy,
     Dask or Zarr arrays or paths of Zarr arrays or table groups
@@ -672,9 +695,11 @@ def stabilize(
     )  # fmt: skip
     structure, anchors = request.structure, request.anchor_tables
     qr_now = method == "tsqr" or (method == "auto" and new.dtype == np.dtype(np.float64))
+    kept = _keep_in_memory(new, residency.check_in_memory(in_memory))
     per_reference = pass_statistics(
-        new, references, anchors, spec=request.spec, qr=qr_now, id_sample_bytes=id_sample_bytes, progress=progress
-    )
+        new, references, anchors, spec=request.spec, qr=qr_now, id_sample_bytes=id_sample_bytes, kept=kept,
+        progress=progress,
+    )  # fmt: skip
     stats = per_reference[0]
     failpoint("after-statistics")
 
@@ -682,7 +707,11 @@ def stabilize(
     method_used = "tsqr" if qr_now else "gram"
     if method == "auto" and not qr_now and not all(linalg.gram_is_accurate(p.gram, new.dtype) for p in pooled):
         method_used = "tsqr"
-        extra = compute(*(own_statistics(new.table(n), qr=True) for n in new.names), progress=progress, stage="QR pass")
+        extra = compute(
+            *(own_statistics(new.table(n), qr=True, blocks=kept.get(n)) for n in new.names),
+            progress=progress,
+            stage="QR pass",
+        )
         stats = {n: replace(stats[n], r=more.r) for n, more in zip(new.names, extra)}
         pooled = [pool_side(stats, side) for side in structure.sides]
     factors = [linalg.gram_factor(p.gram) if method_used == "gram" or p.r is None else p.r for p in pooled]
@@ -706,6 +735,7 @@ def stabilize(
 
     reference = references[0] if references else None
     report = _fit_report(new, reference, request, stats, transforms, canonical, method_used)
+    report["in_memory"] = bool(kept)
     if len(references) > 1:
         report["references"] = [
             {
@@ -734,7 +764,35 @@ def stabilize(
         params=params,
         report=report,
         _probes={name: s.sample for name, s in stats.items()},
+        _kept=kept,
     )
+
+
+def _keep_in_memory(new: Version, in_memory: residency.InMemory) -> residency.Kept:
+    """The new tables' blocks, to be read once and kept for both passes when :func:`residency.decide` says so.
+
+    Only tables read from storage: an in-memory table's blocks are in memory already.
+    """
+    from dask.utils import format_bytes
+
+    stored = tuple(name for name, t in new.tables.items() if isinstance(t.vectors, zarr.Array))
+    if in_memory is False or not stored:
+        return residency.NOTHING_KEPT
+    tables = [new.table(name) for name in stored]
+    size = sum(t.n_rows * t.dim * t.dtype.itemsize for t in tables)
+    block = max(min(t.block_rows(), t.n_rows) * t.dim * t.dtype.itemsize for t in tables)
+    memory = residency.free_memory(block)
+    if not residency.decide(in_memory, size, memory):
+        executor.log.debug(
+            "dstab: out of core: the new tables (%s) read twice; %s has %s free",
+            format_bytes(size), memory.where, format_bytes(max(memory.free, 0)),
+        )  # fmt: skip
+        return residency.NOTHING_KEPT
+    executor.log.debug(
+        "dstab: in memory: the new tables (%s) are read once and kept in %s (%s free without spilling)",
+        format_bytes(size), memory.where, format_bytes(memory.free),
+    )  # fmt: skip
+    return residency.keep_blocks(new, stored)
 
 
 @dataclass(frozen=True)

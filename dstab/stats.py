@@ -25,6 +25,7 @@ from typing import Any, Literal
 import dask
 import numpy as np
 from dask.delayed import Delayed
+from scipy.linalg import blas as _blas
 
 from . import config
 from . import ids as idm
@@ -32,6 +33,7 @@ from .errors import InputError
 from .executor import compute, tree_reduce
 from .faults import failpoint
 from .linalg import qr_factor
+from .residency import NOTHING_KEPT, Kept
 from .store import Table, Version, load, row_starts
 
 # The knobs of the pass (dask config, see dstab.config), all read on the client:
@@ -152,16 +154,51 @@ def _first_nonfinite_row(block: np.ndarray) -> int | None:
 # ones run and packs their results.
 
 
+# Accumulators of this many entries and more are updated in place by BLAS: ``c += a.T @ a`` makes an
+# e x e temporary per slice, and at width 1,024 (8 MiB) its allocation and the extra pass over it cost a
+# quarter of the kernel (1,132 vs 948 ms a block with the reference's); at width 64 the calls through
+# scipy cost more than the 32 KiB temporary (92 vs 87 ms), so small ones keep numpy's product.
+IN_PLACE_ENTRIES = 256 * 256
+
+
+def _add_gram(c: np.ndarray, a: np.ndarray) -> None:
+    """``c += a^T a``; only the upper triangle counts (:func:`_symmetric` completes it)."""
+    if c.size >= IN_PLACE_ENTRIES:
+        _blas.dsyrk(1.0, a.T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+    else:
+        c += a.T @ a
+
+
+def _add_product(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """``c += a^T b``; ``c`` is a Fortran-ordered float64 accumulator (:func:`_accumulator`)."""
+    if c.size >= IN_PLACE_ENTRIES:
+        _blas.dgemm(1.0, a.T, b.T, beta=1.0, c=c, trans_b=1, overwrite_c=1)
+    else:
+        c += a.T @ b
+
+
+def _accumulator(rows: int, cols: int) -> np.ndarray:
+    return np.zeros((rows, cols), order="F")  # BLAS updates it in place only in its own (Fortran) order
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    """The full symmetric matrix from the upper triangle that :func:`_add_gram` fills."""
+    return np.ascontiguousarray(np.triu(upper) + np.triu(upper, 1).T)
+
+
 class _OwnSums:
     """``X^T X`` and ``1^T X`` of the block's own rows."""
 
     def __init__(self, e: int, step: int) -> None:
-        self.gram, self.row_sum = np.zeros((e, e)), np.zeros(e)
+        self.gram, self.row_sum = _accumulator(e, e), np.zeros(e)
         self._ones = np.ones(step)
 
     def add(self, x: np.ndarray, rows: slice) -> None:
-        self.gram += x.T @ x
+        _add_gram(self.gram, x)
         self.row_sum += self._ones[: len(x)] @ x  # on the cached float64 slice: 3x cheaper than a separate sum
+
+    def finish(self) -> None:
+        self.gram = _symmetric(self.gram)
 
 
 class _HouseholderR:
@@ -193,11 +230,11 @@ class _CrossSums:
     def __init__(self, ref_block: np.ndarray, weights: np.ndarray | None, e: int, step: int, measure: bool) -> None:
         e_ref = ref_block.shape[1]
         self._ref, self._weights, self._measure = ref_block, weights, measure
-        self.cross, self.ref_col_sumsq = np.zeros((e, e_ref)), np.zeros(e_ref)
-        self.ref_gram = np.zeros((e_ref, e_ref)) if measure else None
+        self.cross, self.ref_col_sumsq = _accumulator(e, e_ref), np.zeros(e_ref)
+        self.ref_gram = _accumulator(e_ref, e_ref) if measure else None
         self.distance = np.empty(len(ref_block)) if measure else None
         self.cosine = np.empty(len(ref_block)) if measure else None
-        self.anchor_gram = None if weights is None else np.zeros((e, e))
+        self.anchor_gram = None if weights is None else _accumulator(e, e)
         self._y = np.empty((step, e_ref))
         self._w = None if weights is None else np.empty((step, max(e, e_ref)))
 
@@ -207,26 +244,30 @@ class _CrossSums:
         if self._measure:
             self.distance[rows], self.cosine[rows] = idm.row_distance_cosine(x, y)  # type: ignore[index]
         if self._weights is None:
-            self.cross += x.T @ y
+            _add_product(self.cross, x, y)
             if self.ref_gram is not None:
-                self.ref_gram += y.T @ y
+                _add_gram(self.ref_gram, y)
             else:
                 self.ref_col_sumsq += np.einsum("ij,ij->j", y, y)
             return
         w = self._weights[rows]
         xw = self._w[: len(x), : x.shape[1]]  # type: ignore[index]
         np.multiply(x, w[:, None], out=xw)
-        self.cross += xw.T @ y
-        self.anchor_gram += xw.T @ x
+        _add_product(self.cross, xw, y)
+        _add_product(self.anchor_gram, xw, x)  # type: ignore[arg-type]
         if self.ref_gram is not None:
             yw = self._w[: len(x), : y.shape[1]]  # type: ignore[index]  # xw is spent: reuse the buffer
             np.multiply(y, w[:, None], out=yw)
-            self.ref_gram += yw.T @ y
+            _add_product(self.ref_gram, yw, y)
         else:
             self.ref_col_sumsq += np.einsum("i,ij,ij->j", w, y, y)
 
     def finish(self) -> None:
+        self.cross = np.ascontiguousarray(self.cross)
+        if self.anchor_gram is not None:
+            self.anchor_gram = np.ascontiguousarray(self.anchor_gram)
         if self.ref_gram is not None:
+            self.ref_gram = _symmetric(self.ref_gram) if self._weights is None else np.ascontiguousarray(self.ref_gram)
             self.ref_col_sumsq = np.diag(self.ref_gram).copy()
 
 
@@ -308,6 +349,7 @@ def _block_stats(
     householder = _HouseholderR(e, step) if qr else None
     crosses = [_CrossSums(ref, weights, e, step, measure) for ref in refs]
     _slice_sums(block, [a for a in (own, householder, *crosses) if a is not None], knobs.slice_bytes)
+    own.finish()
     for cross in crosses:
         cross.finish()
     own_stats = TableStats(
@@ -458,6 +500,7 @@ def side_statistics(
     plan: IdPlan | None = None,
     qr: bool = False,
     measure: bool = False,
+    blocks: list[Any] | None = None,
 ) -> Delayed:
     """Delayed list of :class:`TableStats` of one table: one per reference (against it), or one without any.
 
@@ -471,7 +514,9 @@ def side_statistics(
     also runs Householder TSQR (about 28x the work of the Gram per row): the
     accurate path for float64 or ill-conditioned tables. With ``measure=True``
     the statistics against each reference also hold its Gram over the anchor
-    rows and the rows that moved most (see :class:`_CrossSums`).
+    rows and the rows that moved most (see :class:`_CrossSums`). ``blocks``:
+    the table's blocks already read and kept in memory (:mod:`dstab.residency`),
+    one per :meth:`~dstab.store.Table.row_chunks` block, used instead of reading them.
     """
     if len(matches) != len(references):
         raise ValueError("one match mode per reference")
@@ -483,7 +528,7 @@ def side_statistics(
         raise ValueError("matching by id needs ids on both tables and a sampling plan")
     if any(references[j].ids is None for j in by_id):
         raise ValueError("matching by id needs ids on both tables")
-    blocks = table.blocks(chunks)
+    blocks = table.blocks(chunks) if blocks is None else blocks
     ref_blocks = [references[j].blocks(chunks) for j in positional]
     counts = table.count_blocks(chunks) if spec.uses_counts and table.counts is not None else None
     ids = table.id_blocks(chunks) if plan is not None else None
@@ -535,9 +580,9 @@ def side_statistics(
     return dask.delayed(list)([against[j] for j in range(len(references))])
 
 
-def own_statistics(table: Table, *, qr: bool = False) -> Delayed:
-    """Delayed :class:`TableStats` of one table on its own (no reference)."""
-    return side_statistics(table, qr=qr)[0]  # type: ignore[index]  # a Delayed list indexes lazily
+def own_statistics(table: Table, *, qr: bool = False, blocks: list[Any] | None = None) -> Delayed:
+    """Delayed :class:`TableStats` of one table on its own (no reference); ``blocks`` as for :func:`side_statistics`."""
+    return side_statistics(table, qr=qr, blocks=blocks)[0]  # type: ignore[index]  # a Delayed list indexes lazily
 
 
 def _ids_equal(a: Any, b: Any) -> bool:
@@ -619,6 +664,7 @@ def pass_statistics(
     id_sample_bytes: int | None = None,
     tables: tuple[str, ...] | None = None,
     measure: bool = False,
+    kept: Kept = NOTHING_KEPT,
     progress: bool = False,
 ) -> list[dict[str, TableStats]]:
     """The statistics pass over ``tables`` of ``new`` (default: all), against each reference on ``anchor_tables``.
@@ -633,6 +679,8 @@ def pass_statistics(
     common ids) and raises :class:`InputError` naming the row or id (and the
     reference, when there are several).
     ``id_sample_bytes`` defaults to dask config ``dstab.id-sample-bytes``.
+    ``kept``: blocks of tables of ``new`` kept in memory (:mod:`dstab.residency`), read from there (and,
+    on a local scheduler, read here and held).
     """
     if id_sample_bytes is None:
         id_sample_bytes = config.get("id-sample-bytes")
@@ -661,9 +709,13 @@ def pass_statistics(
                 plan=plan,
                 qr=qr,
                 measure=measure,
+                blocks=kept.get(side),
             )
         )
-    computed = dict(zip(sides, compute(*graphs, progress=progress, stage="statistics pass")))
+    to_read = kept.to_read()
+    values = compute(*graphs, *to_read, progress=progress, stage="statistics pass")
+    kept.hold(values[len(graphs) :])
+    computed = dict(zip(sides, values[: len(graphs)]))
     results: list[dict[str, TableStats]] = []
     for j in range(max(1, len(references))):
         reference = references[j] if references else None

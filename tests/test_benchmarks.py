@@ -66,11 +66,30 @@ def test_compare_quick_smoke(tmp_path: Path):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for name in ("io-floor", "dstab", "numpy", "naive-dask", "naive-dask-cluster"):
+    names = ("io-floor", "dstab", "io-floor-in-memory", "dstab-in-memory", "numpy", "naive-dask", "naive-dask-cluster")
+    for name in names:
         assert any(line.startswith(name + " ") for line in proc.stdout.splitlines()), proc.stdout
     assert "spark" in proc.stdout  # run, or skipped with the reason
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     assert results["dstab"]["median_s"] > 0 and len(results["io-floor"]["times_s"]) == 1
+    for name in names:  # each repeat's ratio to the same repeat's floor
+        r = results[name]
+        assert r["x_floor_per_repeat"] == [t / f for t, f in zip(r["times_s"], results["io-floor"]["times_s"])]
+
+
+def test_small_jobs_smoke(tmp_path: Path):
+    """Every command end to end on a small version; the figures themselves are the benchmark's, not a test's."""
+    out = tmp_path / "small.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "small_jobs.py"), "--runs", "1", "--items", "600", "--users", "400",
+         "--dim", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["medians_s"]) >= {"stabilize --reference", "report --chain", "nightly", "import", "export"}
+    assert all(len(t) == 1 and t[0] > 0 for t in figures["times_s"].values())
+    assert ("PASS" if figures["pass"] else "FAIL") in proc.stdout
 
 
 @pytest.mark.slow

@@ -222,6 +222,7 @@ def test_get_params_set_params_round_trip() -> None:
     assert params == {
         "rank": 5, "rtol": None, "sides": "users:items", "symmetric": False, "anchor": "items",
         "anchor_min_count": 3.0, "anchor_weights": "uniform", "method": "gram", "reference_weights": None,
+        "in_memory": "auto",
     }  # fmt: skip
     twin = dstab.Stabilizer(**params)
     assert twin.get_params() == params and twin is not est

@@ -29,6 +29,7 @@ LOCAL_SCHEDULERS = ("threads", "synchronous", "processes")
 # many blocks' worth of memory a task may hold at once (the block read, its
 # float64 slices, the transformed block and the compressed chunks).
 WORKER_BASE_BYTES = 256 * 2**20
+DEFAULT_DASHBOARD = ":8787"
 BLOCKS_IN_FLIGHT = 4
 
 
@@ -72,12 +73,28 @@ def _check_memory_limit(limit: str, n_workers: int, tables: list[Table]) -> None
     )
 
 
+def table_bytes(tables: list[Table]) -> int:
+    """Bytes of the vectors of ``tables``, as stored uncompressed: what a command reads."""
+    return sum(t.n_rows * t.dim * t.dtype.itemsize for t in tables)
+
+
+def _cluster_asked(args: argparse.Namespace) -> bool:
+    """Whether an option only a local cluster uses was given: then a cluster starts, whatever the size."""
+    return bool(_local_cluster_options(args)) or args.dashboard_address != DEFAULT_DASHBOARD
+
+
 @contextlib.contextmanager
-def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = None) -> Iterator[None]:
+def scheduler_from_args(
+    args: argparse.Namespace, tables: list[Table] | None = None, *, nbytes: int | None = None
+) -> Iterator[None]:
     """Make the scheduler the command asked for active; close what this created.
 
     Every check that needs no cluster runs first: options that do nothing with
     the chosen scheduler, and a memory limit too small for the blocks of ``tables``.
+    With no scheduler named and no local-cluster option given, a job of at most
+    dask config ``dstab.in-process-bytes`` (the vectors of ``tables``, or
+    ``nbytes`` for what a command writes from nothing) runs in this process on
+    Dask's threads: starting worker processes costs seconds, more than such a job.
     """
     import dask
 
@@ -101,6 +118,20 @@ def scheduler_from_args(args: argparse.Namespace, tables: list[Table] | None = N
         with dask.config.set(scheduler=address):
             yield
         return
+    if not address and not _cluster_asked(args):
+        from dask.utils import format_bytes
+
+        from .. import config
+
+        size = table_bytes(tables or []) if nbytes is None else nbytes
+        if size <= config.get("in-process-bytes"):
+            log.debug(
+                "dstab: %s of vectors: running in this process (threads); --workers N starts a local cluster",
+                format_bytes(size),
+            )
+            with dask.config.set(scheduler="threads"):
+                yield
+            return
     from distributed import Client, LocalCluster
 
     if address:

@@ -38,7 +38,8 @@ def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
 def _key_figures(report: dict[str, Any]) -> dict[str, Any]:
     """What a scheduler gates on, from a stabilization's report."""
     keys = ("rank", "dim_in", "dim_out", "structure", "tables", "dtype", "method", "drift_before", "drift_after",
-            "score_error", "score_max_abs_error", "score_max_abs", "anchor", "drift", "references", "notes")  # fmt: skip
+            "score_error", "score_max_abs_error", "score_max_abs", "anchor", "drift", "references", "in_memory",
+            "notes")  # fmt: skip
     return {key: report.get(key) for key in keys}
 
 
@@ -55,7 +56,9 @@ def cmd_stabilize(args: argparse.Namespace) -> int:
     request = check_request(new, references, **_fit_options(args))
     started = time.perf_counter()
     with scheduler_from_args(args, _tables(new, *references)):
-        result = stabilize(new, references, **_fit_options(args), progress=output.progress(args))
+        result = stabilize(
+            new, references, **_fit_options(args), in_memory=args.in_memory, progress=output.progress(args)
+        )
         result.to_zarr(args.out, overwrite=args.overwrite, storage_options=options, progress=output.progress(args))
     r = result.report
     seconds = time.perf_counter() - started
@@ -327,7 +330,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     check_sources(sources)
     inputs = [u for src in sources.values() for u in (src.url, src.ids_url) if u]
     check_output(args.out, inputs=inputs, overwrite=args.overwrite, storage_options=options)
-    with scheduler_from_args(args):
+    size = sum(src.n_rows * src.dim * src.dtype.itemsize for src in sources.values())
+    with scheduler_from_args(args, nbytes=size):
         version = import_version(
             args.out, sources, structure=structure, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
             storage_options=options, progress=output.progress(args),
@@ -364,6 +368,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..interchange import named_values
     from ..store import check_output, open_version
     from ..structure import resolve
@@ -419,7 +425,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             tuple(tables), sides=args.sides, symmetric_all=args.symmetric, label="the synthetic version"
         )
         check_output(args.out, inputs=[], overwrite=args.overwrite)
-        with scheduler_from_args(args):
+        with scheduler_from_args(args, nbytes=sum(tables.values()) * args.dim * np.dtype(args.dtype).itemsize):
             out = synth_tables(
                 args.out, tables, dim=args.dim, structure=structure, rank=args.rank, seed=args.seed, dtype=args.dtype,
                 chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite, progress=progress,
@@ -438,7 +444,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows,
         )  # fmt: skip
         check_output(args.out, inputs=[], overwrite=args.overwrite)
-        with scheduler_from_args(args):
+        with scheduler_from_args(args, nbytes=(args.items + args.users) * args.dim * np.dtype(args.dtype).itemsize):
             out = synth(
                 args.out, items=args.items, users=args.users, dim=args.dim, rank=args.rank, seed=args.seed,
                 dtype=args.dtype, chunk_rows=args.chunk_rows, counts=args.counts, overwrite=args.overwrite,
@@ -516,6 +522,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
             **{k: v for k, v in fit.items() if references or not k.startswith("anchor")},
         )  # fmt: skip
         tables = _tables(new, *references)
+    fit["in_memory"] = args.in_memory  # how the days are read, not what they are fitted with: not checked above
 
     def said(record: dict[str, Any]) -> None:
         if not args.json:

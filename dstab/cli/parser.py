@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from ..release import __version__
 from . import commands
+from .cluster import DEFAULT_DASHBOARD
 
 # The choices of --method and --anchor-weights, written here so that building the parser does not import
 # dstab.stabilize (and with it dask.array); tests/test_cli_json.py checks they are stabilize's METHODS and ANCHOR_WEIGHTS.
@@ -26,7 +27,9 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="attach to a running dask.distributed scheduler: tcp://host:port, or a scheduler file "
         "(JSON) written by `dask scheduler --scheduler-file`; also 'threads' or 'synchronous' to run "
-        "in this process. Default: $DASK_SCHEDULER_ADDRESS if set, else a local cluster of worker processes",
+        "in this process. Default: $DASK_SCHEDULER_ADDRESS if set; else this process's threads for a job "
+        "of at most dstab.in-process-bytes (1GiB) of vectors, and a local cluster of worker processes "
+        "for a larger one (or when --workers, --memory-limit or --dashboard-address is given)",
     )
     g.add_argument(
         "--workers", type=parse_workers, metavar="N", help="local cluster: worker processes (default: one per core)"
@@ -38,10 +41,27 @@ def add_scheduler_options(p: argparse.ArgumentParser) -> None:
         help="local cluster: memory limit per worker, e.g. 2GiB (default: auto, the machine's memory split evenly)",
     )
     g.add_argument(
-        "--dashboard-address", default=":8787", metavar="ADDR",
+        "--dashboard-address", default=DEFAULT_DASHBOARD, metavar="ADDR",
         help="local cluster: dashboard (default :8787; needs the dashboard extra, pip install 'dstab[dashboard]')",
     )  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_in_memory(value: str) -> Any:
+    """``--in-memory auto|yes|no`` as :func:`dstab.stabilize` takes it."""
+    choices = {"auto": "auto", "yes": True, "no": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, yes or no, got {value!r}")
+    return choices[value]
+
+
+def add_in_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--in-memory", type=parse_in_memory, default="auto", metavar="auto|yes|no",
+        help="keep the new tables' blocks in memory between the two passes, so they are read once: auto (the "
+        "default) when they take at most half the memory the workers (or this process) have free without "
+        "spilling; yes whenever they fit (refused when they do not); no: read them again",
+    )  # fmt: skip
 
 
 def _positive_int(value: str, wording: str) -> int:
@@ -225,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(two more reads of NEW, one of REF; default 0: off)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_in_memory_option(p)
     add_scheduler_options(p)
     add_storage_option(p)
     add_output_options(p)
@@ -441,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the relative drift after stabilization, against the first day it is aligned onto (the day before, or the "
         "base with --policy base), must be at most X (not gated on the first day)",
     )  # fmt: skip
+    add_in_memory_option(p)
     add_scheduler_options(p)
     add_storage_option(p)
     add_output_options(p)
