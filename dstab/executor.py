@@ -35,6 +35,9 @@ from . import config
 
 def active_client() -> Any | None:
     """The ``distributed.Client`` that ``dask.compute`` would use now, or None."""
+    if "distributed" not in sys.modules:
+        # no Client exists before distributed is imported; asking Dask would import it (0.5 s of a small job)
+        return None
     scheduler = dask.base.get_scheduler()
     owner = getattr(scheduler, "__self__", None)
     try:
@@ -180,13 +183,15 @@ def compute(*graphs: Any, progress: bool = False, stage: str = DEFAULT_STAGE) ->
     elif plain:
         bar = _local_lines(stage)
     with _timed(stage) if plain else contextlib.nullcontext(), threadpool_limits(limits=1, user_api="blas"), bar:
-        if dask.base.get_scheduler() is not dask.threaded.get:
+        # Dask's default for these graphs is the threaded scheduler; named by its function, not by a string,
+        # which Dask would resolve by importing distributed
+        if dask.config.get("scheduler", None) not in (None, "threads", "threading", dask.threaded.get):
             return dask.compute(*graphs)
         # A pool of this compute's own, so that when a task fails the others still running are waited for:
         # a block write finishing after the caller has cleaned up would put back what it removed.
         pool = ThreadPoolExecutor(int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
         try:
-            return dask.compute(*graphs, scheduler="threads", pool=pool)
+            return dask.compute(*graphs, scheduler=dask.threaded.get, pool=pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

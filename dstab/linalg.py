@@ -316,7 +316,9 @@ def column_drift(transform: np.ndarray, gram: np.ndarray, cross: np.ndarray, ref
     """
     w, w_ref = transform.shape[1], len(ref_col_sumsq)
     out = np.zeros(max(w, w_ref))
-    out[:w] += np.einsum("ij,ik,kj->j", transform, gram, transform)
+    # diag(A^T G A) through one matrix product: the three-operand einsum loops in O(e^3) without BLAS
+    # (0.3 s at width 512, 2 s at 1,024)
+    out[:w] += np.einsum("ij,ij->j", transform, gram @ transform)
     common = min(w, w_ref)
     out[:common] -= 2.0 * np.einsum("ij,ij->j", transform[:, :common], cross[:, :common])
     out[:w_ref] += ref_col_sumsq
