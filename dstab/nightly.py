@@ -255,7 +255,10 @@ def check_stable_location(source: str, stable: str) -> None:
     """The stable versions go where no raw day is: refused before anything is opened when they would not."""
     raw = join(source, "raw")
     if is_local(stable) and not is_repo_url(stable) and local_path(stable).exists() and not local_path(stable).is_dir():
-        raise UsageError(f"--stable {stable} is a file: give a directory (created if missing) or a URL")
+        raise UsageError(
+            f"{stable}, where the stable versions go (--stable; SOURCE/stable by default), is a file: "
+            "move it, or give --stable a directory (created if missing) or a URL"
+        )
     if is_local(stable) and not is_repo_url(stable):
         path = local_path(stable)
         for place in (path, *path.parents):

@@ -121,6 +121,30 @@ def test_overwrite_only_replaces_dstab_outputs(
         assert hidden_litter(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["stabilize", "apply", "import", "export", "synth", "synth-like"])
+def test_an_out_under_a_file_is_one_line(
+    days: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """OUT's parent is a file (found by the new-user trial: a NotADirectoryError traceback and exit 1)."""
+    blocker = user_file(tmp_path / "afile")
+    out = blocker / "sub" / "out"
+    np.save(tmp_path / "items.npy", np.ones((5, 3), np.float32))
+    np.save(tmp_path / "users.npy", np.ones((4, 3), np.float32))
+    args = {
+        "stabilize": ["stabilize", days["day2"], "--out", out],
+        "apply": ["apply", days["day1-stable"], "--users", f"{days['day1']}/users", "--out", out],
+        "import": ["import", "--items", tmp_path / "items.npy", "--users", tmp_path / "users.npy", "--out", out],
+        "export": ["export", days["day1-stable"], "--out", out],
+        "synth": ["synth", out, "--items", 10, "--users", 10, "--dim", 2],
+        "synth-like": ["synth", out, "--like", days["day1"]],
+    }[command]
+    code, _, err = run(capsys, *args, *FAST)
+    line = one_line(err)
+    assert code == 2, err
+    assert str(out) in line and str(blocker) in line and "is a file" in line, line
+    assert blocker.read_text() == "precious" and hidden_litter(tmp_path) == []
+
+
 def test_overwrite_replaces_a_dstab_version_and_an_export(days: dict[str, str], tmp_path: Path, capsys) -> None:
     out = tmp_path / "stable"
     assert run(capsys, "stabilize", days["day2"], "--out", out, *FAST)[0] == 0
@@ -274,8 +298,10 @@ def test_read_only_output_directory(tmp_path: Path, days: dict[str, str]) -> Non
     [
         (["--anchor-min-count", "20", "--reference", "REF"], ["items/counts is missing", "--anchor-min-count"]),
         (["--anchor-weights", "counts", "--reference", "REF", "--anchor", "users"], ["users/counts is missing"]),
-        (["--workers", "2", "--scheduler", "threads"], ["--workers", "--scheduler threads", "drop them"]),
-        (["--memory-limit", "1GiB", "--scheduler", "synchronous"], ["--memory-limit", "drop them"]),
+        (["--workers", "2", "--scheduler", "threads"], ["--workers", "--scheduler threads", "drop it"]),
+        (["--memory-limit", "1GiB", "--scheduler", "synchronous"], ["--memory-limit", "drop it"]),
+        (["--dashboard-address", ":0", "--scheduler", "threads"], ["--dashboard-address", "drop it"]),
+        (["--workers", "2", "--memory-limit", "1GiB", "--scheduler", "threads"], ["--workers and --memory-limit", "drop them"]),
         (["--memory-limit", "10MB"], ["--memory-limit 10MB", "MiB per worker", "pass --memory-limit"]),
         (["--memory-limit", "banana"], ["--memory-limit", "banana"]),
         (["--workers", "0"], ["--workers", "at least 1"]),
@@ -285,16 +311,20 @@ def test_read_only_output_directory(tmp_path: Path, days: dict[str, str]) -> Non
         (["--rank", "3", "--rtol", "1e-3"], ["--rtol", "--rank 3", "drop one"]),
         (["--anchor-min-count", "3"], ["--anchor-min-count", "without --reference"]),
         (["--scheduler", "banana"], ["cannot reach the Dask scheduler at banana"]),
+        (["--scheduler", "EMPTYJSON"], ["not a scheduler file"]),
         (["--rank", "0"], ["--rank", "see dstab stabilize --help"]),
     ],
-    ids=["min-count-no-counts", "weights-no-counts", "workers-threads", "memory-synchronous", "memory-too-small",
+    ids=["min-count-no-counts", "weights-no-counts", "workers-threads", "memory-synchronous", "dashboard-threads",
+         "workers-memory-threads", "memory-too-small",
          "memory-banana", "workers-zero", "rank-too-large", "neighbours-no-reference", "neighbours-too-many",
-         "rtol-with-rank", "anchor-without-reference", "scheduler-banana", "one-line-usage"],
+         "rtol-with-rank", "anchor-without-reference", "scheduler-banana", "scheduler-file-empty", "one-line-usage"],
 )  # fmt: skip
 def test_usage_errors_answer_before_any_cluster(
     days: dict[str, str], tmp_path: Path, extra: list[str], words: list[str]
 ) -> None:
-    args = [days["day1-stable"] if a == "REF" else a for a in extra]
+    (tmp_path / "empty.json").write_text("{}")
+    places = {"REF": days["day1-stable"], "EMPTYJSON": str(tmp_path / "empty.json")}
+    args = [places.get(a, a) for a in extra]
     proc = subprocess.run(
         dstab_cmd("stabilize", days["day2"], "--out", tmp_path / "out", *args),
         env=ENV,

@@ -50,7 +50,17 @@ def _attach_negative_lists(argv: list[str]) -> list[str]:
     return out
 
 
+# BLAS thread counts a user may have set; when none is, this process's BLAS runs on one thread (see main)
+BLAS_THREAD_SETTINGS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # One BLAS thread for every BLAS library this process loads from here on: threadpoolctl (in _run and around
+    # each compute) limits only the libraries loaded already, and scipy's own OpenBLAS loads inside the job, where
+    # its threads spun against Dask's (a 5,000 x 1,024 stabilize took 12-15 s on a busy machine, 4.5 s with one
+    # thread; found by the new-user trial). Tasks run one per core; worker processes get one thread from Dask anyway.
+    if not any(name in os.environ for name in BLAS_THREAD_SETTINGS):
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     parser = build_parser()
     argv = _attach_negative_lists(sys.argv[1:] if argv is None else list(argv))
     OneLineParser.last_error = None

@@ -36,8 +36,12 @@ BLOCKS_IN_FLIGHT = 4
 def _local_cluster_options(args: argparse.Namespace) -> list[str]:
     return [
         flag
-        for flag, value in (("--workers", args.workers), ("--memory-limit", args.memory_limit))
-        if value is not None
+        for flag, given in (
+            ("--workers", args.workers is not None),
+            ("--memory-limit", args.memory_limit is not None),
+            ("--dashboard-address", args.dashboard_address != DEFAULT_DASHBOARD),
+        )
+        if given
     ]
 
 
@@ -80,7 +84,7 @@ def table_bytes(tables: list[Table]) -> int:
 
 def _cluster_asked(args: argparse.Namespace) -> bool:
     """Whether an option only a local cluster uses was given: then a cluster starts, whatever the size."""
-    return bool(_local_cluster_options(args)) or args.dashboard_address != DEFAULT_DASHBOARD
+    return bool(_local_cluster_options(args))
 
 
 @contextlib.contextmanager
@@ -109,9 +113,11 @@ def scheduler_from_args(
             if address in LOCAL_SCHEDULERS
             else "attaches to a cluster sized where it was started"
         )
+        flags = _local_cluster_options(args)
+        them = "them" if len(flags) > 1 else "it"
         raise UsageError(
-            f"{' and '.join(_local_cluster_options(args))} size the local cluster dstab starts, but {where} {how}, "
-            "so they would be ignored: drop them"
+            f"{' and '.join(flags)} only {'apply' if len(flags) > 1 else 'applies'} to the local cluster dstab starts, "
+            f"but {where} {how}, so {'they' if len(flags) > 1 else 'it'} would be ignored: drop {them}"
         )
     if address in LOCAL_SCHEDULERS:
         log.debug("dstab: scheduler %s, in this process", address)
@@ -148,8 +154,11 @@ def scheduler_from_args(
             client = Client(timeout="10s", **kwargs)
         except (OSError, TimeoutError, ValueError, TypeError, AssertionError, KeyError) as exc:
             # a bad address (ValueError), a scheduler file that is not one (JSON or key errors), nobody listening
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if "scheduler_file" in kwargs and isinstance(exc, (AssertionError, KeyError, ValueError, TypeError)):
+                cause = "not a scheduler file: it names no scheduler address"
             raise UsageError(
-                f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}: {exc}); check the address "
+                f"cannot reach the Dask scheduler at {address} ({cause}); check the address "
                 "(tcp://HOST:PORT) or the scheduler file, or start one with `dask scheduler` and `dask worker ADDRESS`"
             ) from None
         with client, _killed_worker_as_error("the cluster's workers' memory limit"):

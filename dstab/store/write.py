@@ -127,6 +127,11 @@ def _check_writable(out: str) -> None:
     parent = final.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # OUT's missing parents are made at write time: the nearest existing one decides
+    if not parent.is_dir():
+        raise UsageError(
+            f"output {out} lies under {parent}, which is a file, not a directory: nothing can be written there; "
+            "choose an --out whose parent is a directory"
+        )
     probe = parent / f".{final.name}.dstab-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         probe.mkdir()
