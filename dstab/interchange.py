@@ -382,6 +382,14 @@ def _read_parquet_piece(source: Source, piece: Piece, offset: int) -> tuple[np.n
 # ----------------------------------------------------------------------------- import
 
 
+def _write_finite_block(block: np.ndarray, target: Any, start: int, label: str) -> Any:
+    """Write one block of vectors, refusing NaN or Inf first (the import is then discarded: nothing published)."""
+    if not np.isfinite(block).all():
+        row = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+        raise InputError(f"{label} row {row} is not finite (NaN or Inf); fix or drop that row and import again")
+    return write_block(block, target, start)
+
+
 def _write_ids(block: np.ndarray, target: Any, start: int, n_buckets: int) -> list[Any]:
     """Write one block of ids and return their hashes by bucket (the duplicate check, on ids already in memory), then the receipt."""
     receipt = write_block(block, target, start)
@@ -413,7 +421,7 @@ def _table_graph(source: Source, side: str, staging: Staging, chunk_rows: int) -
         coordinates="ids" if source.ids_kind is not None else None,
     )  # fmt: skip
     tasks = [
-        dask.delayed(write_block, pure=True)(block, target, start)
+        dask.delayed(_write_finite_block, pure=True)(block, target, start, f"{side}: {source.url}")
         for block, start in zip(vectors.to_delayed().ravel(), row_starts(vectors.chunks[0]))
     ]
     if source.ids_kind is not None:

@@ -43,6 +43,19 @@ class Memory:
 
     free: int  # bytes free for kept blocks, after every worker's working set
     where: str
+    # what a user can change to make room, in words: the local cluster's options, or the attached cluster itself
+    more: str = "give the workers more memory (--memory-limit, more --workers)"
+    # a local cluster this process started: its workers, and what each holds beside kept blocks (its working set
+    # and what it uses now) over the share of its limit it fills before spilling; 0 workers: not one
+    workers: int = 0
+    per_worker_overhead: int = 0
+    spill_fraction: float = 1.0
+
+    def limit_for(self, table_bytes: int) -> int:
+        """The per-worker memory limit that holds an even share of ``table_bytes`` without spilling (local clusters)."""
+        need = (table_bytes / max(self.workers, 1) + self.per_worker_overhead) / self.spill_fraction
+        # 5% and a round 64 MiB up: a fresh worker's own use differs from run to run by tens of MiB
+        return -(-int(1.05 * need) // 2**26) * 2**26
 
 
 def check_in_memory(value: object) -> InMemory:
@@ -70,8 +83,14 @@ def decide(in_memory: InMemory, table_bytes: int, memory: Memory) -> bool:
     if table_bytes > memory.free:
         raise UsageError(
             f"in memory: the new tables take {format_bytes(table_bytes)} but {memory.where} can hold only "
-            f"{format_bytes(max(memory.free, 0))} without spilling; give the workers more memory "
-            "(--memory-limit, more --workers) or read the tables twice (--in-memory no)"
+            f"{format_bytes(max(memory.free, 0))} without spilling; {memory.more}, or read the tables twice "
+            "(--in-memory no)"
+            + (
+                f"; --memory-limit {-(-memory.limit_for(table_bytes) // 2**20)}MiB would hold them on "
+                f"{memory.workers} worker{'s' if memory.workers != 1 else ''}"
+                if memory.workers
+                else ""
+            )
         )
     return True
 
@@ -104,16 +123,24 @@ def free_memory(block_bytes: int) -> Memory:
 
         threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
         available = psutil.virtual_memory().available
-        return Memory(free=available - threads * working, where="this process")
+        return Memory(free=available - threads * working, where="this process", more="free memory on this machine")
     workers = client.scheduler_info()["workers"].values()
     fraction = _spill_fraction()
     total = psutil.virtual_memory().total
-    free = 0
+    free, most_used = 0, 0
     for info in workers:
         limit = info.get("memory_limit") or total // max(1, len(workers))
         used = int((info.get("metrics") or {}).get("memory", 0))
         free += max(0, int(fraction * limit) - used - working)
-    return Memory(free=free, where=f"the cluster's {len(workers)} workers")
+        most_used = max(most_used, used)
+    n = len(workers)
+    where = f"the cluster's {n} worker{'s' if n != 1 else ''}"
+    if getattr(client, "cluster", None) is None:  # attached by address: sized where it was started
+        return Memory(free, where, more="give the cluster more workers or more memory per worker")
+    return Memory(
+        free, where, more="give the workers more memory (--memory-limit, more --workers)", workers=n,
+        per_worker_overhead=working + most_used, spill_fraction=fraction,
+    )  # fmt: skip
 
 
 class Kept:

@@ -277,3 +277,16 @@ def test_the_cli_runs_blas_on_one_thread_unless_told(tmp_path: Path, user_settin
     assert proc.returncode == 0, proc.stderr
     expected = 1 if user_setting is None else min(int(user_setting), os.cpu_count() or 1)
     assert int(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_scheduler_options_are_checked_when_there_is_nothing_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A nightly whose days are all done (and a report that needs no pass) starts no scheduler, but options that
+    contradict --scheduler are still refused: the same command would fail the night there is work (trial)."""
+    raw = tmp_path / "n" / "raw" / "2026-11-01"
+    assert main(["synth", str(raw), "--items", "40", "--users", "30", "--dim", "4", "-q"]) == 0
+    assert main(["nightly", str(tmp_path / "n"), "--scheduler", "synchronous", "-q"]) == 0
+    capsys.readouterr()
+    for args in (["nightly", str(tmp_path / "n")], ["report", str(raw)]):
+        code = main([*args, "--scheduler", "threads", "--workers", "2"])
+        err = capsys.readouterr().err
+        assert code == 2 and "--workers only applies to the local cluster" in err, err

@@ -61,6 +61,20 @@ def test_decide_refuses_forced_keep_that_would_spill() -> None:
         decide(True, 3 * GIB, Memory(2 * GIB, "the workers"))
 
 
+def test_a_refusal_on_the_local_cluster_names_a_limit_that_holds_the_tables() -> None:
+    """The trial's 1 worker at 512MiB was told '0 B' and no limit: the suggested one must make the rule keep them."""
+    memory = Memory(0, "the cluster's 2 workers", workers=2, per_worker_overhead=400 * 2**20, spill_fraction=0.6)
+    with pytest.raises(UsageError, match=r"--memory-limit (\d+)MiB would hold them on 2 workers") as refused:
+        decide(True, 3 * GIB, memory)
+    limit = int(refused.value.args[0].rsplit("--memory-limit ", 1)[1].split("MiB")[0]) * 2**20
+    # that limit, with the same overhead per worker, leaves room for the tables below the spill threshold
+    assert 2 * (0.6 * limit - 400 * 2**20) >= 3 * GIB
+    attached = Memory(0, "the cluster's 1 worker", more="give the cluster more workers or more memory per worker")
+    with pytest.raises(UsageError, match=r"1 worker can hold only 0 B.*more workers or more memory per worker") as e:
+        decide(True, GIB, attached)
+    assert "--memory-limit" not in str(e.value)
+
+
 @pytest.mark.parametrize("bad", [1, 0, "yes", None, "AUTO"])
 def test_in_memory_values(bad: object) -> None:
     with pytest.raises(UsageError, match="in_memory must be 'auto', True or False"):

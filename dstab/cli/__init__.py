@@ -94,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
         from .. import config  # not at the top: --help needs no dask
 
         config.check_all()  # every knob, before anything is opened or started
+        if hasattr(args, "scheduler"):  # also for a command that finds nothing to do and starts no scheduler
+            from .cluster import check_scheduler_options
+
+            check_scheduler_options(args)
         from threadpoolctl import threadpool_limits
 
         # This process's own maths (Grams' square roots, the core SVD, the drift figures) on one BLAS thread:

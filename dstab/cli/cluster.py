@@ -82,9 +82,29 @@ def table_bytes(tables: list[Table]) -> int:
     return sum(t.n_rows * t.dim * t.dtype.itemsize for t in tables)
 
 
-def _cluster_asked(args: argparse.Namespace) -> bool:
-    """Whether an option only a local cluster uses was given: then a cluster starts, whatever the size."""
-    return bool(_local_cluster_options(args))
+def check_scheduler_options(args: argparse.Namespace) -> str | None:
+    """The scheduler address asked for (``--scheduler`` or ``DASK_SCHEDULER_ADDRESS``), or None.
+
+    Refuses local-cluster options that the named scheduler would ignore; needs no data, so a command calls it
+    first, whether or not it then has work to do.
+    """
+    import dask
+
+    address = args.scheduler or dask.config.get("scheduler-address", None)
+    if address and _local_cluster_options(args):
+        where = f"--scheduler {address}" if args.scheduler else f"DASK_SCHEDULER_ADDRESS={address}"
+        how = (
+            "runs in this process"
+            if address in LOCAL_SCHEDULERS
+            else "attaches to a cluster sized where it was started"
+        )
+        flags = _local_cluster_options(args)
+        them = "them" if len(flags) > 1 else "it"
+        raise UsageError(
+            f"{' and '.join(flags)} only {'apply' if len(flags) > 1 else 'applies'} to the local cluster dstab starts, "
+            f"but {where} {how}, so {'they' if len(flags) > 1 else 'it'} would be ignored: drop {them}"
+        )
+    return address
 
 
 @contextlib.contextmanager
@@ -105,26 +125,13 @@ def scheduler_from_args(
     from ..executor import spilled_bytes
     from ..extras import available, install_hint
 
-    address = args.scheduler or dask.config.get("scheduler-address", None)
-    if address and _local_cluster_options(args):
-        where = f"--scheduler {address}" if args.scheduler else f"DASK_SCHEDULER_ADDRESS={address}"
-        how = (
-            "runs in this process"
-            if address in LOCAL_SCHEDULERS
-            else "attaches to a cluster sized where it was started"
-        )
-        flags = _local_cluster_options(args)
-        them = "them" if len(flags) > 1 else "it"
-        raise UsageError(
-            f"{' and '.join(flags)} only {'apply' if len(flags) > 1 else 'applies'} to the local cluster dstab starts, "
-            f"but {where} {how}, so {'they' if len(flags) > 1 else 'it'} would be ignored: drop {them}"
-        )
+    address = check_scheduler_options(args)
     if address in LOCAL_SCHEDULERS:
         log.debug("dstab: scheduler %s, in this process", address)
         with dask.config.set(scheduler=address):
             yield
         return
-    if not address and not _cluster_asked(args):
+    if not address and not _local_cluster_options(args):  # an option only a local cluster uses starts one
         from dask.utils import format_bytes
 
         from .. import config
