@@ -40,7 +40,7 @@ from distributed import Client, LocalCluster
 import dstab
 from dstab.executor import run_all
 from dstab.store import Staging, Version, row_starts
-from dstab.synth import DEFAULT_CHUNK_ROWS, _model, _retrain_block, _synth_block
+from dstab.synth import _model, _retrain_block, _synth_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import io_floor_read, io_floor_write  # noqa: E402
@@ -61,9 +61,7 @@ def random_orthogonal(dim: int, seed: int) -> np.ndarray:
     return ortho_group.rvs(dim, random_state=np.random.default_rng([seed, 7])) if dim > 1 else np.ones((1, 1))
 
 
-def make_one_table(
-    directory: Path, rows: int, dim: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> tuple[Version, Version]:
+def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int = 131_072) -> tuple[Version, Version]:
     """Day 1 (one table, rows drawn like ``synth``'s items, int64 ids), its stabilized form (the
     reference), and day 2 = day 1 @ Q + 1% shaped noise for a random orthogonal Q (the new version)."""
     if not (directory / "new").exists():

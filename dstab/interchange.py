@@ -43,6 +43,7 @@ from .store import (
     canonical_url,
     check_output,
     check_replaceable,
+    default_chunk_rows,
     inspect_output,
     is_local,
     local_path,
@@ -55,7 +56,6 @@ from .store import (
 from .store.write import merge_receipts
 from .structure import Structure, check_table_name, check_tables_named
 
-DEFAULT_CHUNK_ROWS = 131_072
 # Rows of a .npy file one task reads.
 NPY_PIECE_ROWS = 262_144
 VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -497,7 +497,7 @@ def import_version(
     users: Source | None = None,
     *,
     structure: Structure | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     progress: bool = False,
@@ -519,6 +519,8 @@ def import_version(
     check_sources(sources)
     if structure is not None:
         check_tables_named(structure, tuple(sources), "the imported version")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(next(iter(sources.values())).dim)
     if chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be at least 1, got {chunk_rows}")
     out = os.fspath(out)

@@ -22,6 +22,7 @@ from .store import (
     Staging,
     Version,
     canonical_url,
+    default_chunk_rows,
     load,
     open_version,
     row_starts,
@@ -39,7 +40,6 @@ from .structure import (
 )
 
 SIDE_CODE = {"items": 0, "users": 1}
-DEFAULT_CHUNK_ROWS = 131_072
 
 
 def _spectrum(rank: int) -> np.ndarray:
@@ -165,7 +165,14 @@ ID_STRIDE = 10**12
 
 
 def check_synth_tables(
-    tables: dict[str, int], *, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int, flag: str = "--table"
+    tables: dict[str, int],
+    *,
+    dim: int,
+    rank: int | None,
+    seed: int,
+    dtype: str,
+    chunk_rows: int | None,
+    flag: str = "--table",
 ) -> None:
     """The parameters of :func:`synth_tables`, checked before anything starts."""
 
@@ -178,7 +185,7 @@ def check_synth_tables(
         if rows >= ID_STRIDE:
             raise UsageError(f"{name}: {rows:,} rows is more than synthetic ids allow ({ID_STRIDE:,} per table)")
     rank = dim if rank is None else rank
-    for name, value in (("dim", dim), ("rank", rank), ("chunk_rows", chunk_rows)):
+    for name, value in (("dim", dim), ("rank", rank), ("chunk_rows", 1 if chunk_rows is None else chunk_rows)):
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if rank > dim:
@@ -189,7 +196,9 @@ def check_synth_tables(
         raise UsageError(f"dtype must be float32 or float64, got {dtype}")
 
 
-def check_synth(*, items: int, users: int, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int) -> None:
+def check_synth(
+    *, items: int, users: int, dim: int, rank: int | None, seed: int, dtype: str, chunk_rows: int | None
+) -> None:
     """The parameters of :func:`synth`, checked before anything starts."""
     for name, value in (("items", items), ("users", users)):
         if value < 1:
@@ -245,7 +254,7 @@ def synth_tables(
     rank: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     counts: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -264,6 +273,7 @@ def synth_tables(
     """
     tables = dict(tables)
     rank = dim if rank is None else rank
+    chunk_rows = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
     check_synth_tables(tables, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
     shape = resolve(tuple(tables), sides=structure, symmetric_all=symmetric, label="the synthetic version")
     model = _model(dim, rank, seed)
@@ -312,7 +322,7 @@ def synth(
     rank: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     counts: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -322,6 +332,7 @@ def synth(
     With ``counts``, each side also gets ``SIDE/counts`` (:func:`counts_for_ids`), for the anchor options.
     """
     rank = dim if rank is None else rank
+    chunk_rows = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
     check_synth(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
     return synth_tables(
         out, {"items": items, "users": users}, dim=dim, structure=two_sided((DEFAULT_QUERY,), (DEFAULT_CANDIDATE,)),

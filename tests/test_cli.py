@@ -290,3 +290,19 @@ def test_scheduler_options_are_checked_when_there_is_nothing_to_do(tmp_path: Pat
         code = main([*args, "--scheduler", "threads", "--workers", "2"])
         err = capsys.readouterr().err
         assert code == 2 and "--workers only applies to the local cluster" in err, err
+
+
+def test_default_chunks_hold_at_most_32_mib(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """synth and import lay out 131,072-row chunks up to width 64 and 32 MiB of float32 above it: a fixed 131,072
+    rows made 512 MiB chunks at width 1,024, and every task then needed 2.3 GiB."""
+    for dim, rows in ((64, 140_000), (1024, 20_000)):
+        out = tmp_path / f"s{dim}"
+        assert main(["synth", str(out), "--items", str(rows), "--users", "10", "--dim", str(dim), "-q"]) == 0
+        chunks = zarr.open_array(str(out / "items" / "vectors"), mode="r").chunks
+        assert chunks == ({64: 131_072, 1024: 8_192}[dim], dim)
+    np.save(tmp_path / "wide.npy", np.zeros((20_000, 512), np.float32))
+    assert main(["import", "--table", f"w={tmp_path / 'wide.npy'}", "--out", str(tmp_path / "imp"), "-q"]) == 0
+    assert zarr.open_array(str(tmp_path / "imp" / "w" / "vectors"), mode="r").chunks == (16_384, 512)
+    assert main(["synth", str(tmp_path / "c"), "--items", "50", "--users", "9", "--dim", "4", "--chunk-rows", "7"]) == 0
+    assert zarr.open_array(str(tmp_path / "c" / "users" / "vectors"), mode="r").chunks == (7, 4)
+    capsys.readouterr()

@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--vector-columns", metavar="COLS", help="Parquet: D scalar columns, as a glob ('v*') or a comma-separated list"
     )
     p.add_argument("--out", required=True, metavar="VERSION")
-    p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk (default 131072)")
+    p.add_argument(
+        "--chunk-rows", type=int, default=None, metavar="R",
+        help="rows per Zarr chunk (default 131072, fewer above width 64: at most 32 MiB of float32 a chunk)",
+    )  # fmt: skip
     add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace VERSION if it exists")
     add_scheduler_options(p)
@@ -393,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--chunk-rows", type=int, default=131_072, metavar="R", help="rows per Zarr chunk")
+    p.add_argument(
+        "--chunk-rows", type=int, default=None, metavar="R",
+        help="rows per Zarr chunk (default 131072, fewer above width 64: at most 32 MiB of float32 a chunk)",
+    )  # fmt: skip
     p.add_argument(
         "--counts", action="store_true",
         help="also write NAME/counts for every table (synthetic interaction counts, 1 to 1,000; for --anchor-min-count)",

@@ -29,8 +29,15 @@ SIDES: tuple[Side, Side] = ("items", "users")
 # towards block_bytes() so that per-task overhead stays small.
 
 
-# Rows per chunk of an in-memory numpy table (the chunk dstab synth and import write).
-ARRAY_CHUNK_ROWS = 131_072
+# Rows per chunk of a table dstab lays out itself (synth, import, an in-memory numpy table): 131,072 up to
+# width 64 and fewer above, so that a chunk holds at most 32 MiB of float32. A fixed 131,072 rows made 512 MiB
+# chunks at width 1,024, and a worker then needed 2.3 GiB for one task's blocks.
+CHUNK_ELEMENTS = 131_072 * 64
+
+
+def default_chunk_rows(dim: int) -> int:
+    """Rows per chunk of a table of width ``dim`` that dstab lays out itself (see :data:`CHUNK_ELEMENTS`)."""
+    return max(1, min(131_072, CHUNK_ELEMENTS // max(dim, 1)))
 
 
 def block_bytes() -> int:
@@ -312,7 +319,8 @@ def from_tables(
         else:
             table_vectors = np.asarray(table_vectors)
             # no storage chunk to follow: the CLI's chunk, so a large array is read (and written) in many blocks
-            rows = min(int(table_vectors.shape[0]), ARRAY_CHUNK_ROWS) if table_vectors.ndim else 1
+            width = int(table_vectors.shape[1]) if table_vectors.ndim > 1 else 1
+            rows = min(int(table_vectors.shape[0]), default_chunk_rows(width)) if table_vectors.ndim else 1
         table_ids, table_counts = ids.get(name), counts.get(name)
         if table_ids is not None and not isinstance(table_ids, (da.Array, zarr.Array)):
             table_ids = np.asarray(table_ids)
