@@ -166,3 +166,22 @@ def test_a_plot_inside_another_version_is_refused(
     no_work_done(monkeypatch)
     code, out, err = run_cli(capsys, *command(kind, versions), "--plot", target, *FAST)
     assert code == 2 and err.count("\n") == 1 and "lies inside the Zarr group" in err and not target.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["afile/x.png", "afile/sub/x.png"])
+def test_a_plot_under_a_file_is_refused_naming_the_file(
+    versions: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    name: str,
+):
+    """Found by the recheck trial: a --plot under a file was told to create a directory that cannot be made."""
+    (tmp_path / "afile").write_text("precious")
+    no_work_done(monkeypatch)
+    code, out, err = run_cli(capsys, *command(kind, versions), "--plot", tmp_path / name, *FAST)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"lies under {tmp_path / 'afile'}, which is a file" in err
+    assert (tmp_path / "afile").read_text() == "precious"

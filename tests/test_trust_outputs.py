@@ -91,6 +91,20 @@ def user_file(path: Path) -> Path:
     return path
 
 
+def writing_command(command: str, out: Path, days: dict[str, str], tmp_path: Path) -> list[object]:
+    """The arguments of a command that writes ``out`` (its .npy inputs made in ``tmp_path`` for import)."""
+    np.save(tmp_path / "items.npy", np.ones((5, 3), np.float32))
+    np.save(tmp_path / "users.npy", np.ones((4, 3), np.float32))
+    return {
+        "stabilize": ["stabilize", days["day2"], "--out", out],
+        "apply": ["apply", days["day1-stable"], "--users", f"{days['day1']}/users", "--out", out],
+        "import": ["import", "--items", tmp_path / "items.npy", "--users", tmp_path / "users.npy", "--out", out],
+        "export": ["export", days["day1-stable"], "--out", out],
+        "synth": ["synth", out, "--items", 10, "--users", 10, "--dim", 2],
+        "synth-like": ["synth", out, "--like", days["day1"]],
+    }[command]
+
+
 @pytest.mark.parametrize("make", [user_dir, user_zarr, user_file], ids=["directory", "raw-zarr-version", "file"])
 @pytest.mark.parametrize(
     "command",
@@ -101,16 +115,7 @@ def test_overwrite_only_replaces_dstab_outputs(
 ) -> None:
     out = make(tmp_path / "out")
     before = tree(out) if out.is_dir() else {"": out.read_bytes()}
-    np.save(tmp_path / "items.npy", np.ones((5, 3), np.float32))
-    np.save(tmp_path / "users.npy", np.ones((4, 3), np.float32))
-    args = {
-        "stabilize": ["stabilize", days["day2"], "--out", out],
-        "apply": ["apply", days["day1-stable"], "--users", f"{days['day1']}/users", "--out", out],
-        "import": ["import", "--items", tmp_path / "items.npy", "--users", tmp_path / "users.npy", "--out", out],
-        "export": ["export", days["day1-stable"], "--out", out],
-        "synth": ["synth", out, "--items", 10, "--users", 10, "--dim", 2],
-        "synth-like": ["synth", out, "--like", days["day1"]],
-    }[command]
+    args = writing_command(command, out, days, tmp_path)
     for flags in ([], ["--overwrite"]):
         code, _, err = run(capsys, *args, *flags, *FAST)
         line = one_line(err)
@@ -128,16 +133,7 @@ def test_an_out_under_a_file_is_one_line(
     """OUT's parent is a file (found by the new-user trial: a NotADirectoryError traceback and exit 1)."""
     blocker = user_file(tmp_path / "afile")
     out = blocker / "sub" / "out"
-    np.save(tmp_path / "items.npy", np.ones((5, 3), np.float32))
-    np.save(tmp_path / "users.npy", np.ones((4, 3), np.float32))
-    args = {
-        "stabilize": ["stabilize", days["day2"], "--out", out],
-        "apply": ["apply", days["day1-stable"], "--users", f"{days['day1']}/users", "--out", out],
-        "import": ["import", "--items", tmp_path / "items.npy", "--users", tmp_path / "users.npy", "--out", out],
-        "export": ["export", days["day1-stable"], "--out", out],
-        "synth": ["synth", out, "--items", 10, "--users", 10, "--dim", 2],
-        "synth-like": ["synth", out, "--like", days["day1"]],
-    }[command]
+    args = writing_command(command, out, days, tmp_path)
     code, _, err = run(capsys, *args, *FAST)
     line = one_line(err)
     assert code == 2, err

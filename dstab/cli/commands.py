@@ -113,6 +113,11 @@ def _check_plot_path(args: argparse.Namespace) -> None:
     plot = os.fspath(args.plot)
     if os.path.splitext(plot)[1].lower() != ".png":
         raise UsageError(f"--plot needs a .png file name, got {plot}")
+    blocker = next((p for p in Path(os.path.abspath(plot)).parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(
+            f"--plot {plot} lies under {blocker}, which is a file, not a directory; choose a .png in a directory"
+        )
     if not os.path.isdir(os.path.dirname(os.path.abspath(plot))):
         raise UsageError(
             f"--plot {plot}: the directory {os.path.dirname(os.path.abspath(plot))} does not exist; create it or "

@@ -130,7 +130,7 @@ def _check_writable(out: str) -> None:
     if not parent.is_dir():
         raise UsageError(
             f"output {out} lies under {parent}, which is a file, not a directory: nothing can be written there; "
-            "choose an --out whose parent is a directory"
+            "choose an output place whose parent is a directory"
         )
     probe = parent / f".{final.name}.dstab-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
