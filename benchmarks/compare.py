@@ -57,9 +57,8 @@ def make_data(directory: Path, items: int, users: int, dim: int) -> tuple[Versio
     if not (directory / "new").exists():
         for name in ("base", "ref", "new"):
             shutil.rmtree(directory / name, ignore_errors=True)
-        # 32 MiB chunks (131,072 rows at width 64, 8,192 at 1,024), as a training job writing a wide table would
-        # choose them: synth's fixed 131,072 rows would make 512 MiB chunks at width 1,024
-        v = synth(base, items=items, users=users, dim=dim, seed=0, chunk_rows=min(131_072, (32 << 20) // (4 * dim)))
+        # synth's default chunks: 131,072 rows at width 64, 32 MiB (8,192 rows) at 1,024
+        v = synth(base, items=items, users=users, dim=dim, seed=0)
         dstab.stabilize(v).to_zarr(directory / "ref")
         synth_like(directory / "new", v, noise=0.01, seed=1)
         shutil.rmtree(base)

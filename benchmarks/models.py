@@ -39,7 +39,7 @@ from distributed import Client, LocalCluster
 
 import dstab
 from dstab.executor import run_all
-from dstab.store import Staging, Version, row_starts
+from dstab.store import Staging, Version, default_chunk_rows, row_starts
 from dstab.synth import _model, _retrain_block, _synth_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +61,7 @@ def random_orthogonal(dim: int, seed: int) -> np.ndarray:
     return ortho_group.rvs(dim, random_state=np.random.default_rng([seed, 7])) if dim > 1 else np.ones((1, 1))
 
 
-def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int = 131_072) -> tuple[Version, Version]:
+def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int | None = None) -> tuple[Version, Version]:
     """Day 1 (one table, rows drawn like ``synth``'s items, int64 ids), its stabilized form (the
     reference), and day 2 = day 1 @ Q + 1% shaped noise for a random orthogonal Q (the new version)."""
     if not (directory / "new").exists():
@@ -69,7 +69,7 @@ def make_one_table(directory: Path, rows: int, dim: int, chunk_rows: int = 131_0
             shutil.rmtree(directory / name, ignore_errors=True)
         model = _model(dim, dim, seed=0)  # the same generating model as the two-table items
         staging = Staging(str(directory / "base"), inputs=[])
-        rows_per = min(chunk_rows, rows)
+        rows_per = min(chunk_rows or default_chunk_rows(dim), rows)
         target = staging.create_array(
             f"{ONE_TABLE}/vectors", shape=(rows, dim), chunks=(rows_per, dim), dtype=np.dtype(np.float32)
         )

@@ -332,7 +332,6 @@ def synth(
     With ``counts``, each side also gets ``SIDE/counts`` (:func:`counts_for_ids`), for the anchor options.
     """
     rank = dim if rank is None else rank
-    chunk_rows = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
     check_synth(items=items, users=users, dim=dim, rank=rank, seed=seed, dtype=dtype, chunk_rows=chunk_rows)
     return synth_tables(
         out, {"items": items, "users": users}, dim=dim, structure=two_sided((DEFAULT_QUERY,), (DEFAULT_CANDIDATE,)),

@@ -91,18 +91,18 @@ def check_scheduler_options(args: argparse.Namespace) -> str | None:
     import dask
 
     address = args.scheduler or dask.config.get("scheduler-address", None)
-    if address and _local_cluster_options(args):
+    flags = _local_cluster_options(args)
+    if address and flags:
         where = f"--scheduler {address}" if args.scheduler else f"DASK_SCHEDULER_ADDRESS={address}"
         how = (
             "runs in this process"
             if address in LOCAL_SCHEDULERS
             else "attaches to a cluster sized where it was started"
         )
-        flags = _local_cluster_options(args)
-        them = "them" if len(flags) > 1 else "it"
+        many = len(flags) > 1
         raise UsageError(
-            f"{' and '.join(flags)} only {'apply' if len(flags) > 1 else 'applies'} to the local cluster dstab starts, "
-            f"but {where} {how}, so {'they' if len(flags) > 1 else 'it'} would be ignored: drop {them}"
+            f"{' and '.join(flags)} only {'apply' if many else 'applies'} to the local cluster dstab starts, "
+            f"but {where} {how}, so {'they' if many else 'it'} would be ignored: drop {'them' if many else 'it'}"
         )
     return address
 
